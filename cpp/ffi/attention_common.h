@@ -1,0 +1,52 @@
+// Decoding shared by the sparse and dense attention handlers.
+#pragma once
+
+#include "ffi/ffi_common.h"
+#include "kernels/cpu/cpu_kernels.h"
+
+namespace jax_msa {
+
+// q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] of one float type, lengths [B] int32.
+inline ffi::Error DecodeAttentionInputs(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
+                                        const ffi::AnyBuffer& v,
+                                        const ffi::AnyBuffer& q_lengths,
+                                        const ffi::AnyBuffer& kv_lengths, float scale,
+                                        cpu::AttentionProblem* problem, DType* dtype) {
+  if (auto e = FirstError({CheckRank(q, 4, "q"), CheckRank(k, 4, "k")}); e.failure()) return e;
+  auto qd = q.dimensions();
+  auto kd = k.dimensions();
+  *problem = {qd[0], qd[1], kd[1], qd[2], kd[2], qd[3], scale};
+  auto type = ToDType(q.element_type());
+  if (!type || k.element_type() != q.element_type() || v.element_type() != q.element_type()) {
+    return ffi::Error::InvalidArgument(
+        "jax_msa: q, k and v must share a float32/bfloat16/float16 type");
+  }
+  *dtype = *type;
+  if (problem->Hkv == 0 || problem->Hq % problem->Hkv != 0) {
+    return ffi::Error::InvalidArgument("jax_msa: q heads must be a multiple of kv heads");
+  }
+  const auto& p = *problem;
+  return FirstError({CheckShape(k, {p.B, p.Sk, p.Hkv, p.D}, "k"),
+                     CheckShape(v, {p.B, p.Sk, p.Hkv, p.D}, "v"),
+                     CheckShape(q_lengths, {p.B}, "q_lengths"),
+                     CheckShape(kv_lengths, {p.B}, "kv_lengths"),
+                     CheckType(q_lengths, ffi::DataType::S32, "q_lengths"),
+                     CheckType(kv_lengths, ffi::DataType::S32, "kv_lengths")});
+}
+
+// out/dout/dq like q, lse/dlse [B, Sq, Hq] float32, dk/dv like k.
+inline ffi::Error CheckForwardOutputs(const cpu::AttentionProblem& p, const ffi::AnyBuffer& out,
+                                      const ffi::AnyBuffer& lse) {
+  return FirstError({CheckShape(out, {p.B, p.Sq, p.Hq, p.D}, "out"),
+                     CheckShape(lse, {p.B, p.Sq, p.Hq}, "lse"),
+                     CheckType(lse, ffi::DataType::F32, "lse")});
+}
+
+inline ffi::Error CheckGradients(const cpu::AttentionProblem& p, const ffi::AnyBuffer& dq,
+                                 const ffi::AnyBuffer& dk, const ffi::AnyBuffer& dv) {
+  return FirstError({CheckShape(dq, {p.B, p.Sq, p.Hq, p.D}, "dq"),
+                     CheckShape(dk, {p.B, p.Sk, p.Hkv, p.D}, "dk"),
+                     CheckShape(dv, {p.B, p.Sk, p.Hkv, p.D}, "dv")});
+}
+
+}  // namespace jax_msa

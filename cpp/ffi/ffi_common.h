@@ -1,0 +1,104 @@
+// Shared pieces of the FFI handlers: decoding element types, checking the
+// buffers XLA hands over, and the table of targets each op family adds.
+// Handlers stay thin: decode, validate, dispatch.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "kernels/dtype.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_msa {
+
+namespace ffi = ::xla::ffi;
+
+// FFI targets by platform, filled by each op family (cpp/ffi/<op>.cc) and
+// exported to Python by module.cc.
+struct TargetTable {
+  std::vector<std::pair<std::string, XLA_FFI_Handler*>> cpu;
+  std::vector<std::pair<std::string, XLA_FFI_Handler*>> cuda;
+};
+
+void AddIndexerTargets(TargetTable& table);
+void AddSparseAttentionTargets(TargetTable& table);
+void AddDenseAttentionTargets(TargetTable& table);
+
+inline std::optional<DType> ToDType(ffi::DataType type) {
+  switch (type) {
+    case ffi::DataType::F32:
+      return DType::kF32;
+    case ffi::DataType::BF16:
+      return DType::kBF16;
+    case ffi::DataType::F16:
+      return DType::kF16;
+    default:
+      return std::nullopt;
+  }
+}
+
+inline std::string ShapeString(const ffi::AnyBuffer& buffer) {
+  std::string s = "[";
+  auto dims = buffer.dimensions();
+  for (size_t i = 0; i < dims.size(); ++i) {
+    s += (i ? ", " : "") + std::to_string(dims[i]);
+  }
+  return s + "]";
+}
+
+// Checks that `buffer` has exactly the dimensions `expected`.
+inline ffi::Error CheckShape(const ffi::AnyBuffer& buffer,
+                             std::initializer_list<int64_t> expected,
+                             const char* name) {
+  auto dims = buffer.dimensions();
+  bool ok = dims.size() == expected.size();
+  size_t i = 0;
+  for (int64_t e : expected) {
+    ok = ok && dims[i++] == e;
+  }
+  if (ok) return ffi::Error::Success();
+  std::string want = "[";
+  i = 0;
+  for (int64_t e : expected) want += (i++ ? ", " : "") + std::to_string(e);
+  return ffi::Error::InvalidArgument(std::string("jax_msa: ") + name +
+                                     " has shape " + ShapeString(buffer) +
+                                     ", expected " + want + "]");
+}
+
+inline ffi::Error CheckType(const ffi::AnyBuffer& buffer, ffi::DataType type,
+                            const char* name) {
+  if (buffer.element_type() == type) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(std::string("jax_msa: ") + name +
+                                     " has an unexpected element type");
+}
+
+inline ffi::Error CheckRank(const ffi::AnyBuffer& buffer, size_t rank,
+                            const char* name) {
+  if (buffer.dimensions().size() == rank) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(std::string("jax_msa: ") + name +
+                                     " has shape " + ShapeString(buffer) +
+                                     ", expected rank " + std::to_string(rank));
+}
+
+// Returns the first failed check, or success.
+inline ffi::Error FirstError(std::initializer_list<ffi::Error> errors) {
+  for (const ffi::Error& e : errors) {
+    if (e.failure()) return e;
+  }
+  return ffi::Error::Success();
+}
+
+template <typename T>
+const T* DataOf(const ffi::AnyBuffer& buffer) {
+  return static_cast<const T*>(buffer.untyped_data());
+}
+
+template <typename T>
+T* DataOf(ffi::Result<ffi::AnyBuffer>& buffer) {
+  return static_cast<T*>(buffer->untyped_data());
+}
+
+}  // namespace jax_msa

@@ -1,0 +1,180 @@
+// FFI handlers of the indexer family: block_scores, topk_select, indexer.
+#include <cstdint>
+
+#include "ffi/ffi_common.h"
+#include "kernels/cpu/cpu_kernels.h"
+#ifdef JAX_MSA_WITH_CUDA
+#include "kernels/cuda/cuda_kernels.h"
+#endif
+
+namespace jax_msa {
+namespace {
+
+constexpr int64_t kBlock = cpu::kBlock;
+
+int64_t NumBlocks(int64_t length) { return (length + kBlock - 1) / kBlock; }
+
+// qi [B, Sq, Hi, Di], ki [B, Sk, Di], q_lengths / kv_lengths [B].
+struct IndexerShape {
+  int64_t B, Sq, Sk, Hi, Di;
+};
+
+ffi::Error DecodeIndexerInputs(const ffi::AnyBuffer& qi, const ffi::AnyBuffer& ki,
+                               const ffi::AnyBuffer& q_lengths,
+                               const ffi::AnyBuffer& kv_lengths, IndexerShape* shape,
+                               DType* dtype) {
+  if (auto e = FirstError({CheckRank(qi, 4, "qi"), CheckRank(ki, 3, "ki")}); e.failure()) {
+    return e;
+  }
+  auto qd = qi.dimensions();
+  auto kd = ki.dimensions();
+  *shape = {qd[0], qd[1], kd[1], qd[2], qd[3]};
+  auto type = ToDType(qi.element_type());
+  if (!type || ki.element_type() != qi.element_type()) {
+    return ffi::Error::InvalidArgument("jax_msa: qi and ki must share a float32/bfloat16/float16 type");
+  }
+  *dtype = *type;
+  return FirstError({CheckShape(ki, {shape->B, shape->Sk, shape->Di}, "ki"),
+                     CheckShape(q_lengths, {shape->B}, "q_lengths"),
+                     CheckShape(kv_lengths, {shape->B}, "kv_lengths"),
+                     CheckType(q_lengths, ffi::DataType::S32, "q_lengths"),
+                     CheckType(kv_lengths, ffi::DataType::S32, "kv_lengths")});
+}
+
+ffi::Error BlockScoresCpu(ffi::AnyBuffer qi, ffi::AnyBuffer ki, ffi::AnyBuffer q_lengths,
+                          ffi::AnyBuffer kv_lengths, ffi::Result<ffi::AnyBuffer> scores,
+                          float scale) {
+  IndexerShape s;
+  DType dtype;
+  if (auto e = DecodeIndexerInputs(qi, ki, q_lengths, kv_lengths, &s, &dtype); e.failure()) {
+    return e;
+  }
+  if (auto e = CheckShape(*scores, {s.B, s.Sq, s.Hi, NumBlocks(s.Sk)}, "scores"); e.failure()) {
+    return e;
+  }
+  cpu::block_scores(dtype, qi.untyped_data(), ki.untyped_data(), DataOf<int32_t>(q_lengths),
+                    DataOf<int32_t>(kv_lengths), DataOf<float>(scores), s.B, s.Sq, s.Sk, s.Hi,
+                    s.Di, scale);
+  return ffi::Error::Success();
+}
+
+// scores [B, Sq, Hi, NB] float32, ids [B, Sq, Hi, topk] int32.
+ffi::Error DecodeTopkInputs(const ffi::AnyBuffer& scores, const ffi::AnyBuffer& q_lengths,
+                            const ffi::AnyBuffer& kv_lengths,
+                            const ffi::AnyBuffer& ids, int64_t topk) {
+  if (auto e = FirstError({CheckRank(scores, 4, "scores"),
+                           CheckType(scores, ffi::DataType::F32, "scores")});
+      e.failure()) {
+    return e;
+  }
+  auto d = scores.dimensions();
+  return FirstError({CheckShape(q_lengths, {d[0]}, "q_lengths"),
+                     CheckShape(kv_lengths, {d[0]}, "kv_lengths"),
+                     CheckShape(ids, {d[0], d[1], d[2], topk}, "ids")});
+}
+
+ffi::Error TopkSelectCpu(ffi::AnyBuffer scores, ffi::AnyBuffer q_lengths,
+                         ffi::AnyBuffer kv_lengths, ffi::Result<ffi::AnyBuffer> ids,
+                         int64_t topk) {
+  if (auto e = DecodeTopkInputs(scores, q_lengths, kv_lengths, *ids, topk); e.failure()) {
+    return e;
+  }
+  auto d = scores.dimensions();
+  cpu::topk_select(DataOf<float>(scores), DataOf<int32_t>(q_lengths),
+                   DataOf<int32_t>(kv_lengths), DataOf<int32_t>(ids), d[0], d[1], d[2], d[3],
+                   topk);
+  return ffi::Error::Success();
+}
+
+// The optional second result is lse [B, Sq, Hi].
+ffi::Error IndexerCpu(ffi::AnyBuffer qi, ffi::AnyBuffer ki, ffi::AnyBuffer q_lengths,
+                      ffi::AnyBuffer kv_lengths, ffi::Result<ffi::AnyBuffer> ids,
+                      ffi::RemainingRets optional_lse, int64_t topk, float scale) {
+  IndexerShape s;
+  DType dtype;
+  if (auto e = DecodeIndexerInputs(qi, ki, q_lengths, kv_lengths, &s, &dtype); e.failure()) {
+    return e;
+  }
+  if (auto e = CheckShape(*ids, {s.B, s.Sq, s.Hi, topk}, "ids"); e.failure()) return e;
+  float* lse = nullptr;
+  if (!optional_lse.empty()) {
+    auto result = optional_lse.get<ffi::AnyBuffer>(0);
+    if (!result.has_value()) return result.error();
+    if (auto e = CheckShape(**result, {s.B, s.Sq, s.Hi}, "lse"); e.failure()) return e;
+    lse = DataOf<float>(*result);
+  }
+  cpu::indexer(dtype, qi.untyped_data(), ki.untyped_data(), DataOf<int32_t>(q_lengths),
+               DataOf<int32_t>(kv_lengths), DataOf<int32_t>(ids), lse, s.B, s.Sq, s.Sk, s.Hi,
+               s.Di, topk, scale);
+  return ffi::Error::Success();
+}
+
+#ifdef JAX_MSA_WITH_CUDA
+ffi::Error TopkSelectCuda(cudaStream_t stream, ffi::AnyBuffer scores, ffi::AnyBuffer q_lengths,
+                          ffi::AnyBuffer kv_lengths, ffi::Result<ffi::AnyBuffer> ids,
+                          int64_t topk) {
+  if (auto e = DecodeTopkInputs(scores, q_lengths, kv_lengths, *ids, topk); e.failure()) {
+    return e;
+  }
+  auto d = scores.dimensions();
+  cudaError_t status = cuda::topk_select(DataOf<float>(scores), DataOf<int32_t>(q_lengths),
+                                         DataOf<int32_t>(kv_lengths), DataOf<int32_t>(ids),
+                                         d[0], d[1], d[2], d[3], topk, stream);
+  if (status != cudaSuccess) {
+    return ffi::Error::Internal(std::string("jax_msa topk_select: ") + cudaGetErrorString(status));
+  }
+  return ffi::Error::Success();
+}
+#endif
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kBlockScoresCpu, BlockScoresCpu,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kTopkSelectCpu, TopkSelectCpu,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("topk"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kIndexerCpu, IndexerCpu,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .RemainingRets()
+                                  .Attr<int64_t>("topk")
+                                  .Attr<float>("scale"));
+
+#ifdef JAX_MSA_WITH_CUDA
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kTopkSelectCuda, TopkSelectCuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("topk"));
+#endif
+
+void AddIndexerTargets(TargetTable& table) {
+  table.cpu.emplace_back("jax_msa_block_scores", kBlockScoresCpu);
+  table.cpu.emplace_back("jax_msa_topk_select", kTopkSelectCpu);
+  table.cpu.emplace_back("jax_msa_indexer", kIndexerCpu);
+#ifdef JAX_MSA_WITH_CUDA
+  table.cuda.emplace_back("jax_msa_topk_select", kTopkSelectCuda);
+#endif
+}
+
+}  // namespace jax_msa

@@ -1,0 +1,43 @@
+// The nanobind module: exports the FFI targets of every op family, by
+// platform, as capsules for jax.ffi.register_ffi_target.
+#include <nanobind/nanobind.h>
+
+#include "ffi/ffi_common.h"
+
+namespace nb = nanobind;
+
+namespace {
+
+const jax_msa::TargetTable& Targets() {
+  static const jax_msa::TargetTable table = [] {
+    jax_msa::TargetTable t;
+    jax_msa::AddIndexerTargets(t);
+    jax_msa::AddSparseAttentionTargets(t);
+    jax_msa::AddDenseAttentionTargets(t);
+    return t;
+  }();
+  return table;
+}
+
+nb::dict ToDict(const std::vector<std::pair<std::string, XLA_FFI_Handler*>>& targets) {
+  nb::dict d;
+  for (const auto& [name, handler] : targets) {
+    d[name.c_str()] = nb::capsule(reinterpret_cast<void*>(handler));
+  }
+  return d;
+}
+
+}  // namespace
+
+NB_MODULE(_jax_msa, m) {
+  m.doc() = "XLA FFI targets of jax_msa";
+  m.def("cpu_targets", [] { return ToDict(Targets().cpu); },
+        "Target name -> FFI handler capsule for platform 'cpu'.");
+  m.def("cuda_targets", [] { return ToDict(Targets().cuda); },
+        "Target name -> FFI handler capsule for platform 'CUDA' (empty without CUDA).");
+#ifdef JAX_MSA_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

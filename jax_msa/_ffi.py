@@ -1,0 +1,34 @@
+"""Loads the compiled extension and registers its XLA FFI targets with JAX."""
+
+from __future__ import annotations
+
+import jax
+
+from jax_msa import _jax_msa
+
+# Lowering platform name (as JAX spells it) -> FFI targets with a kernel there.
+_KERNEL_TARGETS: dict[str, frozenset[str]] = {}
+
+
+def _register() -> None:
+    cpu = _jax_msa.cpu_targets()
+    for name, capsule in cpu.items():
+        jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+    _KERNEL_TARGETS["cpu"] = frozenset(cpu)
+    cuda = _jax_msa.cuda_targets()
+    for name, capsule in cuda.items():
+        jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
+    _KERNEL_TARGETS["cuda"] = frozenset(cuda)
+
+
+_register()
+
+
+def has_kernel(target: str, platform: str) -> bool:
+    """Whether FFI target `target` has a kernel for lowering platform `platform`."""
+    return target in _KERNEL_TARGETS.get(platform, frozenset())
+
+
+def built_with_cuda() -> bool:
+    """Whether the extension was compiled with its CUDA kernels."""
+    return bool(_jax_msa.with_cuda)

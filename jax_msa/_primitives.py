@@ -1,0 +1,84 @@
+"""One place that turns an op description into a JAX primitive.
+
+Every jax_msa primitive has the same parts, side by side: abstract evaluation
+(the shape rule), a lowering per platform to its XLA FFI custom call (or, where
+the build has no kernel for that platform, to the pure-JAX reference, unless
+`implementation="kernel"` was asked for), and a vmap rule. All operands and
+results carry the batch dimension first, so vmap folds its axis into it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.extend.core import Primitive
+from jax.interpreters import batching, mlir
+
+from jax_msa import _ffi
+
+try:  # The eager path: run a primitive by compiling it alone.
+    from jax._src.dispatch import apply_primitive as _apply_primitive
+except ImportError:  # pragma: no cover - later jax versions
+    _apply_primitive = None
+
+LOWERING_PLATFORMS = ("cpu", "cuda")
+
+
+class NoKernelError(NotImplementedError):
+    """implementation="kernel" was asked for where no kernel exists."""
+
+
+def define_primitive(
+    name: str,
+    *,
+    abstract_eval: Callable[..., Sequence[jax.core.ShapedArray]],
+    reference: Callable[..., Sequence[jax.Array]],
+    ffi_attributes: Sequence[str],
+) -> Primitive:
+    """Creates primitive `jax_msa_<name>` lowering to FFI target of that name.
+
+    abstract_eval(*avals, **params) -> result avals.
+    reference(*operands, **params) -> results: the pure-JAX fallback.
+    ffi_attributes: the params passed to the kernel as FFI attributes; every
+    primitive also takes the param `implementation`.
+    """
+    target = f"jax_msa_{name}"
+    prim = Primitive(target)
+    prim.multiple_results = True
+    if _apply_primitive is not None:
+        prim.def_impl(lambda *args, **params: _apply_primitive(prim, *args, **params))
+    prim.def_abstract_eval(lambda *avals, implementation, **params: abstract_eval(*avals, **params))
+    for platform in LOWERING_PLATFORMS:
+        mlir.register_lowering(prim, _lowering(target, platform, reference, ffi_attributes), platform=platform)
+    batching.primitive_batchers[prim] = lambda args, dims, **params: _fold_vmap_axis(prim, args, dims, params)
+    return prim
+
+
+def _lowering(target: str, platform: str, reference: Callable, ffi_attributes: Sequence[str]):
+    kernel_rule = jax.ffi.ffi_lowering(target)
+    fallback_rule = mlir.lower_fun(lambda *args, **params: list(reference(*args, **params)), multiple_results=True)
+
+    def rule(ctx, *args, implementation: str, **params):
+        if _ffi.has_kernel(target, platform):
+            return kernel_rule(ctx, *args, **{k: params[k] for k in ffi_attributes})
+        if implementation == "kernel":
+            raise NoKernelError(
+                f"jax_msa: no {platform} kernel for {target} in this build; "
+                "use implementation='auto' (falls back to the reference) or 'reference'"
+            )
+        return fallback_rule(ctx, *args, **params)
+
+    return rule
+
+
+def _fold_vmap_axis(prim: Primitive, args, dims, params):
+    """vmap rule: [n, B, ...] operands become [n*B, ...] and back."""
+    n = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    folded = []
+    for a, d in zip(args, dims):
+        a = jnp.broadcast_to(a, (n, *a.shape)) if d is None else jnp.moveaxis(a, d, 0)
+        folded.append(a.reshape((n * a.shape[1], *a.shape[2:])))
+    outs = prim.bind(*folded, **params)
+    return [o.reshape((n, o.shape[0] // n, *o.shape[1:])) for o in outs], [0] * len(outs)

@@ -1,0 +1,95 @@
+"""Dense flash attention (spec §3.6), forward and backward.
+
+Primitives:
+  jax_msa_dot_product_attention_fwd(q, k, v, q_lengths, kv_lengths; scale, causal) -> out, lse
+  jax_msa_dot_product_attention_bwd(q, k, v, out, lse, dout, dlse, q_lengths, kv_lengths;
+      scale, causal) -> dq, dk, dv
+joined by a custom_vjp.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_msa import _validation as checks
+from jax_msa import reference
+from jax_msa._attention_common import (backward_abstract, check_attention_inputs, forward_abstract,
+                                       reference_vjp)
+from jax_msa._primitives import define_primitive
+
+
+def _reference_forward(q, k, v, q_lengths, kv_lengths, *, scale, causal):
+    return reference.dot_product_attention(q, k, v, causal=causal, q_lengths=q_lengths, kv_lengths=kv_lengths,
+                                           scale=float(scale), return_lse=True)
+
+
+def _reference_backward(q, k, v, out, lse, dout, dlse, q_lengths, kv_lengths, *, scale, causal):
+    fn = lambda q, k, v: _reference_forward(q, k, v, q_lengths, kv_lengths, scale=scale, causal=causal)
+    return reference_vjp(fn, q, k, v, out, lse, dout, dlse)
+
+
+_fwd_p = define_primitive("dot_product_attention_fwd", abstract_eval=forward_abstract,
+                          reference=_reference_forward, ffi_attributes=("scale", "causal"))
+_bwd_p = define_primitive("dot_product_attention_bwd", abstract_eval=backward_abstract,
+                          reference=_reference_backward, ffi_attributes=("scale", "causal"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _attention(q, k, v, q_lengths, kv_lengths, scale, causal, implementation):
+    out, lse = _fwd_p.bind(q, k, v, q_lengths, kv_lengths, scale=scale, causal=causal,
+                           implementation=implementation)
+    return out, lse
+
+
+def _attention_fwd(q, k, v, q_lengths, kv_lengths, scale, causal, implementation):
+    out, lse = _attention(q, k, v, q_lengths, kv_lengths, scale, causal, implementation)
+    return (out, lse), (q, k, v, q_lengths, kv_lengths, out, lse)
+
+
+def _attention_bwd(scale, causal, implementation, residuals, cotangents):
+    q, k, v, q_lengths, kv_lengths, out, lse = residuals
+    dout, dlse = cotangents
+    dq, dk, dv = _bwd_p.bind(q, k, v, out, lse, dout.astype(q.dtype), dlse.astype(jnp.float32), q_lengths,
+                             kv_lengths, scale=scale, causal=causal, implementation=implementation)
+    return dq, dk, dv, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = True,
+    q_lengths: jax.Array | None = None,
+    kv_lengths: jax.Array | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    implementation: str = "auto",
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Dense attention with GQA, lengths and bottom-right causal alignment (spec §3.6).
+
+    Args:
+      q: queries [B, Sq, Hq, D]; k, v: [B, Sk, Hkv, D], Hq a multiple of Hkv.
+      causal: query i (at position kv_length - q_length + i) sees keys j <= position.
+      q_lengths, kv_lengths: valid lengths [B] (default Sq, Sk).
+      scale: default D**-0.5.
+      return_lse: also return lse [B, Sq, Hq] float32.
+      implementation: "auto" | "kernel" | "reference".
+    Returns:
+      out [B, Sq, Hq, D] in q's dtype (zeros for padded rows), and lse if asked.
+    Differentiable in q, k, v.
+    """
+    checks.check_implementation(implementation)
+    q_lengths, kv_lengths, scale = check_attention_inputs(q, k, v, q_lengths, kv_lengths, scale)
+    if implementation == "reference":
+        return reference.dot_product_attention(q, k, v, causal=causal, q_lengths=q_lengths, kv_lengths=kv_lengths,
+                                               scale=scale, return_lse=return_lse)
+    out, lse = _attention(q, k, v, q_lengths, kv_lengths, np.float32(scale), bool(causal), implementation)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,104 @@
+"""Block-sparse MSA attention (spec §3.4), forward and backward.
+
+Primitives:
+  jax_msa_sparse_attention_fwd(q, k, v, ids, q_lengths, kv_lengths; scale) -> out, lse
+  jax_msa_sparse_attention_bwd(q, k, v, ids, out, lse, dout, dlse, q_lengths, kv_lengths; scale)
+      -> dq, dk, dv
+joined by a custom_vjp; `ids` and the lengths carry no gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_msa import _validation as checks
+from jax_msa import reference
+from jax_msa._attention_common import (backward_abstract, check_attention_inputs, forward_abstract,
+                                       reference_vjp)
+from jax_msa._primitives import define_primitive
+
+
+def _reference_forward(q, k, v, ids, q_lengths, kv_lengths, *, scale):
+    return reference.sparse_attention(q, k, v, ids, q_lengths=q_lengths, kv_lengths=kv_lengths,
+                                      scale=float(scale), return_lse=True)
+
+
+def _reference_backward(q, k, v, ids, out, lse, dout, dlse, q_lengths, kv_lengths, *, scale):
+    fn = lambda q, k, v: _reference_forward(q, k, v, ids, q_lengths, kv_lengths, scale=scale)
+    return reference_vjp(fn, q, k, v, out, lse, dout, dlse)
+
+
+_fwd_p = define_primitive("sparse_attention_fwd", abstract_eval=forward_abstract,
+                          reference=_reference_forward, ffi_attributes=("scale",))
+_bwd_p = define_primitive("sparse_attention_bwd", abstract_eval=backward_abstract,
+                          reference=_reference_backward, ffi_attributes=("scale",))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _sparse_attention(q, k, v, ids, q_lengths, kv_lengths, scale, implementation):
+    out, lse = _fwd_p.bind(q, k, v, ids, q_lengths, kv_lengths, scale=scale, implementation=implementation)
+    return out, lse
+
+
+def _sparse_attention_fwd(q, k, v, ids, q_lengths, kv_lengths, scale, implementation):
+    out, lse = _sparse_attention(q, k, v, ids, q_lengths, kv_lengths, scale, implementation)
+    return (out, lse), (q, k, v, ids, q_lengths, kv_lengths, out, lse)
+
+
+def _sparse_attention_bwd(scale, implementation, residuals, cotangents):
+    q, k, v, ids, q_lengths, kv_lengths, out, lse = residuals
+    dout, dlse = cotangents
+    dq, dk, dv = _bwd_p.bind(q, k, v, ids, out, lse, dout.astype(q.dtype), dlse.astype(jnp.float32),
+                             q_lengths, kv_lengths, scale=scale, implementation=implementation)
+    return dq, dk, dv, None, None, None
+
+
+_sparse_attention.defvjp(_sparse_attention_fwd, _sparse_attention_bwd)
+
+
+def sparse_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    ids: jax.Array,
+    *,
+    q_lengths: jax.Array | None = None,
+    kv_lengths: jax.Array | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    implementation: str = "auto",
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Attention over the selected 128-key blocks of each query (spec §3.4).
+
+    Args:
+      q: queries [B, Sq, Hq, D] (float32, bfloat16 or float16).
+      k, v: keys and values [B, Sk, Hkv, D], Hq a multiple of Hkv.
+      ids: selected block ids [B, Sq, Hkv, topk] int32, shared by the query
+        heads of each KV group; -1 and ids outside [0, ceil(kv_length/128))
+        are skipped (never read). Causal within the selected blocks.
+      q_lengths, kv_lengths: valid lengths [B] (default Sq, Sk), bottom-right aligned.
+      scale: default D**-0.5.
+      return_lse: also return lse [B, Sq, Hq] float32 (-inf for empty rows).
+      implementation: "auto" | "kernel" | "reference".
+    Returns:
+      out [B, Sq, Hq, D] in q's dtype (zeros for padded rows), and lse if asked.
+    Differentiable in q, k, v.
+    """
+    checks.check_implementation(implementation)
+    q_lengths, kv_lengths, scale = check_attention_inputs(q, k, v, q_lengths, kv_lengths, scale)
+    b, sq, _, _ = q.shape
+    checks.check_rank(ids, 4, "ids", "[B, Sq, Hkv, topk]")
+    checks.check_shape(ids, (b, sq, k.shape[2], ids.shape[3]), "ids", "[B, Sq, Hkv, topk]")
+    if not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
+        raise TypeError(f"ids must be an integer array, got dtype {jnp.result_type(ids)}")
+    checks.check_topk(ids.shape[3])
+    ids = jnp.asarray(ids, jnp.int32)
+    if implementation == "reference":
+        return reference.sparse_attention(q, k, v, ids, q_lengths=q_lengths, kv_lengths=kv_lengths, scale=scale,
+                                          return_lse=return_lse)
+    out, lse = _sparse_attention(q, k, v, ids, q_lengths, kv_lengths, np.float32(scale), implementation)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,162 @@
+"""The public API: custom calls in the HLO, vmap, autodiff, implementation=, errors."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import jax_msa
+from jax_msa import _ffi, reference
+from helpers import normal, rel_err
+
+RNG = np.random.default_rng(11)
+B, S, HQ, HKV, D = 2, 260, 4, 2, 32
+Q, K, V = normal(RNG, (B, S, HQ, D)), normal(RNG, (B, S, HKV, D)), normal(RNG, (B, S, HKV, D))
+QI, KI = normal(RNG, (B, S, HKV, 32)), normal(RNG, (B, S, 32))
+IDS = reference.indexer(QI, KI, topk=2)
+SCORES = reference.block_scores(QI, KI)
+
+# Each op, called on the module's inputs, and the FFI targets its lowering must show.
+OPS = {
+    "block_scores": (lambda: jax_msa.block_scores(QI, KI), ["jax_msa_block_scores"]),
+    "topk_select": (lambda: jax_msa.topk_select(SCORES, topk=2), ["jax_msa_topk_select"]),
+    "indexer": (lambda: jax_msa.indexer(QI, KI, topk=2, return_lse=True), ["jax_msa_indexer"]),
+    "sparse_attention": (lambda: jax_msa.sparse_attention(Q, K, V, IDS), ["jax_msa_sparse_attention_fwd"]),
+    "msa_attention": (lambda: jax_msa.msa_attention(Q, K, V, QI, KI, topk=2),
+                      ["jax_msa_indexer", "jax_msa_sparse_attention_fwd"]),
+    "dot_product_attention": (lambda: jax_msa.dot_product_attention(Q, K, V), ["jax_msa_dot_product_attention_fwd"]),
+    "sparse_attention_grad": (
+        lambda: jax.grad(lambda q: jax_msa.sparse_attention(q, K, V, IDS).sum())(Q),
+        ["jax_msa_sparse_attention_fwd", "jax_msa_sparse_attention_bwd"]),
+    "dot_product_attention_grad": (
+        lambda: jax.grad(lambda q: jax_msa.dot_product_attention(q, K, V).sum())(Q),
+        ["jax_msa_dot_product_attention_fwd", "jax_msa_dot_product_attention_bwd"]),
+}
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_lowering_contains_custom_call(name):
+    fn, targets = OPS[name]
+    text = jax.jit(fn).lower().as_text()
+    for target in targets:
+        assert f"@{target}(" in text, f"{target} missing from the lowering of {name}"
+
+
+def test_reference_implementation_has_no_custom_call():
+    text = jax.jit(lambda: jax_msa.sparse_attention(Q, K, V, IDS, implementation="reference")).lower().as_text()
+    assert "jax_msa_" not in text
+
+
+def _lower_for_cuda(fn):
+    return jax.jit(fn).trace().lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.skipif(_ffi.has_kernel("jax_msa_sparse_attention_fwd", "cuda"),
+                    reason="checks the fallback of an op without a CUDA kernel")
+def test_cuda_lowering_falls_back_to_reference_without_kernels():
+    text = _lower_for_cuda(lambda: jax_msa.sparse_attention(Q, K, V, IDS))
+    assert "jax_msa_sparse_attention_fwd" not in text
+    with pytest.raises(jax_msa.NoKernelError, match="no cuda kernel"):
+        _lower_for_cuda(lambda: jax_msa.sparse_attention(Q, K, V, IDS, implementation="kernel"))
+
+
+@pytest.mark.parametrize("implementation", ["auto", "reference"])
+def test_implementations_agree(implementation):
+    out = jax_msa.msa_attention(Q, K, V, QI, KI, topk=2, implementation=implementation)
+    ref = reference.msa_attention(Q, K, V, QI, KI, topk=2)
+    assert rel_err(out, ref) <= 2e-5
+
+
+def test_vmap_matches_loop():
+    q2, k2, v2 = (jnp.stack([x, x[::-1] * 0.5]) for x in (Q, K, V))
+    ids2 = jnp.stack([IDS, IDS])
+    ql = jnp.asarray([260, 100], jnp.int32)
+    fn = lambda q, k, v, ids: jax_msa.sparse_attention(q, k, v, ids, q_lengths=ql, return_lse=True)
+    out, lse = jax.jit(jax.vmap(fn))(q2, k2, v2, ids2)
+    for i in range(2):
+        o, l = fn(q2[i], k2[i], v2[i], ids2[i])
+        np.testing.assert_allclose(out[i], o, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(lse[i], l)
+
+
+def test_vmap_with_unbatched_operands():
+    # k, v and the index keys are shared; only the queries are vmapped.
+    qs, qis = jnp.stack([Q, -Q]), jnp.stack([QI, QI * 2])
+    out = jax.vmap(lambda q, qi: jax_msa.msa_attention(q, K, V, qi, KI, topk=2))(qs, qis)
+    for i in range(2):
+        np.testing.assert_allclose(out[i], jax_msa.msa_attention(qs[i], K, V, qis[i], KI, topk=2), rtol=1e-6,
+                                   atol=1e-6)
+    scores = jax.vmap(lambda qi: jax_msa.block_scores(qi, KI))(qis)
+    np.testing.assert_array_equal(scores[1], jax_msa.block_scores(qis[1], KI))
+    ids = jax.vmap(lambda s: jax_msa.topk_select(s, topk=2))(jnp.stack([SCORES, -SCORES]))
+    np.testing.assert_array_equal(ids[1], jax_msa.topk_select(-SCORES, topk=2))
+
+
+def test_check_grads_sparse_attention():
+    rng = np.random.default_rng(12)
+    q, k, v = normal(rng, (1, 150, 2, 16)), normal(rng, (1, 150, 1, 16)), normal(rng, (1, 150, 1, 16))
+    ids = jnp.asarray(np.broadcast_to(np.array([0, 1, -1], np.int32), (1, 150, 1, 3)))
+    fn = lambda q, k, v: jax_msa.sparse_attention(q, k, v, ids, q_lengths=jnp.asarray([140]), implementation="kernel")
+    check_grads(fn, (q, k, v), order=1, modes=["rev"], atol=1e-2, rtol=1e-2, eps=1e-2)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_check_grads_dot_product_attention(causal):
+    rng = np.random.default_rng(13)
+    q, k, v = normal(rng, (1, 40, 4, 16)), normal(rng, (1, 150, 2, 16)), normal(rng, (1, 150, 2, 16))
+    fn = lambda q, k, v: jax_msa.dot_product_attention(q, k, v, causal=causal, kv_lengths=jnp.asarray([131]),
+                                                       return_lse=True, implementation="kernel")
+    check_grads(fn, (q, k, v), order=1, modes=["rev"], atol=1e-2, rtol=1e-2, eps=1e-2)
+
+
+def test_msa_attention_gradients_skip_the_indexer():
+    gq, gqi = jax.grad(lambda q, qi: jax_msa.msa_attention(q, K, V, qi, KI, topk=2).sum(), argnums=(0, 1))(Q, QI)
+    assert np.all(np.isfinite(gq)) and np.any(gq != 0)
+    assert not np.any(gqi)
+
+
+# Bad input: trace-time errors that name the argument. Length values are
+# checked where they are concrete (here: closed over, not traced).
+LONG_LENGTHS = jnp.asarray([300, 1])
+SHORT_KV_LENGTHS = jnp.asarray([100, 260])
+MID_LENGTHS = jnp.asarray([200, 200])
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: jax_msa.sparse_attention(Q[0], K, V, IDS), ValueError, r"q must have rank 4"),
+    (lambda: jax_msa.sparse_attention(Q, K[:, :100], V, IDS), ValueError, r"v has shape"),
+    (lambda: jax_msa.sparse_attention(Q, K.astype(jnp.bfloat16), V, IDS), TypeError, r"k has dtype"),
+    (lambda: jax_msa.sparse_attention(Q.astype(jnp.int32), K, V, IDS), TypeError, r"q has dtype"),
+    (lambda: jax_msa.sparse_attention(Q[:, :, :3], K, V, IDS), ValueError, r"not a multiple"),
+    (lambda: jax_msa.sparse_attention(Q, K, V, IDS[:, :10]), ValueError, r"ids has shape"),
+    (lambda: jax_msa.sparse_attention(Q, K, V, IDS.astype(jnp.float32)), TypeError, r"ids must be an integer"),
+    (lambda: jax_msa.sparse_attention(Q, K, V, jnp.zeros((B, S, HKV, 65), jnp.int32)), ValueError, r"topk"),
+    (lambda: jax_msa.sparse_attention(Q[..., :12], K[..., :12], V[..., :12], IDS), ValueError, r"head dim 12"),
+    (lambda: jax_msa.sparse_attention(Q, K, V, IDS, q_lengths=LONG_LENGTHS), ValueError,
+     r"q_lengths must lie in \[0, 260\]"),
+    (lambda: jax_msa.sparse_attention(Q, K, V, IDS, q_lengths=jnp.asarray([3])), ValueError, r"q_lengths has shape"),
+    (lambda: jax_msa.dot_product_attention(Q, K, V, q_lengths=MID_LENGTHS,
+                                           kv_lengths=SHORT_KV_LENGTHS), ValueError, r"kv_lengths must be >="),
+    (lambda: jax_msa.dot_product_attention(Q, K, V, implementation="fast"), ValueError, r"implementation"),
+    (lambda: jax_msa.indexer(QI, KI, topk=0), ValueError, r"topk must be"),
+    (lambda: jax_msa.indexer(QI, KI[..., :16]), ValueError, r"ki has shape"),
+    (lambda: jax_msa.block_scores(QI, KI[0]), ValueError, r"ki must have rank 3"),
+    (lambda: jax_msa.topk_select(SCORES.astype(jnp.bfloat16)), TypeError, r"scores must be float32"),
+    (lambda: jax_msa.topk_select(SCORES, kv_seq_len=1000), ValueError, r"kv_seq_len"),
+    (lambda: jax_msa.msa_attention(Q, K, V, QI[:, :, :1], KI), ValueError, r"index heads"),
+])
+def test_bad_input_raises_at_trace_time(call, error, match):
+    with pytest.raises(error, match=match):
+        jax.jit(call).lower()
+
+
+def test_lengths_checked_under_jit_only_by_shape():
+    # Traced lengths cannot be checked by value; their shape still is.
+    fn = jax.jit(lambda ql: jax_msa.dot_product_attention(Q, K, V, q_lengths=ql))
+    with pytest.raises(ValueError, match="q_lengths has shape"):
+        fn.lower(jnp.zeros((3,), jnp.int32))
+    assert fn(jnp.asarray([260, 0], jnp.int32)).shape == Q.shape
