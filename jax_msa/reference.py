@@ -378,7 +378,7 @@ def sparse_attention(
         c = q_c.shape[1]
         pos, valid = _query_positions(start, c, q_len, kv_len)
         ok = (ids_c >= 0) & (ids_c < usable_blocks[:, None, None, None])
-        safe_ids = jnp.where(ok, ids_c, 0)  # never out of bounds
+        safe_ids = jnp.where(ok, ids_c, 0).astype(jnp.int32)  # never out of bounds
         # Gather the selected blocks: [B, C, Hkv, topk, 128, D].
         kc = k_blocks[b_idx, g_idx, safe_ids]
         vc = v_blocks[b_idx, g_idx, safe_ids]
@@ -398,7 +398,8 @@ def sparse_attention(
         out = jnp.einsum("bcgnk,bcgkd->bcgnd", probs, vc, precision=PRECISION)
         return out.reshape(bsz, c, hq, d), lse.reshape(bsz, c, hq)
 
-    out, lse = _map_query_chunks(chunk, [q.astype(jnp.float32), ids.astype(jnp.int32)], sq)
+    # ids keep their integer dtype until masked (an int64 id must not wrap).
+    out, lse = _map_query_chunks(chunk, [q.astype(jnp.float32), ids], sq)
     out = out.astype(q.dtype)
     return (out, lse) if return_lse else out
 

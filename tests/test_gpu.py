@@ -17,7 +17,7 @@ try:
 except RuntimeError:
     GPU = None
 
-pytestmark = pytest.mark.skipif(GPU is None, reason="needs a GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(GPU is None, reason="needs a GPU")]
 CPU = jax.devices("cpu")[0]
 
 
