@@ -93,18 +93,22 @@ class Selection {
   std::vector<uint8_t> needed_blocks() const {
     const int64_t nb = num_blocks_;
     std::vector<uint8_t> needed(pb_.B * pb_.Hkv * nb, 0);
+    if (!sparse()) {
+      // The last query of a row sees every key < kv_len.
+      for (int64_t item = 0; item < pb_.B * pb_.Hkv; ++item) {
+        const int64_t b = item / pb_.Hkv;
+        if (lengths_.q_len(b) > 0) {
+          std::fill_n(needed.data() + item * nb, num_blocks(lengths_.kv_len(b)), uint8_t{1});
+        }
+      }
+      return needed;
+    }
     parallel_for(pb_.B * pb_.Hkv, [&](int64_t begin, int64_t end) {
       std::vector<int32_t> list(capacity());
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / pb_.Hkv, g = item % pb_.Hkv;
         uint8_t* flags = needed.data() + item * nb;
-        const int64_t q_len = lengths_.q_len(b);
-        if (!sparse()) {
-          // The last query sees every key < kv_len.
-          if (q_len > 0) std::fill_n(flags, num_blocks(lengths_.kv_len(b)), uint8_t{1});
-          continue;
-        }
-        for (int64_t i = 0; i < q_len; ++i) {
+        for (int64_t i = 0; i < lengths_.q_len(b); ++i) {
           const int64_t n = blocks(b, i, g, list.data());
           for (int64_t k = 0; k < n; ++k) flags[list[k]] = 1;
         }
@@ -398,15 +402,16 @@ void forward(DType dtype, const AttentionProblem& pb, const KeySelection& keys, 
           keys_used = std::max(keys_used, nvis);
           for (int64_t h = 0; h < G; ++h) {
             const int64_t r = t * G + h;
-            const float alpha = softmax_step(&s[(x * G + h) * kBlock], nvis, m[r], l[r]);
+            float* row = s.data() + (x * G + h) * kBlock;
+            const float alpha = softmax_step(row, nvis, m[r], l[r]);
             for (int64_t d = 0; d < D; ++d) acc[r * D + d] *= alpha;
           }
         }
         std::fill_n(panel_o.begin(), R * D, 0.0f);
         gemm_acc(R, keys_used, D, s.data(), kBlock, 1, vr.block(b, g, c), D, panel_o.data(), D);
         for (int64_t x = 0; x < count; ++x) {
-          float* dst = &acc[members[x] * width];
-          const float* src = &panel_o[x * width];
+          float* dst = acc.data() + members[x] * width;
+          const float* src = panel_o.data() + x * width;
           for (int64_t e = 0; e < width; ++e) dst[e] += src[e];
         }
       });
@@ -496,15 +501,15 @@ void backward_dq(DType dtype, const Dims& dims, const AttentionProblem& pb,
           keys_used = std::max(keys_used, nvis);
           for (int64_t h = 0; h < G; ++h) {
             const int64_t row = dims.row(b, i, g) + h;
-            probs_and_grads(&s[(x * G + h) * kBlock], &dp[(x * G + h) * kBlock], nvis, lse[row],
-                            di[row]);
+            const int64_t at = (x * G + h) * kBlock;
+            probs_and_grads(s.data() + at, dp.data() + at, nvis, lse[row], di[row]);
           }
         }
         std::fill_n(panel_dq.begin(), R * D, 0.0f);
         gemm_acc(R, keys_used, D, dp.data(), kBlock, 1, kr.block(b, g, c), D, panel_dq.data(), D);
         for (int64_t x = 0; x < count; ++x) {
-          float* dst = &acc[members[x] * width];
-          const float* src = &panel_dq[x * width];
+          float* dst = acc.data() + members[x] * width;
+          const float* src = panel_dq.data() + x * width;
           for (int64_t e = 0; e < width; ++e) dst[e] += src[e];
         }
       });
@@ -545,8 +550,8 @@ void backward_dkdv(DType dtype, const Dims& dims, const AttentionProblem& pb,
         int64_t keys_used = 0;
         for (int64_t x = 0; x < count; ++x) {
           const int64_t i = span[k0 + x];
-          load_rows(dtype, q, dims, b, g, i, 1, pb.scale, &panel_q[x * width]);
-          load_rows(dtype, dout, dims, b, g, i, 1, 1.0f, &panel_do[x * width]);
+          load_rows(dtype, q, dims, b, g, i, 1, pb.scale, panel_q.data() + x * width);
+          load_rows(dtype, dout, dims, b, g, i, 1, 1.0f, panel_do.data() + x * width);
           nvis[x] = selection.visible(b, lengths.position(b, i), c);
           keys_used = std::max(keys_used, nvis[x]);
         }
@@ -558,8 +563,8 @@ void backward_dkdv(DType dtype, const Dims& dims, const AttentionProblem& pb,
         for (int64_t x = 0; x < count; ++x) {
           for (int64_t h = 0; h < G; ++h) {
             const int64_t row = dims.row(b, span[k0 + x], g) + h;
-            probs_and_grads(&s[(x * G + h) * kBlock], &dp[(x * G + h) * kBlock], nvis[x],
-                            lse[row], di[row]);
+            const int64_t at = (x * G + h) * kBlock;
+            probs_and_grads(s.data() + at, dp.data() + at, nvis[x], lse[row], di[row]);
           }
         }
         // Keys j < keys_used: dv[j] += sum_r P[r][j] dout[r], dk[j] += sum_r dS[r][j] q[r].
@@ -569,8 +574,8 @@ void backward_dkdv(DType dtype, const Dims& dims, const AttentionProblem& pb,
       const int64_t keys = std::min(kBlock, dims.Sk - c * kBlock);
       for (int64_t j = 0; j < keys; ++j) {
         const int64_t offset = dims.k_offset(b, c * kBlock + j, g);
-        store_row(dtype, &dk_acc[j * D], D, dk, offset);
-        store_row(dtype, &dv_acc[j * D], D, dv, offset);
+        store_row(dtype, dk_acc.data() + j * D, D, dk, offset);
+        store_row(dtype, dv_acc.data() + j * D, D, dv, offset);
       }
     }
   });
@@ -629,7 +634,8 @@ void attention_bwd(DType dtype, const AttentionProblem& problem, const KeySelect
   if (!sizes_ok(problem)) return;
   const Lengths lengths{q_lengths, kv_lengths, problem.Sq, problem.Sk};
   try {
-    if (valid(problem, keys) && lse != nullptr) {
+    // The forward's lse is required (a zero-sized buffer may come as nullptr).
+    if (valid(problem, keys) && (lse != nullptr || problem.B * problem.Sq * problem.Hq == 0)) {
       backward(dtype, problem, keys, q, k, v, out, lse, dout, dlse, lengths, dq, dk, dv);
       return;
     }

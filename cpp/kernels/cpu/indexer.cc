@@ -5,8 +5,9 @@
 // keys are converted to float once per call, transposed per block
 // ([d][key]) so that the score loops vectorise over keys; a tile then walks
 // the blocks in order, scoring all the (query, head) rows that see each block
-// together while it is in cache. Only one tile's block scores exist at a time
-// (kPanelRows x ceil(Sk / kBlock) floats), never the Sq x Sk matrix.
+// together while it is in cache. Each thread holds the block scores of one
+// tile (about kPanelRows x ceil(Sk / kBlock) floats), never the Sq x Sk
+// matrix.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -87,7 +88,7 @@ void load_queries(DType dtype, const void* qi, const IndexDims& dims, int64_t b,
 // scale * <qi, ki[j]> over the keys j of block c it sees, -inf past its local
 // block; at sums[same] (when sums is not null, c <= local block): the sum of
 // exp(s - best) over those keys, from which the lse of any set of blocks
-// follows. panel: kPanelRows x kBlock floats of scratch.
+// follows. panel: n * Hi * kBlock floats of scratch.
 void score_tile(const IndexDims& dims, const IndexKeys& keys, const Lengths& lengths, int64_t b,
                 int64_t i0, int64_t n, const float* q, float* panel, float* best, float* sums) {
   const int64_t Hi = dims.Hi, Di = dims.Di, NB = dims.NB;
@@ -167,7 +168,7 @@ void run_block_scores(DType dtype, const void* qi, const void* ki, const IndexDi
   const IndexKeys keys(dtype, ki, dims, lengths);
   const int64_t row = dims.Hi * dims.NB;
   parallel_for(dims.B * dims.tiles, [&](int64_t begin, int64_t end) {
-    std::vector<float> q(dims.tile * dims.Hi * dims.Di), panel(kPanelRows * kBlock);
+    std::vector<float> q(dims.tile * dims.Hi * dims.Di), panel(dims.tile * dims.Hi * kBlock);
     for (int64_t item = begin; item < end; ++item) {
       int64_t b, tile_index;
       dims.tile_item(item, b, tile_index);
@@ -208,7 +209,7 @@ void run_indexer(DType dtype, const void* qi, const void* ki, const IndexDims& d
   const IndexKeys keys(dtype, ki, dims, lengths);
   const int64_t Hi = dims.Hi, NB = dims.NB;
   parallel_for(dims.B * dims.tiles, [&](int64_t begin, int64_t end) {
-    std::vector<float> q(dims.tile * Hi * dims.Di), panel(kPanelRows * kBlock);
+    std::vector<float> q(dims.tile * Hi * dims.Di), panel(dims.tile * dims.Hi * kBlock);
     std::vector<float> best(dims.tile * Hi * NB), sums(lse ? dims.tile * Hi * NB : 0);
     std::vector<int32_t> order(NB);
     for (int64_t item = begin; item < end; ++item) {
@@ -225,8 +226,10 @@ void run_indexer(DType dtype, const void* qi, const void* ki, const IndexDims& d
         for (int64_t h = 0; h < Hi; ++h) {
           const int64_t row = (b * dims.Sq + i0 + t) * Hi + h;
           const int64_t at = (t * Hi + h) * NB;
-          select_blocks(&best[at], L, topk, ids + row * topk, order.data());
-          if (lse) lse[row] = selected_lse(&best[at], &sums[at], ids + row * topk, topk);
+          select_blocks(best.data() + at, L, topk, ids + row * topk, order.data());
+          if (lse) {
+            lse[row] = selected_lse(best.data() + at, sums.data() + at, ids + row * topk, topk);
+          }
         }
       }
       const int64_t first_pad = (b * dims.Sq + i0 + n) * Hi, end_pad = (b * dims.Sq + i_end) * Hi;

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -74,13 +75,28 @@ inline uint16_t float_to_fp16(float f) {
     uint32_t q = mantissa >> shift;
     const uint32_t rest = mantissa & ((1u << shift) - 1);
     const uint32_t half = 1u << (shift - 1);
-    if (rest > half || (rest == half && (q & 1u))) ++q;  // may carry into the smallest normal: correct
+    // Round to nearest even; a carry to 0x400 is the smallest normal, as it should be.
+    if (rest > half || (rest == half && (q & 1u))) ++q;
     return sign | static_cast<uint16_t>(q);
   }
   // Normal: rebias the exponent (127 -> 15) in place, then round the 13
   // dropped mantissa bits; a carry correctly bumps the exponent.
   const uint32_t rebased = a - (112u << 23);
   return sign | static_cast<uint16_t>((rebased + 0xfffu + ((rebased >> 13) & 1u)) >> 13);
+}
+
+// float8_e4m3fn -> float32, exact: 1 sign, 4 exponent (bias 7) and 3 mantissa
+// bits; no infinities, S.1111.111 is NaN, subnormals are mantissa * 2^-9.
+inline float e4m3fn_to_float(uint8_t x) {
+  const uint32_t sign = uint32_t{x & 0x80u} << 24;
+  const uint32_t exponent = (x >> 3) & 0xfu;
+  const uint32_t mantissa = x & 0x7u;
+  if (exponent == 0xf && mantissa == 0x7) return bits_to_float(sign | 0x7fc00000u);
+  if (exponent == 0) {
+    const float magnitude = static_cast<float>(mantissa) * 0.001953125f;  // 2^-9
+    return sign ? -magnitude : magnitude;
+  }
+  return bits_to_float(sign | ((exponent + 120) << 23) | (mantissa << 20));
 }
 
 // ---------------------------------------------------------------------------
@@ -188,8 +204,9 @@ inline void load_block_transposed(DType dtype, const void* src, int64_t offset,
 // A may be read transposed (sax = 1); B and C are row-major. A strip of
 // R rows x W columns of C stays in registers across the whole y loop, so the
 // inner loop is R broadcasts of A and R*W multiply-adds per row of B, and it
-// vectorises over n. 2 x 32 was the fastest of the shapes measured with GCC
-// at -O3 and -O2 on x86-64 (SSE2 baseline).
+// vectorises over n. 2 x 32 was the fastest of the shapes measured (GCC 12,
+// x86-64 SSE2 baseline, -O3 and -O2); the 2 x 32 accumulators fill the 16
+// SSE registers.
 template <int W, int R>
 inline void gemm_strip(int64_t X, int64_t Y, const float* A, int64_t sax, int64_t say,
                        const float* B, int64_t ldb, float* C, int64_t ldc) {
@@ -294,6 +311,26 @@ inline float row_max(const float* x, int64_t n) {
   const int32_t m = *std::max_element(part, part + kLanes);
   if (m == kNaNKey) return std::numeric_limits<float>::quiet_NaN();
   return bits_to_float(static_cast<uint32_t>(m >= 0 ? m : m ^ 0x7fffffff));
+}
+
+// Online-softmax step of one row over a new block of keys: s[0, n) are its
+// scores there. Updates the running max m and sum l, overwrites s[0, kBlock)
+// with exp(s - new max) (zero past n) and returns the factor by which what
+// was accumulated before must be rescaled. A NaN score makes the row NaN, as
+// a plain softmax would.
+inline float online_softmax_step(float* s, int64_t n, float& m, float& l) {
+  const float block_max = row_max(s, n);
+  const float m_new = block_max != block_max ? block_max : std::max(m, block_max);
+  if (m_new == kNegInf) {  // every score so far is -inf: nothing to add yet
+    std::fill(s, s + kBlock, 0.0f);
+    return 1.0f;
+  }
+  const float alpha = std::exp(m - m_new);  // 0 on the first block (m = -inf)
+  for (int64_t j = 0; j < n; ++j) s[j] = softmax_exp(s[j] - m_new);
+  std::fill(s + n, s + kBlock, 0.0f);
+  l = l * alpha + row_sum(s, n);
+  m = m_new;
+  return alpha;
 }
 
 // ---------------------------------------------------------------------------

@@ -27,14 +27,16 @@ inline int64_t num_threads() {
 // Calls fn(begin, end) on disjoint chunks covering [0, n), from the calling
 // thread and up to num_threads() - 1 helpers. Chunks are handed out on demand
 // (work items of the kernels have very uneven costs, e.g. causal masks), so
-// fn must not depend on which thread runs a chunk. Runs inline when there is
-// one thread or no more than `grain` items. An exception thrown by fn stops
+// fn must not depend on which thread runs a chunk. Uses at most one thread
+// per `grain` items, so it runs inline when n <= grain (or with one thread).
+// An exception thrown by fn stops
 // the hand-out and the first one is rethrown here once every thread joined;
 // if a thread cannot be started, the others do its share.
 template <class Fn>
 void parallel_for(int64_t n, Fn&& fn, int64_t grain = 1) {
   if (n <= 0) return;
-  const int64_t threads = std::min(num_threads(), (n + grain - 1) / std::max<int64_t>(grain, 1));
+  grain = std::max<int64_t>(grain, 1);
+  const int64_t threads = std::min(num_threads(), (n + grain - 1) / grain);
   if (threads <= 1) {
     fn(int64_t{0}, n);
     return;
