@@ -49,4 +49,39 @@ inline ffi::Error CheckGradients(const cpu::AttentionProblem& p, const ffi::AnyB
                      CheckShape(dv, {p.B, p.Sk, p.Hkv, p.D}, "dv")});
 }
 
+// Checks the outputs and runs the CPU forward for selection `keys`.
+inline ffi::Error RunCpuForward(const cpu::AttentionProblem& p, DType dtype,
+                                const cpu::KeySelection& keys, const ffi::AnyBuffer& q,
+                                const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
+                                const ffi::AnyBuffer& q_lengths, const ffi::AnyBuffer& kv_lengths,
+                                ffi::AnyBuffer out, ffi::AnyBuffer lse) {
+  if (auto e = CheckForwardOutputs(p, out, lse); e.failure()) return e;
+  cpu::attention_fwd(dtype, p, keys, q.untyped_data(), k.untyped_data(), v.untyped_data(),
+                     DataOf<int32_t>(q_lengths), DataOf<int32_t>(kv_lengths), out.untyped_data(),
+                     static_cast<float*>(lse.untyped_data()));
+  return ffi::Error::Success();
+}
+
+// Checks the forward results, cotangents and gradients, and runs the CPU
+// backward for selection `keys`.
+inline ffi::Error RunCpuBackward(const cpu::AttentionProblem& p, DType dtype,
+                                 const cpu::KeySelection& keys, const ffi::AnyBuffer& q,
+                                 const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
+                                 const ffi::AnyBuffer& out, const ffi::AnyBuffer& lse,
+                                 const ffi::AnyBuffer& dout, const ffi::AnyBuffer& dlse,
+                                 const ffi::AnyBuffer& q_lengths,
+                                 const ffi::AnyBuffer& kv_lengths, ffi::AnyBuffer dq,
+                                 ffi::AnyBuffer dk, ffi::AnyBuffer dv) {
+  if (auto e = FirstError({CheckForwardOutputs(p, out, lse), CheckForwardOutputs(p, dout, dlse),
+                           CheckGradients(p, dq, dk, dv)});
+      e.failure()) {
+    return e;
+  }
+  cpu::attention_bwd(dtype, p, keys, q.untyped_data(), k.untyped_data(), v.untyped_data(),
+                     out.untyped_data(), DataOf<float>(lse), dout.untyped_data(),
+                     DataOf<float>(dlse), DataOf<int32_t>(q_lengths), DataOf<int32_t>(kv_lengths),
+                     dq.untyped_data(), dk.untyped_data(), dv.untyped_data());
+  return ffi::Error::Success();
+}
+
 }  // namespace jax_msa

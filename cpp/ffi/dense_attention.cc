@@ -18,11 +18,8 @@ ffi::Error DenseAttentionFwdCpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuff
       e.failure()) {
     return e;
   }
-  if (auto e = CheckForwardOutputs(p, *out, *lse); e.failure()) return e;
-  cpu::attention_fwd(dtype, p, DenseSelection(causal), q.untyped_data(), k.untyped_data(),
-                     v.untyped_data(), DataOf<int32_t>(q_lengths), DataOf<int32_t>(kv_lengths),
-                     out->untyped_data(), DataOf<float>(lse));
-  return ffi::Error::Success();
+  return RunCpuForward(p, dtype, DenseSelection(causal), q, k, v, q_lengths, kv_lengths, *out,
+                       *lse);
 }
 
 ffi::Error DenseAttentionBwdCpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
@@ -37,17 +34,8 @@ ffi::Error DenseAttentionBwdCpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuff
       e.failure()) {
     return e;
   }
-  if (auto e = FirstError({CheckForwardOutputs(p, out, lse), CheckForwardOutputs(p, dout, dlse),
-                           CheckGradients(p, *dq, *dk, *dv)});
-      e.failure()) {
-    return e;
-  }
-  cpu::attention_bwd(dtype, p, DenseSelection(causal), q.untyped_data(), k.untyped_data(),
-                     v.untyped_data(), out.untyped_data(), DataOf<float>(lse),
-                     dout.untyped_data(), DataOf<float>(dlse), DataOf<int32_t>(q_lengths),
-                     DataOf<int32_t>(kv_lengths), dq->untyped_data(), dk->untyped_data(),
-                     dv->untyped_data());
-  return ffi::Error::Success();
+  return RunCpuBackward(p, dtype, DenseSelection(causal), q, k, v, out, lse, dout, dlse, q_lengths,
+                        kv_lengths, *dq, *dk, *dv);
 }
 
 }  // namespace

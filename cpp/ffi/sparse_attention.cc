@@ -29,13 +29,8 @@ ffi::Error SparseAttentionFwdCpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuf
       e.failure()) {
     return e;
   }
-  if (auto e = FirstError({CheckIds(p, ids), CheckForwardOutputs(p, *out, *lse)}); e.failure()) {
-    return e;
-  }
-  cpu::attention_fwd(dtype, p, SelectionOf(ids), q.untyped_data(), k.untyped_data(),
-                     v.untyped_data(), DataOf<int32_t>(q_lengths), DataOf<int32_t>(kv_lengths),
-                     out->untyped_data(), DataOf<float>(lse));
-  return ffi::Error::Success();
+  if (auto e = CheckIds(p, ids); e.failure()) return e;
+  return RunCpuForward(p, dtype, SelectionOf(ids), q, k, v, q_lengths, kv_lengths, *out, *lse);
 }
 
 ffi::Error SparseAttentionBwdCpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
@@ -50,17 +45,9 @@ ffi::Error SparseAttentionBwdCpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuf
       e.failure()) {
     return e;
   }
-  if (auto e = FirstError({CheckIds(p, ids), CheckForwardOutputs(p, out, lse),
-                           CheckForwardOutputs(p, dout, dlse), CheckGradients(p, *dq, *dk, *dv)});
-      e.failure()) {
-    return e;
-  }
-  cpu::attention_bwd(dtype, p, SelectionOf(ids), q.untyped_data(), k.untyped_data(),
-                     v.untyped_data(), out.untyped_data(), DataOf<float>(lse),
-                     dout.untyped_data(), DataOf<float>(dlse), DataOf<int32_t>(q_lengths),
-                     DataOf<int32_t>(kv_lengths), dq->untyped_data(), dk->untyped_data(),
-                     dv->untyped_data());
-  return ffi::Error::Success();
+  if (auto e = CheckIds(p, ids); e.failure()) return e;
+  return RunCpuBackward(p, dtype, SelectionOf(ids), q, k, v, out, lse, dout, dlse, q_lengths,
+                        kv_lengths, *dq, *dk, *dv);
 }
 
 }  // namespace

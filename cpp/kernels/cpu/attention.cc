@@ -270,26 +270,6 @@ class QueryTile {
   std::vector<int64_t> length_, cursor_, members_;
 };
 
-// Online-softmax step of one row: s[0, n) are its scores on a new block.
-// Updates the running max m and sum l, overwrites s[0, kBlock) with
-// exp(s - new max) (zero past n) and returns the factor by which what was
-// accumulated before must be rescaled. A NaN score makes the row NaN (out and
-// lse), as a plain softmax would.
-float softmax_step(float* s, int64_t n, float& m, float& l) {
-  const float block_max = row_max(s, n);
-  const float m_new = block_max != block_max ? block_max : std::max(m, block_max);
-  if (m_new == kNegInf) {  // every score so far is -inf: nothing to add yet
-    std::fill(s, s + kBlock, 0.0f);
-    return 1.0f;
-  }
-  const float alpha = std::exp(m - m_new);  // 0 on the first block (m = -inf)
-  for (int64_t j = 0; j < n; ++j) s[j] = softmax_exp(s[j] - m_new);
-  std::fill(s + n, s + kBlock, 0.0f);
-  l = l * alpha + row_sum(s, n);
-  m = m_new;
-  return alpha;
-}
-
 // Backward of one row on one block, from the forward's lse: overwrites
 // s[0, kBlock) with P = exp(s - lse) and dp[0, kBlock) with
 // dS = P * (dP - di) on the n visible keys, zero past them (and everywhere
@@ -403,7 +383,7 @@ void forward(DType dtype, const AttentionProblem& pb, const KeySelection& keys, 
           for (int64_t h = 0; h < G; ++h) {
             const int64_t r = t * G + h;
             float* row = s.data() + (x * G + h) * kBlock;
-            const float alpha = softmax_step(row, nvis, m[r], l[r]);
+            const float alpha = online_softmax_step(row, nvis, m[r], l[r]);
             for (int64_t d = 0; d < D; ++d) acc[r * D + d] *= alpha;
           }
         }
