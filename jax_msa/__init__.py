@@ -11,7 +11,9 @@ from jax_msa._ffi import built_with_cuda
 from jax_msa._primitives import NoKernelError
 from jax_msa.dense_attention import dot_product_attention
 from jax_msa.indexer import block_scores, indexer, topk_select
+from jax_msa.indexer_loss import indexer_kl_loss
 from jax_msa.msa import msa_attention
+from jax_msa.paged import paged_attention, paged_indexer
 from jax_msa.sparse_attention import sparse_attention
 
 from jax_msa._validation import BLOCK_SIZE
@@ -23,7 +25,10 @@ __all__ = [
     "built_with_cuda",
     "dot_product_attention",
     "indexer",
+    "indexer_kl_loss",
     "msa_attention",
+    "paged_attention",
+    "paged_indexer",
     "reference",
     "sparse_attention",
     "topk_select",

@@ -44,6 +44,10 @@ __all__ = [
     "sparse_attention",
     "dot_product_attention",
     "msa_attention",
+    "paged_attention",
+    "paged_indexer",
+    "indexer_kl_divergence",
+    "indexer_kl_loss",
 ]
 
 #: Keys per block (also the page size of paged KV caches).
@@ -508,3 +512,290 @@ def msa_attention(
         q, k, v, ids, q_lengths=q_lengths, kv_lengths=kv_lengths, scale=scale
     )
     return (out, ids) if return_ids else out
+
+
+# --------------------------------------------------------------------------- #
+# Paged inference (spec 3.7) and the indexer's KL loss (spec 3.8)
+# --------------------------------------------------------------------------- #
+Scale = Union[float, Array]
+
+
+def _dequantise(x: Array, scale: Scale) -> Array:
+    """Stored cache values as float32: ``x * scale`` (one scale per tensor)."""
+    return x.astype(jnp.float32) * jnp.asarray(scale, jnp.float32)
+
+
+def _paged_lengths(q_lengths: Lengths, kv_lengths: Lengths, batch: int, nq: int, max_pages: int):
+    """Lengths clamped as the kernels clamp them: ``[0, Q]`` and ``[0, max_pages * 128]``."""
+    q_len = jnp.clip(_lengths(q_lengths, batch, nq), 0, nq)
+    kv_len = jnp.clip(_lengths(kv_lengths, batch, max_pages * BLOCK_SIZE), 0, max_pages * BLOCK_SIZE)
+    return q_len, kv_len
+
+
+def _stored_keys(page_table: Array, num_pages: int, kv_len: Array):
+    """Which logical keys exist: ``[B, max_pages * 128]`` (``j < kv_len``, page
+    not a hole), and the physical page of every logical page (0 for holes)."""
+    ok = (page_table >= 0) & (page_table < num_pages)
+    j = jnp.arange(page_table.shape[1] * BLOCK_SIZE, dtype=jnp.int32)
+    stored = jnp.repeat(ok, BLOCK_SIZE, axis=1) & (j[None, :] < kv_len[:, None])
+    return stored, jnp.where(ok, page_table, 0)
+
+
+def _group_logits(q_c: Array, kc: Array, scale) -> Array:
+    """``scale * <q, k>`` by KV group: ``q_c [B, C, Hq, D]``, ``kc [B, C or 1, Hkv, K, D]``
+    -> ``[B, C, Hkv, G, K]`` (query head ``h`` is row ``h % G`` of group ``h // G``)."""
+    b, c, hq, d = q_c.shape
+    hkv = kc.shape[2]
+    qg = q_c.reshape(b, c, hkv, hq // hkv, d)
+    return scale * jnp.matmul(qg, jnp.swapaxes(kc, -1, -2), precision=PRECISION)
+
+
+def _attend(q_c: Array, kc: Array, vc: Array, mask: Array, scale):
+    """Attention of one query chunk over a key set per KV group.
+
+    ``q_c [B, C, Hq, D]``; ``kc, vc [B, C or 1, Hkv, K, D]`` (finite: zero where
+    no query may see them); ``mask [B, C, Hkv, K]``. Returns ``out [B, C, Hq, D]``
+    and ``lse [B, C, Hq]`` (``0`` and ``-inf`` for an empty set).
+    """
+    b, c, hq, d = q_c.shape
+    probs, lse = _masked_softmax(_group_logits(q_c, kc, scale), mask[:, :, :, None, :])
+    out = jnp.matmul(probs, vc, precision=PRECISION)
+    return out.reshape(b, c, hq, d), lse.reshape(b, c, hq)
+
+
+def _selected_keys(ids: Array, ok: Array, pos: Array, kv_len: Array, valid: Array) -> Array:
+    """Keys of the selected blocks ``ids [B, C, H, topk]`` (only where ``ok``)
+    that each query sees (``j <= p``, ``j < kv_len``): ``[B, C, H, topk * 128]``."""
+    j = ids[..., None] * BLOCK_SIZE + jnp.arange(BLOCK_SIZE, dtype=jnp.int32)
+    mask = (
+        ok[..., None]
+        & (j <= pos[:, :, None, None, None])
+        & (j < kv_len[:, None, None, None, None])
+        & valid[:, :, None, None, None]
+    )
+    return mask.reshape(*ids.shape[:3], -1)
+
+
+def paged_attention(
+    q: Array,
+    k_cache: Array,
+    v_cache: Array,
+    page_table: Array,
+    kv_lengths: Lengths,
+    ids: Optional[Array] = None,
+    *,
+    k_scale: Scale = 1.0,
+    v_scale: Scale = 1.0,
+    q_lengths: Lengths = None,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+    out_dtype=jnp.bfloat16,
+):
+    """Attention of new queries over a paged KV cache (spec 3.7).
+
+    Args:
+      q: queries ``[B, Q, Hq, D]``; query ``t`` of request ``b`` sits at
+        ``kv_lengths[b] - q_lengths[b] + t``.
+      k_cache, v_cache: pages ``[num_pages, Hkv, 128, D]`` (any float type,
+        float8 included); the value of an element is ``stored * scale``.
+      page_table: ``[B, max_pages]`` logical page -> physical page; entries
+        ``< 0`` or ``>= num_pages`` are holes holding no keys.
+      kv_lengths: ``[B]`` cached tokens per request, the new ones included.
+      ids: ``None`` (dense: every visible key) or the selected logical pages
+        ``[B, Q, Hkv, topk]``, skipped like ``sparse_attention`` skips ids.
+      k_scale, v_scale: per-tensor scales of the caches.
+      q_lengths: optional ``[B]`` valid queries (default ``Q``).
+      scale: logit scale, default ``D**-0.5``.
+      return_lse: also return the logsumexp.
+      out_dtype: dtype of ``out``.
+
+    Returns:
+      ``out [B, Q, Hq, D]`` in ``out_dtype``, or ``(out, lse)`` with
+      ``lse [B, Q, Hq]`` float32; ``0`` / ``-inf`` for padded queries and empty sets.
+    """
+    bsz, nq, hq, d = q.shape
+    num_pages, hkv = k_cache.shape[:2]
+    max_pages = page_table.shape[1]
+    scale = d**-0.5 if scale is None else scale
+    page_table = jnp.asarray(page_table, jnp.int32)
+    q_len, kv_len = _paged_lengths(q_lengths, kv_lengths, bsz, nq, max_pages)
+
+    if ids is None:
+        stored, physical = _stored_keys(page_table, num_pages, kv_len)
+
+        def logical(cache, cache_scale):  # [B, 1, Hkv, max_pages * 128, D]
+            x = jnp.swapaxes(_dequantise(cache[physical], cache_scale), 1, 2)
+            x = x.reshape(bsz, 1, hkv, max_pages * BLOCK_SIZE, d)
+            return jnp.where(stored[:, None, None, :, None], x, 0.0)
+
+        kc, vc = logical(k_cache, k_scale), logical(v_cache, v_scale)
+        j = jnp.arange(max_pages * BLOCK_SIZE, dtype=jnp.int32)
+
+        def chunk(start, q_c):
+            c = q_c.shape[1]
+            pos, valid = _query_positions(start, c, q_len, kv_len)
+            mask = stored[:, None, :] & (j <= pos[:, :, None]) & valid[:, :, None]
+            mask = jnp.broadcast_to(mask[:, :, None, :], (bsz, c, hkv, mask.shape[-1]))
+            return _attend(q_c, kc, vc, mask, scale)
+
+        xs = [q.astype(jnp.float32)]
+    else:
+        usable_pages = _cdiv(kv_len, BLOCK_SIZE)
+        b_idx = jnp.arange(bsz)[:, None, None, None]
+        g_idx = jnp.arange(hkv)[None, None, :, None]
+
+        def chunk(start, q_c, ids_c):
+            c = q_c.shape[1]
+            pos, valid = _query_positions(start, c, q_len, kv_len)
+            ok = (ids_c >= 0) & (ids_c < usable_pages[:, None, None, None])
+            logical_ids = jnp.where(ok, ids_c, 0).astype(jnp.int32)
+            physical = page_table[b_idx, logical_ids]
+            ok = ok & (physical >= 0) & (physical < num_pages)
+            physical = jnp.where(ok, physical, 0)  # never out of bounds
+            mask = _selected_keys(logical_ids, ok, pos, kv_len, valid)
+
+            def pages(cache, cache_scale):  # [B, C, Hkv, topk * 128, D]
+                x = _dequantise(cache[physical, g_idx], cache_scale).reshape(bsz, c, hkv, -1, d)
+                return jnp.where(mask[..., None], x, 0.0)
+
+            return _attend(q_c, pages(k_cache, k_scale), pages(v_cache, v_scale), mask, scale)
+
+        xs = [q.astype(jnp.float32), ids]
+
+    out, lse = _map_query_chunks(chunk, xs, nq)
+    out = out.astype(out_dtype)
+    return (out, lse) if return_lse else out
+
+
+def paged_indexer(
+    qi: Array,
+    ki_cache: Array,
+    page_table: Array,
+    kv_lengths: Lengths,
+    *,
+    topk: int = 16,
+    ki_scale: Scale = 1.0,
+    q_lengths: Lengths = None,
+    scale: Optional[float] = None,
+) -> Array:
+    """The indexer (spec 3.3) over a paged index-key cache (spec 3.7).
+
+    Args:
+      qi: index queries ``[B, Q, Hi, Di]``, positioned as in :func:`paged_attention`.
+      ki_cache: index-key pages ``[num_pages, 128, Di]``, value ``stored * ki_scale``.
+      page_table, kv_lengths, q_lengths: as in :func:`paged_attention`; holes
+        hold no keys (their block score is ``-inf``).
+      topk: pages selected per query (local page included).
+      ki_scale: per-tensor scale of the cache.
+      scale: logit scale, default ``Di**-0.5``.
+
+    Returns:
+      ids ``[B, Q, Hi, topk]`` int32 logical pages, as :func:`topk_select`.
+    """
+    bsz, nq, _, di = qi.shape
+    max_pages = page_table.shape[1]
+    scale = di**-0.5 if scale is None else scale
+    page_table = jnp.asarray(page_table, jnp.int32)
+    q_len, kv_len = _paged_lengths(q_lengths, kv_lengths, bsz, nq, max_pages)
+    stored, physical = _stored_keys(page_table, ki_cache.shape[0], kv_len)
+    ki = _dequantise(ki_cache[physical], ki_scale).reshape(bsz, max_pages * BLOCK_SIZE, di)
+    ki = jnp.where(stored[..., None], ki, 0.0)
+
+    def chunk(start, qi_c):
+        s = _index_logits(qi_c, ki, start, q_len, kv_len, scale)
+        s = jnp.where(stored[:, None, None, :], s, _NEG_INF)
+        pos, valid = _query_positions(start, qi_c.shape[1], q_len, kv_len)
+        return _select(_block_max(s), pos // BLOCK_SIZE, valid, topk)
+
+    return _map_query_chunks(chunk, [qi.astype(jnp.float32)], nq)
+
+
+def indexer_kl_divergence(
+    q: Array,
+    k: Array,
+    qi: Array,
+    ki: Array,
+    ids: Array,
+    *,
+    q_lengths: Lengths = None,
+    kv_lengths: Lengths = None,
+    scale: Optional[float] = None,
+    index_scale: Optional[float] = None,
+) -> Array:
+    """``KL(P_t || P_s)`` of every query and index head (spec 3.8).
+
+    Args:
+      q: queries ``[B, Sq, Hq, D]``; k: keys ``[B, Sk, Hkv, D]``.
+      qi: index queries ``[B, Sq, Hkv, Di]`` (one index head per KV group);
+        ki: index keys ``[B, Sk, Di]``.
+      ids: selected blocks ``[B, Sq, Hkv, topk]``: the set ``S`` of query ``i``
+        and group ``g`` is the attended set of :func:`sparse_attention`.
+      q_lengths, kv_lengths: optional int32 ``[B]`` valid lengths.
+      scale: attention scale (default ``D**-0.5``); index_scale: default ``Di**-0.5``.
+
+    Returns:
+      float32 ``[B, Sq, Hkv]``: ``KL(P_t || P_s)`` with ``P_t`` the mean over the
+      query heads of the group of ``softmax(scale <q, k>)`` on ``S`` (under
+      ``stop_gradient``) and ``P_s = softmax(index_scale <qi, ki>)`` on ``S``;
+      0 for padded queries and empty sets. Differentiable in ``qi, ki``.
+    """
+    bsz, sq, _, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    di = qi.shape[-1]
+    scale = d**-0.5 if scale is None else scale
+    index_scale = di**-0.5 if index_scale is None else index_scale
+    q_len = _lengths(q_lengths, bsz, sq)
+    kv_len = _lengths(kv_lengths, bsz, sk)
+    n_blocks = _cdiv(sk, BLOCK_SIZE)
+    usable_blocks = _cdiv(kv_len, BLOCK_SIZE)
+    pad = n_blocks * BLOCK_SIZE - sk
+    k_blocks = jnp.pad(k.astype(jnp.float32), [(0, 0), (0, pad), (0, 0), (0, 0)])
+    k_blocks = jnp.transpose(k_blocks.reshape(bsz, n_blocks, BLOCK_SIZE, hkv, d), (0, 3, 1, 2, 4))
+    ki_blocks = jnp.pad(ki.astype(jnp.float32), [(0, 0), (0, pad), (0, 0)])
+    ki_blocks = ki_blocks.reshape(bsz, n_blocks, BLOCK_SIZE, di)
+    b_idx = jnp.arange(bsz)[:, None, None, None]
+    g_idx = jnp.arange(hkv)[None, None, :, None]
+
+    def chunk(start, q_c, qi_c, ids_c):
+        c = q_c.shape[1]
+        pos, valid = _query_positions(start, c, q_len, kv_len)
+        ok = (ids_c >= 0) & (ids_c < usable_blocks[:, None, None, None])
+        safe_ids = jnp.where(ok, ids_c, 0).astype(jnp.int32)
+        mask = _selected_keys(safe_ids, ok, pos, kv_len, valid)  # [B, C, Hkv, K]
+        kc = k_blocks[b_idx, g_idx, safe_ids].reshape(bsz, c, hkv, -1, d)
+        kic = ki_blocks[b_idx, safe_ids].reshape(bsz, c, hkv, -1, di)
+        teacher, _ = _masked_softmax(_group_logits(q_c, kc, scale), mask[:, :, :, None, :])
+        p_t = lax.stop_gradient(jnp.mean(teacher, axis=3))
+        z = index_scale * jnp.einsum("bcgd,bcgkd->bcgk", qi_c, kic, precision=PRECISION)
+        _, lse_s = _masked_softmax(z, mask)
+        log_ps = jnp.where(mask, z - lse_s[..., None], 0.0)
+        # Keys with P_t = 0 (masked, or underflow) contribute nothing.
+        log_pt = jnp.log(jnp.where(p_t > 0, p_t, 1.0))
+        return jnp.sum(jnp.where(p_t > 0, p_t * (log_pt - log_ps), 0.0), axis=-1)
+
+    return _map_query_chunks(chunk, [q.astype(jnp.float32), qi.astype(jnp.float32), ids], sq)
+
+
+def indexer_kl_loss(
+    q: Array,
+    k: Array,
+    qi: Array,
+    ki: Array,
+    ids: Array,
+    *,
+    q_lengths: Lengths = None,
+    kv_lengths: Lengths = None,
+    scale: Optional[float] = None,
+    index_scale: Optional[float] = None,
+    coeff: float = 1.0,
+) -> Array:
+    """The indexer's training loss (spec 3.8): a float32 scalar,
+    ``coeff / (Hi * T) * sum`` of :func:`indexer_kl_divergence` with ``T`` the
+    number of valid queries (``sum(q_lengths)``). Its gradient flows to
+    ``qi, ki`` only; wrt the student logits it is ``coeff/(Hi*T) (P_s - P_t)``.
+    """
+    kl = indexer_kl_divergence(q, k, qi, ki, ids, q_lengths=q_lengths, kv_lengths=kv_lengths, scale=scale,
+                               index_scale=index_scale)
+    bsz, sq, hi = kl.shape
+    valid_queries = jnp.maximum(jnp.sum(_lengths(q_lengths, bsz, sq)), 1).astype(jnp.float32)
+    return coeff / (hi * valid_queries) * jnp.sum(kl)

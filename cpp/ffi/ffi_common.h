@@ -26,6 +26,8 @@ struct TargetTable {
 void AddIndexerTargets(TargetTable& table);
 void AddSparseAttentionTargets(TargetTable& table);
 void AddDenseAttentionTargets(TargetTable& table);
+void AddPagedTargets(TargetTable& table);
+void AddIndexerLossTargets(TargetTable& table);
 
 inline std::optional<DType> ToDType(ffi::DataType type) {
   switch (type) {

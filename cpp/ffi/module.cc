@@ -14,6 +14,8 @@ const jax_msa::TargetTable& Targets() {
     jax_msa::AddIndexerTargets(t);
     jax_msa::AddSparseAttentionTargets(t);
     jax_msa::AddDenseAttentionTargets(t);
+    jax_msa::AddPagedTargets(t);
+    jax_msa::AddIndexerLossTargets(t);
     return t;
   }();
   return table;

@@ -81,4 +81,61 @@ void attention_bwd(DType dtype, const AttentionProblem& problem,
                    const int32_t* q_lengths, const int32_t* kv_lengths,
                    void* dq, void* dk, void* dv);
 
+// ---------------------------------------------------------------------------
+// Paged inference (spec §3.7).
+//
+// A paged cache holds pages [num_pages, heads, kBlock, dim] of `type`; the
+// value of an element is stored * scale (per-tensor). page_table [B, max_pages]
+// int32 maps the logical page c of request b (keys [c*kBlock, (c+1)*kBlock))
+// to a physical page; entries < 0 or >= num_pages are holes: their keys are
+// skipped and never read. kv_lengths [B] count every cached token of a request
+// including its q_lengths[b] new queries (clamped to [0, max_pages * kBlock]);
+// positions and padding follow the top of this file with Sk = max_pages*kBlock.
+enum class CacheType { kF32, kBF16, kF16, kE4M3FN };
+
+struct PagedCache {
+  const void* data;
+  CacheType type;
+  float scale;
+  int64_t num_pages, heads, dim;
+};
+
+struct PagedProblem {
+  int64_t B, Q, Hq, Hkv, D, max_pages;
+  float scale;
+};
+
+// Attention of q [B, Q, Hq, D] (dtype q_dtype) over the paged k/v caches
+// (heads = Hkv, dim = D): every visible key when ids == nullptr, else the
+// keys of the selected logical pages ids [B, Q, Hkv, topk] (as KeySelection's
+// sparse case: -1, ids >= ceil(kv_length / kBlock) and holes are skipped).
+// out [B, Q, Hq, D] in out_dtype, lse [B, Q, Hq] float32; empty set: 0, -inf.
+void paged_attention(DType q_dtype, DType out_dtype, const PagedProblem& problem,
+                     const PagedCache& k, const PagedCache& v, const int32_t* page_table,
+                     const int32_t* q_lengths, const int32_t* kv_lengths, const int32_t* ids,
+                     int64_t topk, const void* q, void* out, float* lse);
+
+// The indexer (spec §3.3) over a paged index-key cache ki (heads = 1,
+// dim = Di): qi [B, Q, Hi, Di] -> ids [B, Q, Hi, topk] by the rule of
+// topk_select on the block scores of the logical pages (-inf for holes).
+void paged_indexer(DType dtype, const void* qi, const PagedCache& ki, const int32_t* page_table,
+                   const int32_t* q_lengths, const int32_t* kv_lengths, int32_t* ids,
+                   int64_t B, int64_t Q, int64_t Hi, int64_t Di, int64_t max_pages,
+                   int64_t topk, float scale);
+
+// ---------------------------------------------------------------------------
+// The indexer's KL loss (spec §3.8), before normalisation.
+//
+// q [B, Sq, Hq, D], k [B, Sk, Hkv, D] (problem, dtype), qi [B, Sq, Hkv, Di],
+// ki [B, Sk, Di] (index_dtype), ids [B, Sq, Hkv, topk] selecting S(i, g) as
+// KeySelection's sparse case. kl[b] = sum over the valid queries i and groups
+// g of KL(P_t || P_s) (0 for an empty S). dqi, dki (dtype index_dtype; both
+// nullptr: not computed) are the gradients of sum_b kl[b] wrt qi and ki.
+// Deterministic.
+void indexer_kl_loss(DType dtype, DType index_dtype, const AttentionProblem& problem,
+                     const int32_t* ids, int64_t topk, int64_t Di, float index_scale,
+                     const void* q, const void* k, const void* qi, const void* ki,
+                     const int32_t* q_lengths, const int32_t* kv_lengths, float* kl, void* dqi,
+                     void* dki);
+
 }  // namespace jax_msa::cpu

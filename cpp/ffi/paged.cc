@@ -1,0 +1,186 @@
+// FFI handlers of paged inference (spec §3.7): paged_attention, paged_indexer.
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "ffi/ffi_common.h"
+#include "kernels/cpu/cpu_kernels.h"
+
+namespace jax_msa {
+namespace {
+
+std::optional<cpu::CacheType> ToCacheType(ffi::DataType type) {
+  switch (type) {
+    case ffi::DataType::F32:
+      return cpu::CacheType::kF32;
+    case ffi::DataType::BF16:
+      return cpu::CacheType::kBF16;
+    case ffi::DataType::F16:
+      return cpu::CacheType::kF16;
+    case ffi::DataType::F8E4M3FN:
+      return cpu::CacheType::kE4M3FN;
+    default:
+      return std::nullopt;
+  }
+}
+
+// A KV cache [num_pages, heads, kBlock, dim] (with_heads) or an index-key
+// cache [num_pages, kBlock, dim], and its float32 scalar scale.
+ffi::Error DecodeCache(const ffi::AnyBuffer& cache, const ffi::AnyBuffer& scale, bool with_heads,
+                       const char* name, const char* scale_name, cpu::PagedCache* out) {
+  const size_t rank = with_heads ? 4 : 3;
+  if (auto e = FirstError({CheckRank(cache, rank, name), CheckShape(scale, {}, scale_name),
+                           CheckType(scale, ffi::DataType::F32, scale_name)});
+      e.failure()) {
+    return e;
+  }
+  auto type = ToCacheType(cache.element_type());
+  if (!type) {
+    return ffi::Error::InvalidArgument(std::string("jax_msa: ") + name +
+                                       " must be float32, bfloat16, float16 or float8_e4m3fn");
+  }
+  auto d = cache.dimensions();
+  const int64_t heads = with_heads ? d[1] : 1;
+  *out = {cache.untyped_data(), *type, *DataOf<float>(scale), d[0], heads, d[rank - 1]};
+  if (with_heads) return CheckShape(cache, {d[0], heads, cpu::kBlock, out->dim}, name);
+  return CheckShape(cache, {d[0], cpu::kBlock, out->dim}, name);
+}
+
+// q [B, Q, H, D] of a float type, page_table [B, max_pages], lengths [B], int32.
+ffi::Error DecodeRequests(const ffi::AnyBuffer& q, const ffi::AnyBuffer& page_table,
+                          const ffi::AnyBuffer& q_lengths, const ffi::AnyBuffer& kv_lengths,
+                          const char* q_name, DType* dtype) {
+  if (auto e = FirstError({CheckRank(q, 4, q_name), CheckRank(page_table, 2, "page_table")});
+      e.failure()) {
+    return e;
+  }
+  auto type = ToDType(q.element_type());
+  if (!type) {
+    return ffi::Error::InvalidArgument(std::string("jax_msa: ") + q_name +
+                                       " must be float32, bfloat16 or float16");
+  }
+  *dtype = *type;
+  const int64_t B = q.dimensions()[0];
+  return FirstError({CheckShape(page_table, {B, page_table.dimensions()[1]}, "page_table"),
+                     CheckShape(q_lengths, {B}, "q_lengths"),
+                     CheckShape(kv_lengths, {B}, "kv_lengths"),
+                     CheckType(page_table, ffi::DataType::S32, "page_table"),
+                     CheckType(q_lengths, ffi::DataType::S32, "q_lengths"),
+                     CheckType(kv_lengths, ffi::DataType::S32, "kv_lengths")});
+}
+
+// The optional operand after the fixed ones: ids [B, Q, Hkv, topk] int32.
+ffi::Error DecodeIds(const ffi::RemainingArgs& rest, const cpu::PagedProblem& p,
+                     const int32_t** ids, int64_t* topk) {
+  *ids = nullptr;
+  *topk = 0;
+  if (rest.empty()) return ffi::Error::Success();
+  if (rest.size() > 1) return ffi::Error::InvalidArgument("jax_msa: too many operands");
+  auto buffer = rest.get<ffi::AnyBuffer>(0);
+  if (!buffer.has_value()) return buffer.error();
+  if (auto e = FirstError({CheckRank(*buffer, 4, "ids"), CheckType(*buffer, ffi::DataType::S32, "ids")});
+      e.failure()) {
+    return e;
+  }
+  *topk = buffer->dimensions()[3];
+  *ids = DataOf<int32_t>(*buffer);
+  return CheckShape(*buffer, {p.B, p.Q, p.Hkv, *topk}, "ids");
+}
+
+ffi::Error PagedAttentionCpu(ffi::AnyBuffer k_cache, ffi::AnyBuffer v_cache, ffi::AnyBuffer k_scale,
+                             ffi::AnyBuffer v_scale, ffi::AnyBuffer q, ffi::AnyBuffer page_table,
+                             ffi::AnyBuffer q_lengths, ffi::AnyBuffer kv_lengths,
+                             ffi::RemainingArgs rest, ffi::Result<ffi::AnyBuffer> out,
+                             ffi::Result<ffi::AnyBuffer> lse, float scale) {
+  cpu::PagedCache k, v;
+  DType q_dtype;
+  if (auto e = FirstError({DecodeCache(k_cache, k_scale, true, "k_cache", "k_scale", &k),
+                           DecodeCache(v_cache, v_scale, true, "v_cache", "v_scale", &v),
+                           DecodeRequests(q, page_table, q_lengths, kv_lengths, "q", &q_dtype)});
+      e.failure()) {
+    return e;
+  }
+  auto qd = q.dimensions();
+  const cpu::PagedProblem p{qd[0], qd[1], qd[2], k.heads, qd[3], page_table.dimensions()[1], scale};
+  if (p.Hkv == 0 || p.Hq % p.Hkv != 0) {
+    return ffi::Error::InvalidArgument("jax_msa: q heads must be a multiple of the cache's kv heads");
+  }
+  auto out_dtype = ToDType(out->element_type());
+  if (!out_dtype) return ffi::Error::InvalidArgument("jax_msa: out must be float32, bfloat16 or float16");
+  const int32_t* ids;
+  int64_t topk;
+  if (auto e = FirstError({CheckShape(k_cache, {k.num_pages, p.Hkv, cpu::kBlock, p.D}, "k_cache"),
+                           CheckShape(v_cache, {k.num_pages, p.Hkv, cpu::kBlock, p.D}, "v_cache"),
+                           CheckShape(*out, {p.B, p.Q, p.Hq, p.D}, "out"),
+                           CheckShape(*lse, {p.B, p.Q, p.Hq}, "lse"),
+                           CheckType(*lse, ffi::DataType::F32, "lse"),
+                           DecodeIds(rest, p, &ids, &topk)});
+      e.failure()) {
+    return e;
+  }
+  cpu::paged_attention(q_dtype, *out_dtype, p, k, v, DataOf<int32_t>(page_table),
+                       DataOf<int32_t>(q_lengths), DataOf<int32_t>(kv_lengths), ids, topk,
+                       q.untyped_data(), out->untyped_data(), DataOf<float>(lse));
+  return ffi::Error::Success();
+}
+
+ffi::Error PagedIndexerCpu(ffi::AnyBuffer ki_cache, ffi::AnyBuffer ki_scale, ffi::AnyBuffer qi,
+                           ffi::AnyBuffer page_table, ffi::AnyBuffer q_lengths,
+                           ffi::AnyBuffer kv_lengths, ffi::Result<ffi::AnyBuffer> ids,
+                           int64_t topk, float scale) {
+  cpu::PagedCache ki;
+  DType dtype;
+  if (auto e = FirstError({DecodeCache(ki_cache, ki_scale, false, "ki_cache", "ki_scale", &ki),
+                           DecodeRequests(qi, page_table, q_lengths, kv_lengths, "qi", &dtype)});
+      e.failure()) {
+    return e;
+  }
+  auto d = qi.dimensions();
+  const int64_t B = d[0], Q = d[1], Hi = d[2], Di = d[3], max_pages = page_table.dimensions()[1];
+  if (auto e = FirstError({CheckShape(ki_cache, {ki.num_pages, cpu::kBlock, Di}, "ki_cache"),
+                           CheckShape(*ids, {B, Q, Hi, topk}, "ids"),
+                           CheckType(*ids, ffi::DataType::S32, "ids")});
+      e.failure()) {
+    return e;
+  }
+  cpu::paged_indexer(dtype, qi.untyped_data(), ki, DataOf<int32_t>(page_table),
+                     DataOf<int32_t>(q_lengths), DataOf<int32_t>(kv_lengths), DataOf<int32_t>(ids),
+                     B, Q, Hi, Di, max_pages, topk, scale);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kPagedAttentionCpu, PagedAttentionCpu,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()  // k_cache
+                                  .Arg<ffi::AnyBuffer>()  // v_cache
+                                  .Arg<ffi::AnyBuffer>()  // k_scale
+                                  .Arg<ffi::AnyBuffer>()  // v_scale
+                                  .Arg<ffi::AnyBuffer>()  // q
+                                  .Arg<ffi::AnyBuffer>()  // page_table
+                                  .Arg<ffi::AnyBuffer>()  // q_lengths
+                                  .Arg<ffi::AnyBuffer>()  // kv_lengths
+                                  .RemainingArgs()        // ids (sparse) or none (dense)
+                                  .Ret<ffi::AnyBuffer>()  // out
+                                  .Ret<ffi::AnyBuffer>()  // lse
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kPagedIndexerCpu, PagedIndexerCpu,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()  // ki_cache
+                                  .Arg<ffi::AnyBuffer>()  // ki_scale
+                                  .Arg<ffi::AnyBuffer>()  // qi
+                                  .Arg<ffi::AnyBuffer>()  // page_table
+                                  .Arg<ffi::AnyBuffer>()  // q_lengths
+                                  .Arg<ffi::AnyBuffer>()  // kv_lengths
+                                  .Ret<ffi::AnyBuffer>()  // ids
+                                  .Attr<int64_t>("topk")
+                                  .Attr<float>("scale"));
+
+void AddPagedTargets(TargetTable& table) {
+  table.cpu.emplace_back("jax_msa_paged_attention", kPagedAttentionCpu);
+  table.cpu.emplace_back("jax_msa_paged_indexer", kPagedIndexerCpu);
+}
+
+}  // namespace jax_msa

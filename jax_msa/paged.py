@@ -1,0 +1,266 @@
+"""Paged inference (spec §3.7): attention and the indexer over paged caches.
+
+Primitives:
+  jax_msa_paged_attention(k_cache, v_cache, k_scale, v_scale, q, page_table, q_lengths,
+      kv_lengths[, ids]; scale, out_dtype) -> out, lse          (dense without ids)
+  jax_msa_paged_indexer(ki_cache, ki_scale, qi, page_table, q_lengths, kv_lengths;
+      topk, scale) -> ids
+The cache-side operands (caches, then their float32 scalar scales) come first
+and have no batch axis; the per-request operands after them do. Inference
+only: neither is differentiable.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.core import ShapedArray
+from jax.interpreters import batching
+
+from jax_msa import _validation as checks
+from jax_msa import reference
+from jax_msa._primitives import define_primitive
+
+CACHE_DTYPES = checks.FLOAT_DTYPES + (jnp.dtype(jnp.float8_e4m3fn),)
+_KV_LAYOUT = "k_cache/v_cache [num_pages, Hkv, 128, D]"
+_KI_LAYOUT = "ki_cache [num_pages, 128, Di]"
+_TABLE_LAYOUT = "page_table [B, max_pages]"
+_IDS_LAYOUT = "ids [B, Sq, Hkv, topk]"
+
+
+def _attention_abstract(k_cache, v_cache, k_scale, v_scale, q, page_table, q_lengths, kv_lengths, *ids,
+                        scale, out_dtype):
+    return [ShapedArray(q.shape, out_dtype), ShapedArray(q.shape[:3], jnp.float32)]
+
+
+def _attention_reference(k_cache, v_cache, k_scale, v_scale, q, page_table, q_lengths, kv_lengths, *ids,
+                         scale, out_dtype):
+    return reference.paged_attention(q, k_cache, v_cache, page_table, kv_lengths, ids[0] if ids else None,
+                                     k_scale=k_scale, v_scale=v_scale, q_lengths=q_lengths, scale=float(scale),
+                                     return_lse=True, out_dtype=out_dtype)
+
+
+_attention_p = define_primitive("paged_attention", abstract_eval=_attention_abstract,
+                                reference=_attention_reference, ffi_attributes=("scale",))
+
+
+def _indexer_abstract(ki_cache, ki_scale, qi, page_table, q_lengths, kv_lengths, *, topk, scale):
+    return [ShapedArray((*qi.shape[:3], topk), jnp.int32)]
+
+
+def _indexer_reference(ki_cache, ki_scale, qi, page_table, q_lengths, kv_lengths, *, topk, scale):
+    return [reference.paged_indexer(qi, ki_cache, page_table, kv_lengths, topk=int(topk), ki_scale=ki_scale,
+                                    q_lengths=q_lengths, scale=float(scale))]
+
+
+_indexer_p = define_primitive("paged_indexer", abstract_eval=_indexer_abstract, reference=_indexer_reference,
+                              ffi_attributes=("topk", "scale"))
+
+
+def _batch_paged(prim, num_shared, args, dims, **params):
+    """vmap rule of the paged primitives, whose first `num_shared` operands are
+    the caches and scales (no batch axis), the others per request.
+
+    The per-request operands fold the vmap axis into B while the caches stay
+    shared, as a decode batch shares one page pool. A vmapped cache or scale
+    has no batch axis to fold into: the members then run one after another.
+    """
+    if any(d is not None for d in dims[:num_shared]):
+        def member(batched):
+            it = iter(batched)
+            return prim.bind(*[a if d is None else next(it) for a, d in zip(args, dims)], **params)
+
+        outs = lax.map(member, [jnp.moveaxis(a, d, 0) for a, d in zip(args, dims) if d is not None])
+        return outs, [0] * len(outs)
+    n = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    folded = []
+    for a, d in zip(args[num_shared:], dims[num_shared:]):
+        a = jnp.broadcast_to(a, (n, *a.shape)) if d is None else jnp.moveaxis(a, d, 0)
+        folded.append(a.reshape((n * a.shape[1], *a.shape[2:])))
+    outs = prim.bind(*args[:num_shared], *folded, **params)
+    return [o.reshape((n, o.shape[0] // n, *o.shape[1:])) for o in outs], [0] * len(outs)
+
+
+# Replaces the generic rule of define_primitive, which folds every operand.
+batching.primitive_batchers[_attention_p] = functools.partial(_batch_paged, _attention_p, 4)
+batching.primitive_batchers[_indexer_p] = functools.partial(_batch_paged, _indexer_p, 2)
+
+
+def int32_indices(x: jax.Array, bound: int) -> jax.Array:
+    """An integer index array as int32. Entries of a wider type outside
+    [0, bound) become -1 first, so that none can wrap onto a valid index."""
+    x = jnp.asarray(x)
+    if x.dtype == jnp.int32:
+        return x
+    return jnp.where((x >= 0) & (x < bound), x, -1).astype(jnp.int32)
+
+
+def check_ids(ids: jax.Array, shape: tuple[int, int, int], num_blocks: int) -> jax.Array:
+    """Validates selected block ids [B, Sq, Hkv, topk] (shape: (B, Sq, Hkv));
+    returns them as int32 (see int32_indices; num_blocks bounds the valid ids)."""
+    checks.check_rank(ids, 4, "ids", _IDS_LAYOUT)
+    checks.check_shape(ids, (*shape, ids.shape[3]), "ids", _IDS_LAYOUT)
+    if not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
+        raise TypeError(f"ids must be an integer array, got dtype {jnp.result_type(ids)}")
+    checks.check_topk(ids.shape[3])
+    return int32_indices(ids, num_blocks)
+
+
+def check_lengths(q_lengths, kv_lengths, batch: int, q_max: int, kv_max: int):
+    """Validates q_lengths ([B] in [0, q_max], default q_max) and kv_lengths
+    ([B] in [0, kv_max], default kv_max), kv >= q; returns them as int32."""
+    default_q = q_lengths is None
+    q_lengths = checks.lengths_or_default(q_lengths, batch, q_max, "q_lengths")
+    kv_lengths = checks.lengths_or_default(kv_lengths, batch, kv_max, "kv_lengths")
+    # The default q_lengths is traced under jit: compare against its value.
+    checks.check_lengths_order(np.full(batch, q_max) if default_q else q_lengths, kv_lengths)
+    return q_lengths, kv_lengths
+
+
+def _check_cache(cache: jax.Array, expected: tuple, name: str, layout: str) -> None:
+    """cache has rank len(expected) and the given dims (None: any) and a cache dtype."""
+    checks.check_rank(cache, len(expected), name, layout)
+    checks.check_shape(cache, tuple(s if e is None else e for s, e in zip(cache.shape, expected)), name, layout)
+    dtype = jnp.result_type(cache)
+    if dtype not in CACHE_DTYPES:
+        raise TypeError(f"{name} has dtype {dtype}; expected one of float32, bfloat16, float16, float8_e4m3fn")
+
+
+def _scale_operand(value, name: str) -> jax.Array:
+    """A per-tensor cache scale as a float32 scalar operand (default 1)."""
+    if value is None:
+        return jnp.ones((), jnp.float32)
+    if jnp.shape(value) != ():
+        raise ValueError(f"{name} must be a scalar (one scale per tensor), got shape {jnp.shape(value)}")
+    return jnp.asarray(value, jnp.float32)
+
+
+def _check_requests(q, page_table, q_lengths, kv_lengths, num_pages: int):
+    """Validates page_table [B, max_pages] and the lengths of the requests of q
+    [B, Q, ...]; returns them as int32 (page_table, q_lengths, kv_lengths)."""
+    b, nq = q.shape[:2]
+    checks.check_rank(page_table, 2, "page_table", _TABLE_LAYOUT)
+    checks.check_shape(page_table, (b, page_table.shape[1]), "page_table", _TABLE_LAYOUT)
+    if not jnp.issubdtype(jnp.result_type(page_table), jnp.integer):
+        raise TypeError(f"page_table must be an integer array, got dtype {jnp.result_type(page_table)}")
+    q_lengths, kv_lengths = check_lengths(q_lengths, kv_lengths, b, nq, page_table.shape[1] * checks.BLOCK_SIZE)
+    return int32_indices(page_table, num_pages), q_lengths, kv_lengths
+
+
+def paged_attention(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    page_table: jax.Array,
+    kv_lengths: jax.Array,
+    ids: jax.Array | None = None,
+    *,
+    k_scale: float | jax.Array | None = None,
+    v_scale: float | jax.Array | None = None,
+    q_lengths: jax.Array | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    out_dtype=jnp.bfloat16,
+    implementation: str = "auto",
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Attention of new queries over a paged KV cache: decode, MTP, chunked prefill.
+
+    Args:
+      q: queries [B, Q, Hq, D] (float32, bfloat16 or float16); query t of
+        request b sits at position kv_lengths[b] - q_lengths[b] + t.
+      k_cache, v_cache: pages [num_pages, Hkv, 128, D] in bfloat16 or
+        float8_e4m3fn (or float32/float16); an element's value is stored * scale.
+      page_table: [B, max_pages] int32, logical page -> physical page. Entries
+        < 0 or >= num_pages are holes: their keys are skipped, never read.
+      kv_lengths: [B] cached tokens of each request, the Q new ones included.
+      ids: None for dense attention over every visible key, or the selected
+        logical pages [B, Q, Hkv, topk] (e.g. from `paged_indexer`), shared by
+        the query heads of each KV group; -1, ids >= ceil(kv_length / 128)
+        and holes are skipped.
+      k_scale, v_scale: per-tensor float32 scales of the caches (default 1);
+        Python floats or traced scalars.
+      q_lengths: [B] valid queries per request (default Q); padded queries
+        give zeros (out) and -inf (lse).
+      scale: logit scale, default D**-0.5.
+      return_lse: also return lse [B, Q, Hq] float32.
+      out_dtype: dtype of out: bfloat16 (the default), float32 or float16.
+      implementation: "auto" | "kernel" | "reference".
+    Returns:
+      out [B, Q, Hq, D] in out_dtype, and lse if asked. Not differentiable.
+    """
+    checks.check_implementation(implementation)
+    checks.check_rank(q, 4, "q", "q [B, Q, Hq, D]")
+    b, nq, hq, d = q.shape
+    checks.check_float_dtypes(q=q)
+    checks.check_head_dim(d, "q")
+    _check_cache(k_cache, (None, None, checks.BLOCK_SIZE, d), "k_cache", _KV_LAYOUT)
+    _check_cache(v_cache, k_cache.shape, "v_cache", _KV_LAYOUT)
+    num_pages, hkv = k_cache.shape[:2]
+    checks.check_gqa(hq, hkv, "q", "k_cache")
+    out_dtype = jnp.dtype(out_dtype)
+    if out_dtype not in checks.FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
+    page_table, q_lengths, kv_lengths = _check_requests(q, page_table, q_lengths, kv_lengths, num_pages)
+    if ids is not None:
+        ids = check_ids(ids, (b, nq, hkv), page_table.shape[1])
+    k_scale, v_scale = _scale_operand(k_scale, "k_scale"), _scale_operand(v_scale, "v_scale")
+    scale = checks.resolve_scale(scale, d)
+    if implementation == "reference":
+        return reference.paged_attention(q, k_cache, v_cache, page_table, kv_lengths, ids, k_scale=k_scale,
+                                         v_scale=v_scale, q_lengths=q_lengths, scale=scale, return_lse=return_lse,
+                                         out_dtype=out_dtype)
+    operands = [k_cache, v_cache, k_scale, v_scale, q, page_table, q_lengths, kv_lengths]
+    out, lse = _attention_p.bind(*operands, *([] if ids is None else [ids]), scale=np.float32(scale),
+                                 out_dtype=out_dtype, implementation=implementation)
+    return (out, lse) if return_lse else out
+
+
+def paged_indexer(
+    qi: jax.Array,
+    ki_cache: jax.Array,
+    page_table: jax.Array,
+    kv_lengths: jax.Array,
+    *,
+    topk: int = 16,
+    ki_scale: float | jax.Array | None = None,
+    q_lengths: jax.Array | None = None,
+    scale: float | None = None,
+    implementation: str = "auto",
+) -> jax.Array:
+    """The MSA indexer over a paged index-key cache: the pages each new query attends.
+
+    Args:
+      qi: index queries [B, Q, Hi, Di] (float32, bfloat16 or float16),
+        positioned as the queries of `paged_attention`.
+      ki_cache: index-key pages [num_pages, 128, Di] in bfloat16 or
+        float8_e4m3fn (or float32/float16); value = stored * ki_scale.
+      page_table, kv_lengths, q_lengths: as in `paged_attention`. Holes hold
+        no keys: their block score is -inf, and they are never read.
+      topk: pages per query, 1..64, the local page included.
+      ki_scale: per-tensor float32 scale of the cache (default 1).
+      scale: score scale, default Di**-0.5.
+      implementation: "auto" | "kernel" | "reference".
+    Returns:
+      ids [B, Q, Hi, topk] int32 logical pages: the selection rule of
+      `indexer` (local page last, -1 padded), ready for `paged_attention`.
+    """
+    checks.check_implementation(implementation)
+    checks.check_rank(qi, 4, "qi", "qi [B, Q, Hi, Di]")
+    di = qi.shape[3]
+    checks.check_float_dtypes(qi=qi)
+    checks.check_head_dim(di, "qi")
+    _check_cache(ki_cache, (None, checks.BLOCK_SIZE, di), "ki_cache", _KI_LAYOUT)
+    page_table, q_lengths, kv_lengths = _check_requests(qi, page_table, q_lengths, kv_lengths, ki_cache.shape[0])
+    topk = checks.check_topk(topk)
+    ki_scale = _scale_operand(ki_scale, "ki_scale")
+    scale = checks.resolve_scale(scale, di)
+    if implementation == "reference":
+        return reference.paged_indexer(qi, ki_cache, page_table, kv_lengths, topk=topk, ki_scale=ki_scale,
+                                       q_lengths=q_lengths, scale=scale)
+    (ids,) = _indexer_p.bind(ki_cache, ki_scale, qi, page_table, q_lengths, kv_lengths, topk=np.int64(topk),
+                             scale=np.float32(scale), implementation=implementation)
+    return ids
