@@ -3,8 +3,9 @@
 Every jax_msa primitive has the same parts, side by side: abstract evaluation
 (the shape rule), a lowering per platform to its XLA FFI custom call (or, where
 the build has no kernel for that platform, to the pure-JAX reference, unless
-`implementation="kernel"` was asked for), and a vmap rule. All operands and
-results carry the batch dimension first, so vmap folds its axis into it.
+`implementation="kernel"` was asked for), a vmap rule, and sharding rules (from
+a layout string, see `_partitioning`). All operands and results carry the batch
+dimension first, so vmap folds its axis into it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 
-from jax_msa import _ffi
+from jax_msa import _ffi, _partitioning
 
 try:  # The eager path: run a primitive by compiling it alone.
     from jax._src.dispatch import apply_primitive as _apply_primitive
@@ -36,6 +37,7 @@ def define_primitive(
     abstract_eval: Callable[..., Sequence[jax.core.ShapedArray]],
     reference: Callable[..., Sequence[jax.Array]],
     ffi_attributes: Sequence[str],
+    sharding: str | None = None,
 ) -> Primitive:
     """Creates primitive `jax_msa_<name>` lowering to FFI target of that name.
 
@@ -43,6 +45,8 @@ def define_primitive(
     reference(*operands, **params) -> results: the pure-JAX fallback.
     ffi_attributes: the params passed to the kernel as FFI attributes; every
     primitive also takes the param `implementation`.
+    sharding: the role of each dimension, e.g. "bqhd,bkgd->bqhd" (see
+    `_partitioning`); without it a jit over several devices runs the op whole.
     """
     target = f"jax_msa_{name}"
     prim = Primitive(target)
@@ -50,17 +54,23 @@ def define_primitive(
     if _apply_primitive is not None:
         prim.def_impl(lambda *args, **params: _apply_primitive(prim, *args, **params))
     prim.def_abstract_eval(lambda *avals, implementation, **params: abstract_eval(*avals, **params))
+    layout = _partitioning.Layout.parse(sharding) if sharding else None
     for platform in LOWERING_PLATFORMS:
-        mlir.register_lowering(prim, _lowering(target, platform, reference, ffi_attributes), platform=platform)
+        rule = _lowering(prim, layout, platform, reference, ffi_attributes)
+        mlir.register_lowering(prim, rule, platform=platform)
+    _partitioning.register(prim)
     batching.primitive_batchers[prim] = lambda args, dims, **params: _fold_vmap_axis(prim, args, dims, params)
     return prim
 
 
-def _lowering(target: str, platform: str, reference: Callable, ffi_attributes: Sequence[str]):
+def _lowering(prim: Primitive, layout, platform: str, reference: Callable, ffi_attributes: Sequence[str]):
+    target = prim.name
     kernel_rule = jax.ffi.ffi_lowering(target)
     fallback_rule = mlir.lower_fun(lambda *args, **params: list(reference(*args, **params)), multiple_results=True)
 
     def rule(ctx, *args, implementation: str, **params):
+        if _partitioning.is_partitioned(ctx):
+            return _partitioning.lower_partitioned(prim, layout, ctx, *args, implementation=implementation, **params)
         if _ffi.has_kernel(target, platform):
             return kernel_rule(ctx, *args, **{k: params[k] for k in ffi_attributes})
         if implementation == "kernel":

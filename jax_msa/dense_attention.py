@@ -33,9 +33,11 @@ def _reference_backward(q, k, v, out, lse, dout, dlse, q_lengths, kv_lengths, *,
 
 
 _fwd_p = define_primitive("dot_product_attention_fwd", abstract_eval=forward_abstract,
-                          reference=_reference_forward, ffi_attributes=("scale", "causal"))
+                          reference=_reference_forward, ffi_attributes=("scale", "causal"),
+                          sharding="bqhd,bkgd,bkgd,b,b->bqhd,bqh")
 _bwd_p = define_primitive("dot_product_attention_bwd", abstract_eval=backward_abstract,
-                          reference=_reference_backward, ffi_attributes=("scale", "causal"))
+                          reference=_reference_backward, ffi_attributes=("scale", "causal"),
+                          sharding="bqhd,bkgd,bkgd,bqhd,bqh,bqhd,bqh,b,b->bqhd,bkgd,bkgd")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))

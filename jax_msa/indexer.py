@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.core import ShapedArray
 
+from jax_msa import _ffi
 from jax_msa import _validation as checks
 from jax_msa import reference
 from jax_msa._primitives import define_primitive
@@ -33,7 +34,7 @@ def _block_scores_reference(qi, ki, q_lengths, kv_lengths, *, scale):
 
 _block_scores_p = define_primitive(
     "block_scores", abstract_eval=_block_scores_abstract, reference=_block_scores_reference,
-    ffi_attributes=("scale",))
+    ffi_attributes=("scale",), sharding="bqhd,bkd,b,b->bqhn")
 
 
 def _topk_select_abstract(scores, q_lengths, kv_lengths, *, topk):
@@ -47,7 +48,7 @@ def _topk_select_reference(scores, q_lengths, kv_lengths, *, topk):
 
 _topk_select_p = define_primitive(
     "topk_select", abstract_eval=_topk_select_abstract, reference=_topk_select_reference,
-    ffi_attributes=("topk",))
+    ffi_attributes=("topk",), sharding="bqhn,b,b->bqht")
 
 
 def _indexer_abstract(qi, ki, q_lengths, kv_lengths, *, topk, scale, with_lse):
@@ -64,7 +65,95 @@ def _indexer_reference(qi, ki, q_lengths, kv_lengths, *, topk, scale, with_lse):
 
 _indexer_p = define_primitive(
     "indexer", abstract_eval=_indexer_abstract, reference=_indexer_reference,
-    ffi_attributes=("topk", "scale"))
+    ffi_attributes=("topk", "scale"), sharding="bqhd,bkd,b,b->bqht,bqh")
+
+
+# The indexer on CUDA: indexer_scores -> indexer_select -> selected_lse, three
+# kernels whose intermediates (block scores, and for the lse the per-block sums
+# of exp(s - max)) are XLA buffers, so no handler allocates. Hidden primitives.
+def _indexer_scores_abstract(qi, ki, q_lengths, kv_lengths, *, scale, with_sums):
+    (scores,) = _block_scores_abstract(qi, ki, q_lengths, kv_lengths, scale=scale)
+    return [scores, scores] if with_sums else [scores]
+
+
+def _indexer_scores_reference(qi, ki, q_lengths, kv_lengths, *, scale, with_sums):
+    """Block maxima (exact only up to each row's local block, as the kernel) and sums."""
+    best = reference.block_scores(qi, ki, q_lengths=q_lengths, kv_lengths=kv_lengths, scale=float(scale))
+    if not with_sums:
+        return [best]
+    b, sq, hi, nb = best.shape
+    sk = ki.shape[1]
+    pos = (kv_lengths - q_lengths)[:, None] + jnp.arange(sq)[None, :]
+    seen = (jnp.arange(sk)[None, None, :] <= pos[:, :, None]) & (jnp.arange(sq)[None, :, None] < q_lengths[:, None, None])
+    s = float(scale) * jnp.einsum("bqhd,bkd->bqhk", qi.astype(jnp.float32), ki.astype(jnp.float32),
+                                  precision=jax.lax.Precision.HIGHEST)
+    m = jnp.repeat(jnp.where(jnp.isneginf(best), 0.0, best), checks.BLOCK_SIZE, axis=-1)[..., :sk]
+    e = jnp.where(seen[:, :, None, :], jnp.exp(s - m), 0.0)
+    e = jnp.pad(e, [(0, 0)] * 3 + [(0, nb * checks.BLOCK_SIZE - sk)])
+    return [best, e.reshape(b, sq, hi, nb, checks.BLOCK_SIZE).sum(-1)]
+
+
+_indexer_scores_p = define_primitive(
+    "indexer_scores", abstract_eval=_indexer_scores_abstract, reference=_indexer_scores_reference,
+    ffi_attributes=("scale",), sharding="bqhd,bkd,b,b->bqhn,bqhn")
+
+
+_indexer_select_p = define_primitive(  # topk_select's rule, the indexer's own CUDA kernel
+    "indexer_select", abstract_eval=_topk_select_abstract, reference=_topk_select_reference,
+    ffi_attributes=("topk",), sharding="bqhn,b,b->bqht")
+
+
+def _selected_lse_abstract(scores, sums, ids, q_lengths, kv_lengths):
+    return [ShapedArray(scores.shape[:3], jnp.float32)]
+
+
+def _selected_lse_reference(scores, sums, ids, q_lengths, kv_lengths):
+    nb = scores.shape[-1]
+    ok = (ids >= 0) & (ids < nb)
+    safe = jnp.where(ok, ids, 0)
+    best = jnp.where(ok, jnp.take_along_axis(scores, safe, -1), -jnp.inf)
+    total = jnp.where(ok, jnp.take_along_axis(sums, safe, -1), 0.0)
+    m = jnp.max(best, -1, keepdims=True)
+    shift = jnp.where(jnp.isneginf(m), 0.0, m)
+    lse = shift[..., 0] + jnp.log(jnp.sum(total * jnp.exp(best - shift), -1))
+    return [jnp.where(jnp.isneginf(m[..., 0]), -jnp.inf, lse)]
+
+
+_selected_lse_p = define_primitive(
+    "selected_lse", abstract_eval=_selected_lse_abstract, reference=_selected_lse_reference,
+    ffi_attributes=(), sharding="bqhn,bqhn,bqht,b,b->bqh")
+
+
+def _indexer_cuda(qi, ki, q_lengths, kv_lengths, *, topk, scale, with_lse, implementation):
+    parts = _indexer_scores_p.bind(qi, ki, q_lengths, kv_lengths, scale=scale, with_sums=with_lse,
+                                   implementation=implementation)
+    (ids,) = _indexer_select_p.bind(parts[0], q_lengths, kv_lengths, topk=topk, implementation=implementation)
+    if not with_lse:
+        return [ids]
+    (lse,) = _selected_lse_p.bind(parts[0], parts[1], ids, q_lengths, kv_lengths, implementation=implementation)
+    return [ids, lse]
+
+
+def _cuda_kernel_takes(qi) -> bool:
+    """Whether the CUDA kernels take these inputs (cuda::block_scores_supported)."""
+    return jnp.result_type(qi) in (jnp.bfloat16, jnp.float16) and qi.shape[-1] in (64, 128)
+
+
+def _bind_index_op(prim, cuda_rule, reference_rule, qi, operands, implementation, **params):
+    """Binds `prim`, except on CUDA (when this build has the CUDA kernels):
+    there `cuda_rule` runs the kernels, or for inputs they do not take, with
+    implementation="auto", the pure-JAX reference. lax.platform_dependent
+    keeps every other platform on `prim`; "kernel" never falls back (the CUDA
+    handler then reports the unsupported input).
+    """
+    kernel = lambda *ops: prim.bind(*ops, implementation=implementation, **params)
+    if not _ffi.has_kernel("jax_msa_indexer_scores", "cuda"):
+        return kernel(*operands)
+    if implementation == "kernel" or _cuda_kernel_takes(qi):
+        cuda = lambda *ops: cuda_rule(*ops, implementation=implementation, **params)
+    else:
+        cuda = lambda *ops: reference_rule(*ops, **params)
+    return jax.lax.platform_dependent(*operands, cuda=cuda, default=kernel)
 
 
 def _check_index_inputs(qi, ki, q_lengths, kv_lengths):
@@ -105,8 +194,8 @@ def block_scores(
     scale = checks.resolve_scale(scale, qi.shape[-1])
     if implementation == "reference":
         return reference.block_scores(qi, ki, q_lengths=q_lengths, kv_lengths=kv_lengths, scale=scale)
-    (scores,) = _block_scores_p.bind(qi, ki, q_lengths, kv_lengths, scale=np.float32(scale),
-                                     implementation=implementation)
+    (scores,) = _bind_index_op(_block_scores_p, _block_scores_p.bind, _block_scores_reference, qi,
+                               (qi, ki, q_lengths, kv_lengths), implementation, scale=np.float32(scale))
     return scores
 
 
@@ -180,6 +269,6 @@ def indexer(
     if implementation == "reference":
         return reference.indexer(qi, ki, topk=topk, q_lengths=q_lengths, kv_lengths=kv_lengths, scale=scale,
                                  return_lse=return_lse)
-    results = _indexer_p.bind(qi, ki, q_lengths, kv_lengths, topk=np.int64(topk), scale=np.float32(scale),
-                              with_lse=bool(return_lse), implementation=implementation)
+    results = _bind_index_op(_indexer_p, _indexer_cuda, _indexer_reference, qi, (qi, ki, q_lengths, kv_lengths),
+                             implementation, topk=np.int64(topk), scale=np.float32(scale), with_lse=bool(return_lse))
     return tuple(results) if return_lse else results[0]

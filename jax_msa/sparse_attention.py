@@ -33,9 +33,11 @@ def _reference_backward(q, k, v, ids, out, lse, dout, dlse, q_lengths, kv_length
 
 
 _fwd_p = define_primitive("sparse_attention_fwd", abstract_eval=forward_abstract,
-                          reference=_reference_forward, ffi_attributes=("scale",))
+                          reference=_reference_forward, ffi_attributes=("scale",),
+                          sharding="bqhd,bkgd,bkgd,bqgt,b,b->bqhd,bqh")
 _bwd_p = define_primitive("sparse_attention_bwd", abstract_eval=backward_abstract,
-                          reference=_reference_backward, ffi_attributes=("scale",))
+                          reference=_reference_backward, ffi_attributes=("scale",),
+                          sharding="bqhd,bkgd,bkgd,bqgt,bqhd,bqh,bqhd,bqh,b,b->bqhd,bkgd,bkgd")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))

@@ -125,6 +125,120 @@ ffi::Error TopkSelectCuda(cudaStream_t stream, ffi::AnyBuffer scores, ffi::AnyBu
   }
   return ffi::Error::Success();
 }
+
+// The CUDA kernels take 16-bit qi/ki with Di 64 or 128; the Python lowering
+// sends every other case to the pure-JAX reference, so this only fires for a
+// direct caller of the target.
+ffi::Error CheckCudaIndexerInputs(DType dtype, const IndexerShape& s) {
+  if (!cuda::block_scores_supported(dtype, s.Di)) {
+    return ffi::Error::InvalidArgument(
+        "jax_msa: the CUDA indexer kernels take bfloat16/float16 qi and ki with head dim 64 "
+        "or 128, got head dim " + std::to_string(s.Di));
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error CudaError(const char* op, cudaError_t status) {
+  return ffi::Error::Internal(std::string("jax_msa ") + op + ": " + cudaGetErrorString(status));
+}
+
+ffi::Error BlockScoresCuda(cudaStream_t stream, ffi::AnyBuffer qi, ffi::AnyBuffer ki,
+                           ffi::AnyBuffer q_lengths, ffi::AnyBuffer kv_lengths,
+                           ffi::Result<ffi::AnyBuffer> scores, float scale) {
+  IndexerShape s;
+  DType dtype;
+  if (auto e = DecodeIndexerInputs(qi, ki, q_lengths, kv_lengths, &s, &dtype); e.failure()) {
+    return e;
+  }
+  if (auto e = FirstError({CheckCudaIndexerInputs(dtype, s),
+                           CheckShape(*scores, {s.B, s.Sq, s.Hi, NumBlocks(s.Sk)}, "scores")});
+      e.failure()) {
+    return e;
+  }
+  cudaError_t status = cuda::block_scores(
+      dtype, qi.untyped_data(), ki.untyped_data(), DataOf<int32_t>(q_lengths),
+      DataOf<int32_t>(kv_lengths), DataOf<float>(scores), s.B, s.Sq, s.Sk, s.Hi, s.Di, scale,
+      stream);
+  if (status != cudaSuccess) return CudaError("block_scores", status);
+  return ffi::Error::Success();
+}
+
+// The indexer on CUDA is indexer_scores -> indexer_select -> selected_lse
+// (jax_msa/indexer.py): the block scores between them are ordinary XLA
+// buffers, placed by XLA's buffer assignment, so no handler allocates.
+// indexer_scores: (qi, ki, q_lengths, kv_lengths) -> scores[, sums].
+ffi::Error IndexerScoresCuda(cudaStream_t stream, ffi::AnyBuffer qi, ffi::AnyBuffer ki,
+                             ffi::AnyBuffer q_lengths, ffi::AnyBuffer kv_lengths,
+                             ffi::Result<ffi::AnyBuffer> scores, ffi::RemainingRets optional_sums,
+                             float scale) {
+  IndexerShape s;
+  DType dtype;
+  if (auto e = DecodeIndexerInputs(qi, ki, q_lengths, kv_lengths, &s, &dtype); e.failure()) {
+    return e;
+  }
+  const int64_t NB = NumBlocks(s.Sk);
+  if (auto e = FirstError({CheckCudaIndexerInputs(dtype, s),
+                           CheckShape(*scores, {s.B, s.Sq, s.Hi, NB}, "scores")});
+      e.failure()) {
+    return e;
+  }
+  float* sums = nullptr;
+  if (!optional_sums.empty()) {
+    auto result = optional_sums.get<ffi::AnyBuffer>(0);
+    if (!result.has_value()) return result.error();
+    if (auto e = CheckShape(**result, {s.B, s.Sq, s.Hi, NB}, "sums"); e.failure()) return e;
+    sums = DataOf<float>(*result);
+  }
+  cudaError_t status = cuda::indexer_scores(
+      dtype, qi.untyped_data(), ki.untyped_data(), DataOf<int32_t>(q_lengths),
+      DataOf<int32_t>(kv_lengths), DataOf<float>(scores), sums, s.B, s.Sq, s.Sk, s.Hi, s.Di,
+      scale, stream);
+  if (status != cudaSuccess) return CudaError("indexer_scores", status);
+  return ffi::Error::Success();
+}
+
+// indexer_select: topk_select's signature, the indexer's warp-per-row kernel.
+ffi::Error IndexerSelectCuda(cudaStream_t stream, ffi::AnyBuffer scores, ffi::AnyBuffer q_lengths,
+                             ffi::AnyBuffer kv_lengths, ffi::Result<ffi::AnyBuffer> ids,
+                             int64_t topk) {
+  if (auto e = DecodeTopkInputs(scores, q_lengths, kv_lengths, *ids, topk); e.failure()) {
+    return e;
+  }
+  auto d = scores.dimensions();
+  cudaError_t status = cuda::indexer_select(DataOf<float>(scores), DataOf<int32_t>(q_lengths),
+                                            DataOf<int32_t>(kv_lengths), DataOf<int32_t>(ids),
+                                            d[0], d[1], d[2], d[3], topk, stream);
+  if (status != cudaSuccess) return CudaError("indexer_select", status);
+  return ffi::Error::Success();
+}
+
+// selected_lse: (scores, sums [B, Sq, Hi, NB], ids [B, Sq, Hi, topk],
+// q_lengths, kv_lengths) -> lse [B, Sq, Hi]. The lengths are unused (the ids
+// already encode them); they make the op's layout that of every query op.
+ffi::Error SelectedLseCuda(cudaStream_t stream, ffi::AnyBuffer scores, ffi::AnyBuffer sums,
+                           ffi::AnyBuffer ids, ffi::AnyBuffer, ffi::AnyBuffer,
+                           ffi::Result<ffi::AnyBuffer> lse) {
+  if (auto e = FirstError({CheckRank(scores, 4, "scores"), CheckRank(ids, 4, "ids"),
+                           CheckType(scores, ffi::DataType::F32, "scores"),
+                           CheckType(sums, ffi::DataType::F32, "sums"),
+                           CheckType(ids, ffi::DataType::S32, "ids")});
+      e.failure()) {
+    return e;
+  }
+  auto d = scores.dimensions();
+  const int64_t topk = ids.dimensions()[3];
+  if (auto e = FirstError({CheckShape(sums, {d[0], d[1], d[2], d[3]}, "sums"),
+                           CheckShape(ids, {d[0], d[1], d[2], topk}, "ids"),
+                           CheckShape(*lse, {d[0], d[1], d[2]}, "lse")});
+      e.failure()) {
+    return e;
+  }
+  cudaError_t status =
+      cuda::selected_lse(DataOf<float>(scores), DataOf<float>(sums), DataOf<int32_t>(ids),
+                         DataOf<float>(lse), d[0] * d[1] * d[2], d[3], topk, stream);
+  if (status != cudaSuccess) return CudaError("selected_lse", status);
+  return ffi::Error::Success();
+}
 #endif
 
 }  // namespace
@@ -166,6 +280,46 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kTopkSelectCuda, TopkSelectCuda,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("topk"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kBlockScoresCuda, BlockScoresCuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kIndexerScoresCuda, IndexerScoresCuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .RemainingRets()
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kIndexerSelectCuda, IndexerSelectCuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("topk"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kSelectedLseCuda, SelectedLseCuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
 #endif
 
 void AddIndexerTargets(TargetTable& table) {
@@ -174,6 +328,10 @@ void AddIndexerTargets(TargetTable& table) {
   table.cpu.emplace_back("jax_msa_indexer", kIndexerCpu);
 #ifdef JAX_MSA_WITH_CUDA
   table.cuda.emplace_back("jax_msa_topk_select", kTopkSelectCuda);
+  table.cuda.emplace_back("jax_msa_block_scores", kBlockScoresCuda);
+  table.cuda.emplace_back("jax_msa_indexer_scores", kIndexerScoresCuda);
+  table.cuda.emplace_back("jax_msa_indexer_select", kIndexerSelectCuda);
+  table.cuda.emplace_back("jax_msa_selected_lse", kSelectedLseCuda);
 #endif
 }
 

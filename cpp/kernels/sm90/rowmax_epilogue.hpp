@@ -1,0 +1,102 @@
+// The epilogue of one (tile, block) product: from the wgmma accumulator of a
+// warpgroup (64 rows x 128 keys, fp32), the masked maximum of each row over
+// the block's visible keys, and optionally the sum of exp(s - max) over them
+// (what the lse of any set of blocks is later assembled from).
+//
+// SM90 accumulator fragment of a 64 x N wgmma: thread (warp w, lane l) holds
+// rows 16w + l/4 and 16w + l/4 + 8, columns 2(l%4) + {0,1} + 8v. The four
+// lanes of a quad share their rows, so a row's result is a quad reduction.
+#pragma once
+
+#include <cstdint>
+
+#include <cute/tensor.hpp>
+
+#include "kernels/sm90/tile_geometry.hpp"
+
+namespace jax_msa::sm90 {
+
+using namespace cute;
+
+// ((2, 2, V), M, N) accumulator layout -> ((2, M), (2, V, N)): rows x columns.
+template <class Layout>
+__device__ auto rowcol_layout(Layout l) {
+  static_assert(decltype(rank<0>(l))::value == 3, "SM90 wgmma accumulator layout");
+  return make_layout(make_layout(get<0, 1>(l), get<1>(l)),
+                     make_layout(get<0, 0>(l), get<0, 2>(l), get<2>(l)));
+}
+
+// Per-thread state for the rows this thread holds (kRowsPerThread of them).
+template <int kRowsPerThread>
+struct RowState {
+  int64_t position[kRowsPerThread];  // -1: padded or missing row
+  int64_t out_row[kRowsPerThread];   // flattened global row (b*Sq*Hi + ...), -1 if missing
+};
+
+__device__ inline float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, 2));
+}
+
+__device__ inline float quad_sum(float v) {
+  v += __shfl_xor_sync(0xFFFFFFFFu, v, 1);
+  return v + __shfl_xor_sync(0xFFFFFFFFu, v, 2);
+}
+
+// Writes, for each row of the fragment, scores[out_row * NB + c] =
+// max over visible keys j of block c of scale * acc[row, j] (-inf if none),
+// and with kWithSums sums[same] = sum of exp(scale * acc - that max).
+// kNegate: scale < 0 (the max of scale*x is then |scale| * max(-x)).
+// acc_rc / coord_rc: the accumulator and its (row, col) coordinates in rowcol view.
+template <bool kWithSums, bool kNegate, class AccRC, class CoordRC, int kRowsPerThread>
+__device__ void block_rowmax(const AccRC& acc_rc, const CoordRC& coord_rc,
+                             const RowState<kRowsPerThread>& rows, int64_t c, bool masked,
+                             float abs_scale, int64_t NB, float* __restrict__ scores,
+                             float* __restrict__ sums) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  const bool writer = (threadIdx.x % 4) == 0;
+  CUTE_UNROLL
+  for (int r = 0; r < size<0>(acc_rc); ++r) {
+    // Keys of block c visible to this row: columns [0, limit].
+    int64_t limit64 = rows.position[r] - c * kBlockKeys;
+    const int limit = static_cast<int>(limit64 < -1 ? -1 : (limit64 > 127 ? 127 : limit64));
+    // Four independent partial maxima: a shorter dependency chain.
+    float part[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    if (masked) {
+      CUTE_UNROLL
+      for (int j = 0; j < size<1>(acc_rc); ++j) {
+        const float x = kNegate ? -acc_rc(r, j) : acc_rc(r, j);
+        part[j % 4] = fmaxf(part[j % 4], get<1>(coord_rc(r, j)) <= limit ? x : -INFINITY);
+      }
+    } else {
+      CUTE_UNROLL
+      for (int j = 0; j < size<1>(acc_rc); ++j) {
+        part[j % 4] = fmaxf(part[j % 4], kNegate ? -acc_rc(r, j) : acc_rc(r, j));
+      }
+    }
+    float m = fmaxf(fmaxf(part[0], part[1]), fmaxf(part[2], part[3]));
+    m = quad_max(m);
+    const float best = abs_scale * m;
+    float total = 0.0f;
+    if constexpr (kWithSums) {
+      if (m != -INFINITY) {
+        const float a = abs_scale * kLog2e;
+        const float shift = -a * m;
+        CUTE_UNROLL
+        for (int j = 0; j < size<1>(acc_rc); ++j) {
+          const float x = kNegate ? -acc_rc(r, j) : acc_rc(r, j);
+          const float e = exp2f(fmaf(x, a, shift));
+          total += (!masked || get<1>(coord_rc(r, j)) <= limit) ? e : 0.0f;
+        }
+      }
+      total = quad_sum(total);
+    }
+    if (writer && rows.out_row[r] >= 0) {
+      const int64_t at = rows.out_row[r] * NB + c;
+      scores[at] = best;
+      if constexpr (kWithSums) sums[at] = total;
+    }
+  }
+}
+
+}  // namespace jax_msa::sm90
