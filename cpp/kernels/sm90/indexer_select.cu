@@ -19,10 +19,14 @@
 #include <cstdint>
 
 #include "kernels/cuda/cuda_kernels.h"
-#include "kernels/sm90/selection_keys.hpp"
+#include "kernels/cuda/selection_keys.cuh"
 
 namespace jax_msa::sm90 {
 namespace {
+
+using cuda::key_id;
+using cuda::make_key;
+using cuda::ordered_bits;
 
 constexpr int64_t kBlock = 128;
 constexpr int kWarps = 8;
