@@ -38,6 +38,7 @@ def define_primitive(
     reference: Callable[..., Sequence[jax.Array]],
     ffi_attributes: Sequence[str],
     sharding: str | None = None,
+    shared_operands: int = 0,
 ) -> Primitive:
     """Creates primitive `jax_msa_<name>` lowering to FFI target of that name.
 
@@ -47,6 +48,8 @@ def define_primitive(
     primitive also takes the param `implementation`.
     sharding: the role of each dimension, e.g. "bqhd,bkgd->bqhd" (see
     `_partitioning`); without it a jit over several devices runs the op whole.
+    shared_operands: how many leading operands have no batch axis (paged
+    caches, shared by every request of a batch); see `_fold_vmap_axis`.
     """
     target = f"jax_msa_{name}"
     prim = Primitive(target)
@@ -59,7 +62,8 @@ def define_primitive(
         rule = _lowering(prim, layout, platform, reference, ffi_attributes)
         mlir.register_lowering(prim, rule, platform=platform)
     _partitioning.register(prim)
-    batching.primitive_batchers[prim] = lambda args, dims, **params: _fold_vmap_axis(prim, args, dims, params)
+    batching.primitive_batchers[prim] = lambda args, dims, **params: _fold_vmap_axis(
+        prim, args, dims, params, shared_operands)
     return prim
 
 
@@ -83,12 +87,24 @@ def _lowering(prim: Primitive, layout, platform: str, reference: Callable, ffi_a
     return rule
 
 
-def _fold_vmap_axis(prim: Primitive, args, dims, params):
-    """vmap rule: [n, B, ...] operands become [n*B, ...] and back."""
+def _fold_vmap_axis(prim: Primitive, args, dims, params, shared: int = 0):
+    """vmap rule: [n, B, ...] operands become [n*B, ...] and back.
+
+    The first `shared` operands have no batch axis and pass through unchanged,
+    as a decode batch shares one page pool. Where one of them is vmapped there
+    is no axis to fold into: the members then run one after another.
+    """
+    if any(d is not None for d in dims[:shared]):
+        def member(batched):
+            it = iter(batched)
+            return prim.bind(*[a if d is None else next(it) for a, d in zip(args, dims)], **params)
+
+        outs = jax.lax.map(member, [jnp.moveaxis(a, d, 0) for a, d in zip(args, dims) if d is not None])
+        return outs, [0] * len(outs)
     n = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
     folded = []
-    for a, d in zip(args, dims):
+    for a, d in zip(args[shared:], dims[shared:]):
         a = jnp.broadcast_to(a, (n, *a.shape)) if d is None else jnp.moveaxis(a, d, 0)
         folded.append(a.reshape((n * a.shape[1], *a.shape[2:])))
-    outs = prim.bind(*folded, **params)
+    outs = prim.bind(*args[:shared], *folded, **params)
     return [o.reshape((n, o.shape[0] // n, *o.shape[1:])) for o in outs], [0] * len(outs)

@@ -12,14 +12,11 @@ only: neither is differentiable.
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.core import ShapedArray
-from jax.interpreters import batching
 
 from jax_msa import _validation as checks
 from jax_msa import reference
@@ -44,8 +41,9 @@ def _attention_reference(k_cache, v_cache, k_scale, v_scale, q, page_table, q_le
                                      return_lse=True, out_dtype=out_dtype)
 
 
+# Operands: k_cache, v_cache, k_scale, v_scale (shared by the batch), then per request.
 _attention_p = define_primitive("paged_attention", abstract_eval=_attention_abstract,
-                                reference=_attention_reference, ffi_attributes=("scale",))
+                                reference=_attention_reference, ffi_attributes=("scale",), shared_operands=4)
 
 
 def _indexer_abstract(ki_cache, ki_scale, qi, page_table, q_lengths, kv_lengths, *, topk, scale):
@@ -57,37 +55,9 @@ def _indexer_reference(ki_cache, ki_scale, qi, page_table, q_lengths, kv_lengths
                                     q_lengths=q_lengths, scale=float(scale))]
 
 
+# Operands: ki_cache, ki_scale (shared by the batch), then per request.
 _indexer_p = define_primitive("paged_indexer", abstract_eval=_indexer_abstract, reference=_indexer_reference,
-                              ffi_attributes=("topk", "scale"))
-
-
-def _batch_paged(prim, num_shared, args, dims, **params):
-    """vmap rule of the paged primitives, whose first `num_shared` operands are
-    the caches and scales (no batch axis), the others per request.
-
-    The per-request operands fold the vmap axis into B while the caches stay
-    shared, as a decode batch shares one page pool. A vmapped cache or scale
-    has no batch axis to fold into: the members then run one after another.
-    """
-    if any(d is not None for d in dims[:num_shared]):
-        def member(batched):
-            it = iter(batched)
-            return prim.bind(*[a if d is None else next(it) for a, d in zip(args, dims)], **params)
-
-        outs = lax.map(member, [jnp.moveaxis(a, d, 0) for a, d in zip(args, dims) if d is not None])
-        return outs, [0] * len(outs)
-    n = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-    folded = []
-    for a, d in zip(args[num_shared:], dims[num_shared:]):
-        a = jnp.broadcast_to(a, (n, *a.shape)) if d is None else jnp.moveaxis(a, d, 0)
-        folded.append(a.reshape((n * a.shape[1], *a.shape[2:])))
-    outs = prim.bind(*args[:num_shared], *folded, **params)
-    return [o.reshape((n, o.shape[0] // n, *o.shape[1:])) for o in outs], [0] * len(outs)
-
-
-# Replaces the generic rule of define_primitive, which folds every operand.
-batching.primitive_batchers[_attention_p] = functools.partial(_batch_paged, _attention_p, 4)
-batching.primitive_batchers[_indexer_p] = functools.partial(_batch_paged, _indexer_p, 2)
+                              ffi_attributes=("topk", "scale"), shared_operands=2)
 
 
 def int32_indices(x: jax.Array, bound: int) -> jax.Array:
