@@ -337,14 +337,6 @@ void load_rows(DType dtype, const void* src, const Dims& dims, int64_t b, int64_
   }
 }
 
-// Copies the rows of the panel members (G heads each) from a tile buffer.
-void gather_rows(const float* tile_rows, const int64_t* members, int64_t count, int64_t width,
-                 float* panel) {
-  for (int64_t k = 0; k < count; ++k) {
-    std::copy_n(tile_rows + members[k] * width, width, panel + k * width);
-  }
-}
-
 void forward(DType dtype, const AttentionProblem& pb, const KeySelection& keys, const void* q,
              const void* k, const void* v, const Lengths& lengths, void* out, float* lse) {
   const Dims dims(pb);

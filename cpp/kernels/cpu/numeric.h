@@ -355,4 +355,12 @@ struct Lengths {
   int64_t position(int64_t b, int64_t i) const { return kv_len(b) - q_len(b) + i; }
 };
 
+// Copies the rows of the panel members (G heads each) from a tile buffer.
+inline void gather_rows(const float* tile_rows, const int64_t* members, int64_t count, int64_t width,
+                        float* panel) {
+  for (int64_t k = 0; k < count; ++k) {
+    std::copy_n(tile_rows + members[k] * width, width, panel + k * width);
+  }
+}
+
 }  // namespace jax_msa::cpu

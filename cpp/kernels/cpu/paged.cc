@@ -182,9 +182,7 @@ void run_paged_attention(DType q_dtype, DType out_dtype, const PagedProblem& pb,
         load_page(kc, page, g, stored, /*transposed=*/true, kt.data());
         load_page(vc, page, g, stored, /*transposed=*/false, vr.data());
         const int64_t R = count * G;
-        for (int64_t x = 0; x < count; ++x) {
-          std::copy_n(qt.data() + members[x] * width, width, panel_q.data() + x * width);
-        }
+        gather_rows(qt.data(), members.data(), count, width, panel_q.data());
         std::fill_n(s.begin(), R * kBlock, 0.0f);
         gemm_acc(R, D, kBlock, panel_q.data(), D, 1, kt.data(), kBlock, s.data(), kBlock);
         int64_t keys_used = 0;
