@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
 import sys
 import time
 
@@ -34,6 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_msa
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import median_ms, normal  # noqa: E402  (benchmarks/timing.py, shared)
 
 
 # The hidden primitives of the CUDA indexer (indexer_scores, indexer_select),
@@ -49,29 +52,6 @@ def _lengths(q, k):
     return jnp.full((1,), t, jnp.int32), jnp.full((1,), t, jnp.int32)
 
 
-def _median_ms(fn, input_sets, samples: int, min_sample_ms: float, warmup: int) -> float:
-    """Median time of one call of fn(*inputs) in ms, inputs rotated."""
-    for i in range(warmup):
-        jax.block_until_ready(fn(*input_sets[i % len(input_sets)]))
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*input_sets[0]))
-    once_ms = (time.perf_counter() - start) * 1e3
-    reps = max(1, int(np.ceil(min_sample_ms / max(once_ms, 1e-3))))
-    times = []
-    for _ in range(samples):
-        start = time.perf_counter()
-        out = None
-        for r in range(reps):
-            out = fn(*input_sets[r % len(input_sets)])
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - start) * 1e3 / reps)
-    return statistics.median(times)
-
-
-def _normal(key, shape, dtype):
-    return jax.random.normal(key, shape, jnp.float32).astype(dtype)
-
-
 def run(args) -> list[dict]:
     dtype = jnp.dtype(args.dtype)
     rows = []
@@ -81,10 +61,10 @@ def run(args) -> list[dict]:
         dense = None
         if not args.no_cudnn:
             keys = jax.random.split(jax.random.fold_in(key, t), 3 * args.rotate)
-            sets = [tuple(_normal(keys[3 * i + j], (1, t, h, 128), dtype) for j, h in enumerate((16, 1, 1)))
+            sets = [tuple(normal(keys[3 * i + j], (1, t, h, 128), dtype) for j, h in enumerate((16, 1, 1)))
                     for i in range(args.rotate)]
             fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"))
-            ms = _median_ms(fn, sets, args.samples, args.min_sample_ms, args.warmup)
+            ms = median_ms(fn, sets, args.samples, args.min_sample_ms, args.warmup)
             dense = ms
             rows.append(dict(op="cudnn_dense_attention", T=t, Hi=0, Di=128, ms=ms,
                              tflops=4 * 128 * 16 * pairs / ms / 1e9, vs_cudnn=1.0))
@@ -93,7 +73,7 @@ def run(args) -> list[dict]:
         for hi in args.heads:
             di = args.dim
             keys = jax.random.split(jax.random.fold_in(key, 1000 * t + hi), 2 * args.rotate)
-            sets = [(_normal(keys[2 * i], (1, t, hi, di), dtype), _normal(keys[2 * i + 1], (1, t, di), dtype))
+            sets = [(normal(keys[2 * i], (1, t, hi, di), dtype), normal(keys[2 * i + 1], (1, t, di), dtype))
                     for i in range(args.rotate)]
             flops = 2 * di * hi * pairs
             ops = {
@@ -104,14 +84,14 @@ def run(args) -> list[dict]:
                 ops["reference_indexer"] = jax.jit(
                     lambda qi, ki: jax_msa.indexer(qi, ki, topk=args.topk, implementation="reference"))
             for name, fn in ops.items():
-                ms = _median_ms(fn, sets, args.samples, args.min_sample_ms, args.warmup)
+                ms = median_ms(fn, sets, args.samples, args.min_sample_ms, args.warmup)
                 rows.append(dict(op=name, T=t, Hi=hi, Di=di, ms=ms, tflops=flops / ms / 1e9,
                                  vs_cudnn=None if dense is None else dense / ms))
             if _HIDDEN is not None:  # the two steps of the indexer on CUDA, alone
                 fn = jax.jit(lambda qi, ki: _HIDDEN._indexer_scores_p.bind(
                     qi, ki, *_lengths(qi, ki), scale=np.float32(di**-0.5), with_sums=False, implementation="kernel"))
                 ops["indexer_scores"] = fn
-                ms = _median_ms(fn, sets, args.samples, args.min_sample_ms, args.warmup)
+                ms = median_ms(fn, sets, args.samples, args.min_sample_ms, args.warmup)
                 rows.append(dict(op="indexer_scores", T=t, Hi=hi, Di=di, ms=ms, tflops=flops / ms / 1e9,
                                  vs_cudnn=None if dense is None else dense / ms))
             score_sets = [(jax.block_until_ready(ops["block_scores"](*s)),) for s in sets[:2]]
@@ -121,7 +101,7 @@ def run(args) -> list[dict]:
                 selections["indexer_select"] = lambda s: _HIDDEN._indexer_select_p.bind(
                     s, *_lengths(s, s), topk=np.int64(args.topk), implementation="kernel")
             for name, fn in selections.items():
-                ms = _median_ms(jax.jit(fn), score_sets, args.samples, args.min_sample_ms, args.warmup)
+                ms = median_ms(jax.jit(fn), score_sets, args.samples, args.min_sample_ms, args.warmup)
                 rows.append(dict(op=name, T=t, Hi=hi, Di=di, ms=ms, tflops=None,
                                  vs_cudnn=None if dense is None else dense / ms))
             del score_sets

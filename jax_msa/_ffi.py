@@ -32,3 +32,8 @@ def has_kernel(target: str, platform: str) -> bool:
 def built_with_cuda() -> bool:
     """Whether the extension was compiled with its CUDA kernels."""
     return bool(_jax_msa.with_cuda)
+
+
+def sparse_bwd_workspace(B: int, Sq: int, Sk: int, Hq: int, Hkv: int, D: int, topk: int) -> tuple[int, int, int]:
+    """Element counts (delta floats, index ints, partial floats) of the CUDA sparse backward's workspaces."""
+    return tuple(int(n) for n in _jax_msa.sparse_bwd_workspace(B, Sq, Sk, Hq, Hkv, D, topk))

@@ -39,6 +39,8 @@ def define_primitive(
     ffi_attributes: Sequence[str],
     sharding: str | None = None,
     shared_operands: int = 0,
+    kernel_takes: dict[str, Callable[..., bool]] | None = None,
+    kernel_lowering: dict[str, Callable[..., Sequence[jax.Array]]] | None = None,
 ) -> Primitive:
     """Creates primitive `jax_msa_<name>` lowering to FFI target of that name.
 
@@ -50,6 +52,12 @@ def define_primitive(
     `_partitioning`); without it a jit over several devices runs the op whole.
     shared_operands: how many leading operands have no batch axis (paged
     caches, shared by every request of a batch); see `_fold_vmap_axis`.
+    kernel_takes: per platform, `takes(*avals, implementation, **params) -> bool`:
+    whether that platform's kernel serves these operands; where it does not, the
+    lowering takes the reference (or raises NoKernelError for implementation="kernel").
+    kernel_lowering: per platform, a JAX function of the operands and params
+    that runs the kernels there (e.g. a hidden primitive with workspace
+    results), used instead of a call of target `jax_msa_<name>`.
     """
     target = f"jax_msa_{name}"
     prim = Primitive(target)
@@ -59,7 +67,9 @@ def define_primitive(
     prim.def_abstract_eval(lambda *avals, implementation, **params: abstract_eval(*avals, **params))
     layout = _partitioning.Layout.parse(sharding) if sharding else None
     for platform in LOWERING_PLATFORMS:
-        rule = _lowering(prim, layout, platform, reference, ffi_attributes)
+        takes = (kernel_takes or {}).get(platform, lambda *avals, implementation, **params: True)
+        rule = _lowering(prim, layout, platform, reference, ffi_attributes, takes,
+                         (kernel_lowering or {}).get(platform))
         mlir.register_lowering(prim, rule, platform=platform)
     _partitioning.register(prim)
     batching.primitive_batchers[prim] = lambda args, dims, **params: _fold_vmap_axis(
@@ -67,19 +77,27 @@ def define_primitive(
     return prim
 
 
-def _lowering(prim: Primitive, layout, platform: str, reference: Callable, ffi_attributes: Sequence[str]):
+def _lowering(prim: Primitive, layout, platform: str, reference: Callable, ffi_attributes: Sequence[str],
+              takes: Callable[..., bool], kernel_fn: Callable | None):
     target = prim.name
-    kernel_rule = jax.ffi.ffi_lowering(target)
+    if kernel_fn is None:
+        ffi_rule = jax.ffi.ffi_lowering(target)
+        kernel_rule = lambda ctx, *args, implementation, **params: ffi_rule(
+            ctx, *args, **{k: params[k] for k in ffi_attributes})
+    else:
+        kernel_rule = mlir.lower_fun(lambda *args, **params: list(kernel_fn(*args, **params)), multiple_results=True)
     fallback_rule = mlir.lower_fun(lambda *args, **params: list(reference(*args, **params)), multiple_results=True)
 
     def rule(ctx, *args, implementation: str, **params):
         if _partitioning.is_partitioned(ctx):
             return _partitioning.lower_partitioned(prim, layout, ctx, *args, implementation=implementation, **params)
-        if _ffi.has_kernel(target, platform):
-            return kernel_rule(ctx, *args, **{k: params[k] for k in ffi_attributes})
+        has_kernel = kernel_fn is not None or _ffi.has_kernel(target, platform)
+        if has_kernel and takes(*ctx.avals_in, implementation=implementation, **params):
+            return kernel_rule(ctx, *args, implementation=implementation, **params)
         if implementation == "kernel":
+            why = "these inputs" if has_kernel else "this build"
             raise NoKernelError(
-                f"jax_msa: no {platform} kernel for {target} in this build; "
+                f"jax_msa: no {platform} kernel for {target} for {why}; "
                 "use implementation='auto' (falls back to the reference) or 'reference'"
             )
         return fallback_rule(ctx, *args, **params)

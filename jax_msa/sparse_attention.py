@@ -15,6 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.core import ShapedArray
+
+from jax_msa import _ffi
 from jax_msa import _validation as checks
 from jax_msa import reference
 from jax_msa._attention_common import (backward_abstract, check_attention_inputs, forward_abstract,
@@ -32,12 +35,51 @@ def _reference_backward(q, k, v, ids, out, lse, dout, dlse, q_lengths, kv_length
     return reference_vjp(fn, q, k, v, out, lse, dout, dlse)
 
 
+def _cuda_kernel_takes(q, k, v, ids, *rest, implementation, **params) -> bool:
+    """Whether the SM90 kernels serve these inputs (cuda::sparse_attention_args_valid).
+
+    They are opt-in (implementation="kernel") until they have passed the GPU
+    test suite (tests/test_gpu_sparse.py) in full; "auto" keeps the reference.
+    """
+    group = q.shape[2] // k.shape[2]
+    return (implementation == "kernel" and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[3] == 128
+            and group <= 64 and 1 <= ids.shape[3] <= 64 and 0 < k.shape[1] < 2**31 - 256
+            and q.shape[0] * k.shape[2] <= 65535)
+
+
 _fwd_p = define_primitive("sparse_attention_fwd", abstract_eval=forward_abstract,
                           reference=_reference_forward, ffi_attributes=("scale",),
-                          sharding="bqhd,bkgd,bkgd,bqgt,b,b->bqhd,bqh")
+                          sharding="bqhd,bkgd,bkgd,bqgt,b,b->bqhd,bqh",
+                          kernel_takes={"cuda": _cuda_kernel_takes})
+# The backward on CUDA: one call that runs prepare (row terms, block index),
+# the KV-outer dK/dV kernel and the query-outer dQ kernel, with its three
+# workspaces as extra (discarded) results so that the handler allocates
+# nothing. A hidden primitive, bound only inside the lowering of _bwd_p.
+def _bwd_cuda_abstract(q, k, v, ids, *rest, scale):
+    b, sq, hq, d = q.shape
+    sizes = _ffi.sparse_bwd_workspace(b, sq, k.shape[1], hq, k.shape[2], d, ids.shape[3])
+    workspaces = [ShapedArray((n,), t) for n, t in zip(sizes, (jnp.float32, jnp.int32, jnp.float32))]
+    return [*backward_abstract(q, k, v, ids, *rest, scale=scale), *workspaces]
+
+
+def _bwd_cuda_reference(*args, scale):
+    raise NotImplementedError("jax_msa_sparse_attention_bwd_cuda has no reference: it exists only on CUDA")
+
+
+_bwd_cuda_p = define_primitive("sparse_attention_bwd_cuda", abstract_eval=_bwd_cuda_abstract,
+                               reference=_bwd_cuda_reference, ffi_attributes=("scale",))
+
+
+def _bwd_on_cuda(*args, scale, implementation):
+    return _bwd_cuda_p.bind(*args, scale=scale, implementation=implementation)[:3]
+
+
 _bwd_p = define_primitive("sparse_attention_bwd", abstract_eval=backward_abstract,
                           reference=_reference_backward, ffi_attributes=("scale",),
-                          sharding="bqhd,bkgd,bkgd,bqgt,bqhd,bqh,bqhd,bqh,b,b->bqhd,bkgd,bkgd")
+                          sharding="bqhd,bkgd,bkgd,bqgt,bqhd,bqh,bqhd,bqh,b,b->bqhd,bkgd,bkgd",
+                          kernel_takes={"cuda": _cuda_kernel_takes},
+                          kernel_lowering={"cuda": _bwd_on_cuda}
+                          if _ffi.has_kernel("jax_msa_sparse_attention_bwd_cuda", "cuda") else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))

@@ -56,13 +56,32 @@ def _lower_for_cuda(fn):
     return jax.jit(fn).trace().lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.skipif(_ffi.has_kernel("jax_msa_sparse_attention_fwd", "cuda"),
+@pytest.mark.skipif(_ffi.has_kernel("jax_msa_dot_product_attention_fwd", "cuda"),
                     reason="checks the fallback of an op without a CUDA kernel")
 def test_cuda_lowering_falls_back_to_reference_without_kernels():
-    text = _lower_for_cuda(lambda: jax_msa.sparse_attention(Q, K, V, IDS))
-    assert "jax_msa_sparse_attention_fwd" not in text
+    text = _lower_for_cuda(lambda: jax_msa.dot_product_attention(Q, K, V))
+    assert "jax_msa_dot_product_attention_fwd" not in text
     with pytest.raises(jax_msa.NoKernelError, match="no cuda kernel"):
-        _lower_for_cuda(lambda: jax_msa.sparse_attention(Q, K, V, IDS, implementation="kernel"))
+        _lower_for_cuda(lambda: jax_msa.dot_product_attention(Q, K, V, implementation="kernel"))
+
+
+@pytest.mark.skipif(not _ffi.has_kernel("jax_msa_sparse_attention_fwd", "cuda"),
+                    reason="needs a build with the CUDA kernels (no GPU needed: lowering only)")
+def test_cuda_sparse_kernels_are_opt_in_and_cover_what_they_can():
+    rng = np.random.default_rng(3)
+    q, k, v = (normal(rng, (2, 300, h, 128), jnp.bfloat16) for h in (16, 1, 1))
+    ids = jnp.asarray(rng.integers(-1, 3, (2, 300, 1, 4)), jnp.int32)
+    kernel = lambda q, k, v: jax_msa.sparse_attention(q, k, v, ids, implementation="kernel")
+    assert "jax_msa_sparse_attention_fwd" not in _lower_for_cuda(lambda: jax_msa.sparse_attention(q, k, v, ids))
+    assert "jax_msa_sparse_attention_fwd" in _lower_for_cuda(lambda: kernel(q, k, v))
+    # The backward: one call with its workspaces as extra results.
+    grad = jax.grad(lambda q, k, v: jnp.sum(kernel(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
+    assert "jax_msa_sparse_attention_bwd_cuda" in _lower_for_cuda(lambda: grad(q, k, v))
+    # Inputs the kernels do not take: float32, head dim 64.
+    with pytest.raises(jax_msa.NoKernelError, match="these inputs"):
+        _lower_for_cuda(lambda: kernel(*(x.astype(jnp.float32) for x in (q, k, v))))
+    with pytest.raises(jax_msa.NoKernelError, match="these inputs"):
+        _lower_for_cuda(lambda: kernel(q[..., :64], k[..., :64], v[..., :64]))
 
 
 @pytest.mark.parametrize("implementation", ["auto", "reference"])

@@ -3,6 +3,9 @@
 #include <nanobind/nanobind.h>
 
 #include "ffi/ffi_common.h"
+#ifdef JAX_MSA_WITH_CUDA
+#include "kernels/cuda/cuda_kernels.h"
+#endif
 
 namespace nb = nanobind;
 
@@ -39,6 +42,16 @@ NB_MODULE(_jax_msa, m) {
         "Target name -> FFI handler capsule for platform 'CUDA' (empty without CUDA).");
 #ifdef JAX_MSA_WITH_CUDA
   m.attr("with_cuda") = true;
+  m.def(
+      "sparse_bwd_workspace",
+      [](int64_t B, int64_t Sq, int64_t Sk, int64_t Hq, int64_t Hkv, int64_t D, int64_t topk) {
+        jax_msa::cuda::SparseAttentionArgs a{};
+        a.B = B, a.Sq = Sq, a.Sk = Sk, a.Hq = Hq, a.Hkv = Hkv, a.D = D, a.topk = topk;
+        const auto w = jax_msa::cuda::sparse_attention_bwd_workspace(a);
+        return nb::make_tuple(w.delta_floats, w.index_ints, w.partial_floats);
+      },
+      "Workspace element counts (delta floats, index ints, partial floats) of the CUDA sparse "
+      "attention backward.");
 #else
   m.attr("with_cuda") = false;
 #endif

@@ -2,6 +2,9 @@
 #include <cstdint>
 
 #include "ffi/attention_common.h"
+#ifdef JAX_MSA_WITH_CUDA
+#include "kernels/cuda/cuda_kernels.h"
+#endif
 
 namespace jax_msa {
 namespace {
@@ -50,6 +53,117 @@ ffi::Error SparseAttentionBwdCpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuf
                         kv_lengths, *dq, *dk, *dv);
 }
 
+#ifdef JAX_MSA_WITH_CUDA
+// The SM90 kernels take what cuda::sparse_attention_supported says; the Python
+// lowering sends every other case to the pure-JAX reference, so this error
+// only reaches a direct caller of the target.
+ffi::Error CudaArgs(const cpu::AttentionProblem& p, DType dtype, const ffi::AnyBuffer& q,
+                    const ffi::AnyBuffer& k, const ffi::AnyBuffer& v, const ffi::AnyBuffer& ids,
+                    const ffi::AnyBuffer& q_lengths, const ffi::AnyBuffer& kv_lengths,
+                    cuda::SparseAttentionArgs* args) {
+  const int64_t topk = ids.dimensions()[3];
+  *args = {q.untyped_data(), k.untyped_data(), v.untyped_data(), DataOf<int32_t>(ids),
+           DataOf<int32_t>(q_lengths), DataOf<int32_t>(kv_lengths), p.B, p.Sq, p.Sk, p.Hq,
+           p.Hkv, p.D, topk, p.scale};
+  if (!cuda::sparse_attention_args_valid(dtype, *args)) {
+    return ffi::Error::InvalidArgument(
+        "jax_msa: the CUDA sparse-attention kernels take bfloat16/float16 inputs with head dim "
+        "128, at most 64 query heads per kv head, topk 1..64, 0 < Sk < 2^31 - 256 and "
+        "B * Hkv <= 65535");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error SparseAttentionFwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                                  ffi::AnyBuffer v, ffi::AnyBuffer ids, ffi::AnyBuffer q_lengths,
+                                  ffi::AnyBuffer kv_lengths, ffi::Result<ffi::AnyBuffer> out,
+                                  ffi::Result<ffi::AnyBuffer> lse, float scale) {
+  cpu::AttentionProblem p;
+  DType dtype;
+  cuda::SparseAttentionArgs args;
+  if (auto e = DecodeAttentionInputs(q, k, v, q_lengths, kv_lengths, scale, &p, &dtype);
+      e.failure()) {
+    return e;
+  }
+  if (auto e = FirstError({CheckIds(p, ids), CheckForwardOutputs(p, *out, *lse)}); e.failure()) {
+    return e;
+  }
+  if (auto e = CudaArgs(p, dtype, q, k, v, ids, q_lengths, kv_lengths, &args); e.failure()) {
+    return e;
+  }
+  const cudaError_t status =
+      cuda::sparse_attention_fwd(dtype, args, out->untyped_data(), DataOf<float>(lse), stream);
+  if (status != cudaSuccess) {
+    return ffi::Error::Internal(std::string("jax_msa sparse_attention_fwd: ") +
+                                cudaGetErrorString(status));
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error CudaFailure(const char* step, cudaError_t status) {
+  return ffi::Error::Internal(std::string("jax_msa sparse_attention_bwd (") + step +
+                              "): " + cudaGetErrorString(status));
+}
+
+// The backward on CUDA: dq, dk, dv plus three workspaces (sized by
+// cuda::sparse_attention_bwd_workspace; the Python side asks for them as
+// results, so nothing is allocated here): prepare (delta, block index), the
+// KV-outer dK / dV kernel, the query-outer dQ kernel.
+ffi::Error SparseAttentionBwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                                  ffi::AnyBuffer v, ffi::AnyBuffer ids, ffi::AnyBuffer out,
+                                  ffi::AnyBuffer lse, ffi::AnyBuffer dout, ffi::AnyBuffer dlse,
+                                  ffi::AnyBuffer q_lengths, ffi::AnyBuffer kv_lengths,
+                                  ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                                  ffi::Result<ffi::AnyBuffer> dv,
+                                  ffi::Result<ffi::AnyBuffer> delta,
+                                  ffi::Result<ffi::AnyBuffer> index,
+                                  ffi::Result<ffi::AnyBuffer> partial, float scale) {
+  cpu::AttentionProblem p;
+  DType dtype;
+  cuda::SparseAttentionArgs args;
+  if (auto e = DecodeAttentionInputs(q, k, v, q_lengths, kv_lengths, scale, &p, &dtype);
+      e.failure()) {
+    return e;
+  }
+  if (auto e = FirstError({CheckIds(p, ids), CheckForwardOutputs(p, out, lse),
+                           CheckForwardOutputs(p, dout, dlse), CheckGradients(p, *dq, *dk, *dv)});
+      e.failure()) {
+    return e;
+  }
+  if (auto e = CudaArgs(p, dtype, q, k, v, ids, q_lengths, kv_lengths, &args); e.failure()) {
+    return e;
+  }
+  const cuda::SparseBwdWorkspace need = cuda::sparse_attention_bwd_workspace(args);
+  if (auto e = FirstError({CheckShape(*delta, {need.delta_floats}, "delta workspace"),
+                           CheckShape(*index, {need.index_ints}, "index workspace"),
+                           CheckShape(*partial, {need.partial_floats}, "partial workspace")});
+      e.failure()) {
+    return e;
+  }
+  if (auto status = cuda::sparse_attention_bwd_prepare(dtype, args, out.untyped_data(),
+                                                       dout.untyped_data(), DataOf<float>(dlse),
+                                                       DataOf<float>(delta), DataOf<int32_t>(index),
+                                                       stream);
+      status != cudaSuccess) {
+    return CudaFailure("prepare", status);
+  }
+  if (auto status = cuda::sparse_attention_bwd_dkdv(
+          dtype, args, DataOf<float>(lse), dout.untyped_data(), DataOf<float>(delta),
+          DataOf<int32_t>(index), DataOf<float>(partial), dk->untyped_data(), dv->untyped_data(),
+          stream);
+      status != cudaSuccess) {
+    return CudaFailure("dk, dv", status);
+  }
+  if (auto status = cuda::sparse_attention_bwd_dq(dtype, args, DataOf<float>(lse),
+                                                  dout.untyped_data(), DataOf<float>(delta),
+                                                  dq->untyped_data(), stream);
+      status != cudaSuccess) {
+    return CudaFailure("dq", status);
+  }
+  return ffi::Error::Success();
+}
+#endif
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kSparseAttentionFwdCpu, SparseAttentionFwdCpu,
@@ -81,9 +195,49 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kSparseAttentionBwdCpu, SparseAttentionBwdCpu,
                                   .Ret<ffi::AnyBuffer>()  // dv
                                   .Attr<float>("scale"));
 
+#ifdef JAX_MSA_WITH_CUDA
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kSparseAttentionFwdCuda, SparseAttentionFwdCuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // q
+                                  .Arg<ffi::AnyBuffer>()  // k
+                                  .Arg<ffi::AnyBuffer>()  // v
+                                  .Arg<ffi::AnyBuffer>()  // ids
+                                  .Arg<ffi::AnyBuffer>()  // q_lengths
+                                  .Arg<ffi::AnyBuffer>()  // kv_lengths
+                                  .Ret<ffi::AnyBuffer>()  // out
+                                  .Ret<ffi::AnyBuffer>()  // lse
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kSparseAttentionBwdCuda, SparseAttentionBwdCuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // q
+                                  .Arg<ffi::AnyBuffer>()  // k
+                                  .Arg<ffi::AnyBuffer>()  // v
+                                  .Arg<ffi::AnyBuffer>()  // ids
+                                  .Arg<ffi::AnyBuffer>()  // out
+                                  .Arg<ffi::AnyBuffer>()  // lse
+                                  .Arg<ffi::AnyBuffer>()  // dout
+                                  .Arg<ffi::AnyBuffer>()  // dlse
+                                  .Arg<ffi::AnyBuffer>()  // q_lengths
+                                  .Arg<ffi::AnyBuffer>()  // kv_lengths
+                                  .Ret<ffi::AnyBuffer>()  // dq
+                                  .Ret<ffi::AnyBuffer>()  // dk
+                                  .Ret<ffi::AnyBuffer>()  // dv
+                                  .Ret<ffi::AnyBuffer>()  // delta workspace
+                                  .Ret<ffi::AnyBuffer>()  // index workspace
+                                  .Ret<ffi::AnyBuffer>()  // partial workspace
+                                  .Attr<float>("scale"));
+#endif
+
 void AddSparseAttentionTargets(TargetTable& table) {
   table.cpu.emplace_back("jax_msa_sparse_attention_fwd", kSparseAttentionFwdCpu);
   table.cpu.emplace_back("jax_msa_sparse_attention_bwd", kSparseAttentionBwdCpu);
+#ifdef JAX_MSA_WITH_CUDA
+  table.cuda.emplace_back("jax_msa_sparse_attention_fwd", kSparseAttentionFwdCuda);
+  table.cuda.emplace_back("jax_msa_sparse_attention_bwd_cuda", kSparseAttentionBwdCuda);
+#endif
 }
 
 }  // namespace jax_msa

@@ -67,4 +67,63 @@ cudaError_t selected_lse(const float* scores, const float* sums,
                          const int32_t* ids, float* lse, int64_t rows,
                          int64_t NB, int64_t topk, cudaStream_t stream);
 
+// ---- Block-sparse attention (spec §3.4) on SM90 ----------------------------
+// One problem: q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] (bf16 or fp16),
+// ids [B, Sq, Hkv, topk] int32, lengths [B] int32, scale > 0 or < 0.
+// Query head h uses kv head h / (Hq / Hkv). Attended set of query i (row b,
+// position p = kv_len - q_len + i): keys j of every selected block c with
+// 0 <= c < ceil(kv_len / 128), j <= p, j < kv_len; other ids (-1, out of
+// range, c > p / 128) are skipped and never read. Padded rows (i >= q_len):
+// out 0, lse -inf, no gradient.
+struct SparseAttentionArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  const int32_t* ids;
+  const int32_t* q_lengths;
+  const int32_t* kv_lengths;
+  int64_t B, Sq, Sk, Hq, Hkv, D, topk;
+  float scale;
+};
+
+// Whether the SM90 sparse-attention kernels take these inputs: bf16/fp16,
+// D == 128, group Hq / Hkv <= 64, topk in [1, 64].
+bool sparse_attention_supported(DType dtype, int64_t D, int64_t group, int64_t topk);
+
+// sparse_attention_supported plus the size limits of the kernels:
+// 0 < Sk <= 2^31 - 257, B * Hkv <= 65535.
+bool sparse_attention_args_valid(DType dtype, const SparseAttentionArgs& a);
+
+// Forward: out [B, Sq, Hq, D] (dtype of q), lse [B, Sq, Hq] float32.
+cudaError_t sparse_attention_fwd(DType dtype, const SparseAttentionArgs& a, void* out,
+                                 float* lse, cudaStream_t stream);
+
+// Backward workspace, in elements, for the problem `a` (host function; the
+// FFI layer asks XLA for these buffers as extra results).
+struct SparseBwdWorkspace {
+  int64_t delta_floats;    // float32: the row terms rowsum(dout * out) - dlse
+  int64_t index_ints;      // int32: the block -> queries index
+  int64_t partial_floats;  // float32: split partial dK/dV sums (may be 0)
+};
+SparseBwdWorkspace sparse_attention_bwd_workspace(const SparseAttentionArgs& a);
+
+// Backward step 1: delta [B, Sq, Hq] = sum_d dout * out - dlse (0 for padded
+// rows) and the block -> queries index (for each (b, kv head, block) the
+// queries that selected the block, in increasing order).
+cudaError_t sparse_attention_bwd_prepare(DType dtype, const SparseAttentionArgs& a,
+                                         const void* out, const void* dout, const float* dlse,
+                                         float* delta, int32_t* index, cudaStream_t stream);
+
+// Backward step 2: dk, dv [B, Sk, Hkv, D] (dtype of k), summed over the query
+// heads of each group, zero for keys no query attends. Deterministic.
+cudaError_t sparse_attention_bwd_dkdv(DType dtype, const SparseAttentionArgs& a,
+                                      const float* lse, const void* dout, const float* delta,
+                                      const int32_t* index, float* partial, void* dk, void* dv,
+                                      cudaStream_t stream);
+
+// Backward step 3: dq [B, Sq, Hq, D] (dtype of q). Deterministic.
+cudaError_t sparse_attention_bwd_dq(DType dtype, const SparseAttentionArgs& a, const float* lse,
+                                    const void* dout, const float* delta, void* dq,
+                                    cudaStream_t stream);
+
 }  // namespace jax_msa::cuda

@@ -1,0 +1,67 @@
+"""Timing helpers shared by the benchmark scripts (spec §7).
+
+The scripts are run as `python3 benchmarks/bench_x.py`, so this module is
+imported as the top-level module `timing` from the scripts' own directory.
+
+Method: compile and warm-up calls are excluded; each sample dispatches the
+function `reps` times back to back over rotated input sets and then waits
+with `jax.block_until_ready`, where `reps` is chosen so that one sample lasts
+at least `min_sample_ms`; the result is the median over the samples of the
+per-call time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+def _elapsed_ms(fn: Callable, calls) -> float:
+    """Wall time in ms of dispatching every call in `calls` and waiting for the last."""
+    result = None
+    start = time.perf_counter()
+    for inputs in calls:
+        result = fn(*inputs)
+    jax.block_until_ready(result)
+    return (time.perf_counter() - start) * 1e3
+
+
+def median_ms(fn: Callable, input_sets: Sequence[tuple], samples: int = 20, min_sample_ms: float = 5.0,
+              warmup: int = 3) -> float:
+    """Median wall time in ms of one call `fn(*inputs)`.
+
+    Args:
+      fn: the (jitted) function; its inputs are each tuple of `input_sets`.
+      input_sets: one or more argument tuples of the same shapes, used in turn
+        (rotated) so that consecutive calls do not find their inputs in L2.
+      samples: number of timed samples (the median is taken over them).
+      min_sample_ms: each sample repeats the call until it lasts at least this.
+      warmup: untimed calls after the first (compiling) one.
+    """
+    if not input_sets:
+        raise ValueError("median_ms needs at least one input set")
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    rotation = itertools.cycle(input_sets)
+    # First call compiles; then `warmup` more untimed calls.
+    for _ in range(1 + max(0, warmup)):
+        jax.block_until_ready(fn(*next(rotation)))
+    # Calibrate: how many back-to-back calls make one sample last min_sample_ms.
+    probe = max(1, len(input_sets))
+    once_ms = _elapsed_ms(fn, [next(rotation) for _ in range(probe)]) / probe
+    reps = max(1, -(-int(min_sample_ms * 1000) // max(1, int(once_ms * 1000))))
+    per_call = []
+    for _ in range(samples):
+        calls = [next(rotation) for _ in range(reps)]
+        per_call.append(_elapsed_ms(fn, calls) / reps)
+    return statistics.median(per_call)
+
+
+def normal(key: jax.Array, shape: Sequence[int], dtype) -> jax.Array:
+    """Standard normal samples drawn in float32 and cast to `dtype`."""
+    return jax.random.normal(key, tuple(shape), jnp.float32).astype(dtype)

@@ -1,0 +1,1053 @@
+// Backward of block-sparse attention (spec §3.4) on SM90: the row terms
+// delta, the block -> queries index and dK / dV (KV-outer). dQ is the
+// query-outer sparse_attention_bwd_dq (another file).
+//
+// sparse_attention_bwd_prepare (all on `stream`, no host sync):
+//  1. delta [B, Sq, Hq] = sum_d dout * out - dlse (0 for padded rows);
+//  2. the index: a stable counting sort of the (query, selected block) pairs
+//     by block, per (batch row, kv head). Queries are cut into chunks of
+//     `chunk_tokens`; a histogram [chunk][block] (integer atomics: order
+//     free), an exclusive scan of each block's column over the chunks, a scan
+//     of the bucket sizes (entry offsets) and of their tile counts (tile
+//     offsets), then one warp per chunk scatters its queries in increasing
+//     order (ranks from __match_any_sync, running counters per block). The
+//     result is deterministic and every bucket is sorted by query index.
+//
+// sparse_attention_bwd_dkdv:
+//  - dkdv_kernel: all buckets' tiles (64 (token, head) rows each) form one
+//    sequence of Ttot tiles; CTA s of the `ctas` CTAs (one wave) takes tiles
+//    [s * chunk, (s + 1) * chunk), chunk = ceil(Ttot / ctas): the same work
+//    for every CTA whatever the bucket sizes. Its range covers one or more
+//    buckets ("segments"); a segment that is a whole bucket is written to
+//    dk / dv directly, a piece of a bucket split between CTAs goes to a
+//    float32 partial slot (2s for the CTA's first segment, 2s + 1 for its
+//    last). Per segment: K_c, V_c by TMA (zero fill past Sk), the tiles'
+//    Q / dO rows gathered by cp.async, wgmma products (see
+//    sparse_bwd_traits.hpp), dK / dV accumulated in registers. The two
+//    consumer warpgroups take turns issuing their products (ping-pong), and
+//    each queues its next tile's S^T behind its current dV / dK products.
+//  - finish_kernel: per bucket, the fixed-order sum of its partial slots
+//    (split buckets) or zeros (empty buckets); whole buckets are left alone.
+// No atomics decide any result: the output is deterministic for a given
+// device (the split into `ctas` = min(SM count, 132) ranges fixes the order).
+//
+// Workspace (sparse_attention_bwd_workspace, elements): delta B*Sq*Hq floats;
+// index 6 + 5*nbkt + B*Hkv*nchunks*nb + B*Hkv*Sq*topk ints (nb = ceil(Sk/128),
+// nbkt = B*Hkv*nb, nchunks = ceil(Sq / chunk_tokens), chunk_tokens the
+// smallest 64 * 2^j with 512 chunks covering Sq), 8-byte aligned; partial
+// 2 * min(132, tiles_bound) * 2 * 128 * 128 floats (at most 34.6 MB),
+// tiles_bound = ceil(B*Hkv*Sq*topk / floor(64/G)) + nbkt. None needs zeroing.
+//
+// Measured (H200, bf16, B=1, Hq=16, Hkv=1, topk=16, window ids; useful FLOPs
+// 4 GEMMs x 2 x 128 per (query row, attended key)): T=32K dkdv 1.87 ms
+// (552 TFLOP/s), prepare 0.12 ms; T=128K dkdv 8.6 ms (491 TFLOP/s, the SM
+// clock drops to ~1.76 GHz under this load), prepare 0.38 ms.
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/cutlass.h>
+
+#include "kernels/cuda/cuda_kernels.h"
+#include "kernels/sm90/rowmax_epilogue.hpp"
+#include "kernels/sm90/sparse_bwd_traits.hpp"
+
+namespace jax_msa::sm90 {
+namespace sparse_bwd {
+
+using namespace cute;
+using cutlass::arch::ClusterBarrier;
+using cutlass::arch::ClusterTransactionBarrier;
+
+constexpr int kBlock = 128;         // keys per block (spec §2)
+constexpr int kHeadDim = 128;       // the only head dim
+constexpr int kTileRows = 64;       // (token, head) rows per tile
+constexpr int kMaxCtas = 132;       // dK/dV CTAs at most (one wave on H100 / H200)
+constexpr int kSlotFloats = 2 * kBlock * kHeadDim;  // one partial slot: dK then dV
+constexpr float kLog2e = 1.4426950408889634f;
+
+// ---------------------------------------------------------------------------
+// Problem geometry shared by host and device.
+
+struct Geometry {
+  int64_t B, Sq, Sk, Hq, Hkv, G, topk;
+  int64_t nb;            // blocks per (batch row, kv head): ceil(Sk / 128)
+  int64_t nbkt;          // buckets: B * Hkv * nb
+  int64_t tpt;           // tokens per tile: floor(64 / G)
+  int64_t chunk_tokens;  // queries per chunk of the counting sort
+  int64_t nchunks;       // ceil(Sq / chunk_tokens)
+  // Offsets in the int32 index workspace (int64 arrays at even offsets).
+  int64_t off_tile_start;   // int64 [nbkt + 1]: first tile of each bucket, then Ttot
+  int64_t off_entry_start;  // int64 [nbkt]: first entry of each bucket
+  int64_t off_count;        // int32 [nbkt]: bucket sizes
+  int64_t off_hist;         // int32 [B * Hkv, nchunks, nb]
+  int64_t off_entries;      // int32 [B * Hkv * Sq * topk]: query indices
+  int64_t index_ints;
+  int64_t tiles_bound;      // upper bound of Ttot
+
+  __host__ __device__ explicit Geometry(const cuda::SparseAttentionArgs& a)
+      : B(a.B), Sq(a.Sq), Sk(a.Sk), Hq(a.Hq), Hkv(a.Hkv), G(a.Hkv > 0 ? a.Hq / a.Hkv : 1),
+        topk(a.topk) {
+    if (G < 1) G = 1;
+    nb = (Sk + kBlock - 1) / kBlock;
+    nbkt = B * Hkv * nb;
+    tpt = G <= kTileRows ? kTileRows / G : 1;
+    // At most 512 chunks per (batch row, kv head): the histogram stays
+    // <= 512 * nb ints while the scatter gets enough warps.
+    chunk_tokens = 64;
+    while (chunk_tokens * 512 < Sq) chunk_tokens *= 2;
+    nchunks = (Sq + chunk_tokens - 1) / chunk_tokens;
+    off_tile_start = 4;  // [0, 4): header (int64 Ttot, unused)
+    off_entry_start = off_tile_start + 2 * (nbkt + 1);
+    off_count = off_entry_start + 2 * nbkt;
+    off_hist = off_count + nbkt;
+    off_entries = off_hist + B * Hkv * nchunks * nb;
+    index_ints = off_entries + B * Hkv * Sq * topk;
+    tiles_bound = (B * Hkv * Sq * topk + tpt - 1) / tpt + nbkt;
+  }
+};
+
+struct IndexView {
+  int64_t* header;
+  int64_t* tile_start;
+  int64_t* entry_start;
+  int32_t* count;
+  int32_t* hist;
+  int32_t* entries;
+
+  __host__ __device__ IndexView(int32_t* base, const Geometry& geo)
+      : header(reinterpret_cast<int64_t*>(base)),
+        tile_start(reinterpret_cast<int64_t*>(base + geo.off_tile_start)),
+        entry_start(reinterpret_cast<int64_t*>(base + geo.off_entry_start)),
+        count(base + geo.off_count),
+        hist(base + geo.off_hist),
+        entries(base + geo.off_entries) {}
+};
+
+// Valid lengths, clamped so that no kernel can be pushed out of bounds.
+__device__ __forceinline__ int64_t clamp_len(const int32_t* lengths, int64_t b, int64_t full) {
+  if (lengths == nullptr) return full;
+  const int64_t v = lengths[b];
+  return v < 0 ? 0 : (v > full ? full : v);
+}
+
+// Whether id c of a query at position p names a block it attends (spec §3.4).
+__device__ __forceinline__ bool block_attended(int32_t c, int64_t p, int64_t blocks_valid) {
+  return c >= 0 && c < blocks_valid && int64_t{c} * kBlock <= p;
+}
+
+// ---------------------------------------------------------------------------
+// Step 1: delta. 16 lanes per row (8 elements each), 2 rows per warp.
+
+template <class Element>
+__device__ __forceinline__ float dot8(const uint4& x, const uint4& y) {
+  const Element* a = reinterpret_cast<const Element*>(&x);
+  const Element* b = reinterpret_cast<const Element*>(&y);
+  float s = 0.0f;
+  CUTE_UNROLL
+  for (int e = 0; e < 8; ++e) s = fmaf(static_cast<float>(a[e]), static_cast<float>(b[e]), s);
+  return s;
+}
+
+template <class Element>
+__global__ void delta_kernel(const Element* __restrict__ out, const Element* __restrict__ dout,
+                             const float* __restrict__ dlse, const int32_t* __restrict__ q_lengths,
+                             float* __restrict__ delta, int64_t rows, int64_t Sq, int64_t Hq) {
+  const int lane16 = threadIdx.x % 16;
+  const int half = (threadIdx.x / 16) % 2;
+  const int64_t warp = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / 32;
+  const int64_t warps = gridDim.x * int64_t{blockDim.x} / 32;
+  // The loop bound is uniform over the warp (both halves shuffle together).
+  for (int64_t pair = warp; 2 * pair < rows; pair += warps) {
+    const int64_t row = 2 * pair + half;
+    bool valid = row < rows;
+    float s = 0.0f;
+    if (valid) {
+      const int64_t b = row / (Sq * Hq);
+      const int64_t i = (row / Hq) % Sq;
+      valid = i < clamp_len(q_lengths, b, Sq);
+    }
+    if (valid) {
+      const uint4 x = reinterpret_cast<const uint4*>(out + row * kHeadDim)[lane16];
+      const uint4 y = reinterpret_cast<const uint4*>(dout + row * kHeadDim)[lane16];
+      s = dot8<Element>(x, y);
+    }
+    CUTE_UNROLL
+    for (int o = 8; o >= 1; o /= 2) s += __shfl_xor_sync(0xFFFFFFFFu, s, o);
+    if (lane16 == 0 && row < rows) delta[row] = valid ? s - (dlse ? dlse[row] : 0.0f) : 0.0f;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Step 2: the index.
+
+// hist[bg, chunk, c] += 1 for every attended (query in chunk, block c).
+__global__ void hist_kernel(const int32_t* __restrict__ ids, const int32_t* __restrict__ q_lengths,
+                            const int32_t* __restrict__ kv_lengths, int32_t* __restrict__ hist,
+                            Geometry geo) {
+  const int64_t bg = blockIdx.y;
+  const int64_t b = bg / geo.Hkv;
+  const int64_t q = blockIdx.x;
+  const int64_t q_len = clamp_len(q_lengths, b, geo.Sq);
+  const int64_t kv_len = clamp_len(kv_lengths, b, geo.Sk);
+  const int64_t offset = kv_len - q_len;
+  const int64_t blocks_valid = (kv_len + kBlock - 1) / kBlock;
+  const int64_t tok0 = q * geo.chunk_tokens;
+  const int64_t tok1 = min(tok0 + geo.chunk_tokens, q_len);
+  if (tok0 >= tok1) return;
+  int32_t* h = hist + (bg * geo.nchunks + q) * geo.nb;
+  const int64_t n = (tok1 - tok0) * geo.topk;
+  const int32_t* row_ids = ids + ((b * geo.Sq + tok0) * geo.Hkv + bg % geo.Hkv) * geo.topk;
+  for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
+    const int64_t t = e / geo.topk;
+    const int64_t slot = e - t * geo.topk;
+    const int32_t c = row_ids[t * geo.Hkv * geo.topk + slot];
+    if (block_attended(c, offset + tok0 + t, blocks_valid)) atomicAdd(h + c, 1);
+  }
+}
+
+// Exclusive scan of each block's column over the chunks; count = column total.
+// CTA = 32 columns x 16 warps; warp w scans a contiguous range of chunks.
+__global__ void __launch_bounds__(512) colscan_kernel(int32_t* __restrict__ hist,
+                                                      int32_t* __restrict__ count, Geometry geo) {
+  __shared__ int32_t part[16][32];
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  const int64_t bg = blockIdx.y;
+  const int64_t c = blockIdx.x * int64_t{32} + lane;
+  const bool ok = c < geo.nb;
+  const int64_t per = (geo.nchunks + 15) / 16;
+  const int64_t q0 = min<int64_t>(warp * per, geo.nchunks);
+  const int64_t q1 = min<int64_t>(q0 + per, geo.nchunks);
+  int32_t* col = hist + bg * geo.nchunks * geo.nb + (ok ? c : 0);
+  int32_t sum = 0;
+  if (ok) {
+#pragma unroll 8
+    for (int64_t q = q0; q < q1; ++q) sum += col[q * geo.nb];
+  }
+  part[warp][lane] = sum;
+  __syncthreads();
+  int32_t base = 0;
+  for (int w = 0; w < warp; ++w) base += part[w][lane];
+  if (ok) {
+#pragma unroll 4
+    for (int64_t q = q0; q < q1; ++q) {
+      const int32_t v = col[q * geo.nb];
+      col[q * geo.nb] = base;
+      base += v;
+    }
+    if (warp == 15) count[bg * geo.nb + c] = base;
+  }
+}
+
+// Block-wide exclusive scan of two int64 values (blockDim.x == 1024).
+__device__ void block_scan2(int64_t& a, int64_t& b, int64_t& total_a, int64_t& total_b) {
+  __shared__ int64_t warp_a[32], warp_b[32];
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  int64_t ia = a, ib = b;  // inclusive
+  CUTE_UNROLL
+  for (int o = 1; o < 32; o *= 2) {
+    const int64_t xa = __shfl_up_sync(0xFFFFFFFFu, ia, o);
+    const int64_t xb = __shfl_up_sync(0xFFFFFFFFu, ib, o);
+    if (lane >= o) {
+      ia += xa;
+      ib += xb;
+    }
+  }
+  if (lane == 31) {
+    warp_a[warp] = ia;
+    warp_b[warp] = ib;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    int64_t wa = warp_a[lane], wb = warp_b[lane];
+    CUTE_UNROLL
+    for (int o = 1; o < 32; o *= 2) {
+      const int64_t xa = __shfl_up_sync(0xFFFFFFFFu, wa, o);
+      const int64_t xb = __shfl_up_sync(0xFFFFFFFFu, wb, o);
+      if (lane >= o) {
+        wa += xa;
+        wb += xb;
+      }
+    }
+    warp_a[lane] = wa;  // inclusive over warps
+    warp_b[lane] = wb;
+  }
+  __syncthreads();
+  const int64_t base_a = warp > 0 ? warp_a[warp - 1] : 0;
+  const int64_t base_b = warp > 0 ? warp_b[warp - 1] : 0;
+  total_a = warp_a[31];
+  total_b = warp_b[31];
+  a = base_a + ia - a;
+  b = base_b + ib - b;
+  __syncthreads();  // warp_a / warp_b are reused by the next call
+}
+
+// Bucket offsets (entries and tiles) and Ttot. One CTA of 1024 threads.
+__global__ void __launch_bounds__(1024) bucket_scan_kernel(int32_t* index, Geometry geo) {
+  IndexView ix(index, geo);
+  int64_t run_entries = 0, run_tiles = 0;
+  for (int64_t base = 0; base < geo.nbkt; base += 1024) {
+    const int64_t k = base + threadIdx.x;
+    const int64_t cnt = k < geo.nbkt ? ix.count[k] : 0;
+    int64_t e = cnt, t = (cnt + geo.tpt - 1) / geo.tpt, total_e, total_t;
+    block_scan2(e, t, total_e, total_t);
+    if (k < geo.nbkt) {
+      ix.entry_start[k] = run_entries + e;
+      ix.tile_start[k] = run_tiles + t;
+    }
+    run_entries += total_e;
+    run_tiles += total_t;
+  }
+  if (threadIdx.x == 0) {
+    ix.tile_start[geo.nbkt] = run_tiles;
+    ix.header[0] = run_tiles;
+    ix.header[1] = run_entries;
+  }
+}
+
+// One warp per (bg, chunk): writes the chunk's queries into their buckets in
+// increasing order. kSmem: the running positions (bucket start + the chunk's
+// prefix) are int64 counters in shared memory (nb <= kMaxSmemCounters); else
+// the chunk's own hist row is the counter and the bucket start is re-read.
+constexpr int kMaxSmemCounters = 6144;  // 48 KB of int64
+
+template <bool kSmem>
+__global__ void __launch_bounds__(32) scatter_kernel(const int32_t* __restrict__ ids,
+                                                     const int32_t* __restrict__ q_lengths,
+                                                     const int32_t* __restrict__ kv_lengths,
+                                                     int32_t* index, Geometry geo) {
+  extern __shared__ int64_t smem_positions[];
+  IndexView ix(index, geo);
+  const int64_t bg = blockIdx.y;
+  const int64_t b = bg / geo.Hkv;
+  const int64_t g = bg % geo.Hkv;
+  const int64_t q = blockIdx.x;
+  const int lane = threadIdx.x;
+  const int64_t q_len = clamp_len(q_lengths, b, geo.Sq);
+  const int64_t kv_len = clamp_len(kv_lengths, b, geo.Sk);
+  const int64_t offset = kv_len - q_len;
+  const int64_t blocks_valid = (kv_len + kBlock - 1) / kBlock;
+  const int64_t tok0 = q * geo.chunk_tokens;
+  const int64_t tok1 = min(tok0 + geo.chunk_tokens, q_len);
+  if (tok0 >= tok1) return;
+
+  int32_t* hrow = ix.hist + (bg * geo.nchunks + q) * geo.nb;
+  const int64_t* bucket_start = ix.entry_start + bg * geo.nb;
+  if constexpr (kSmem) {
+    // Blocks past the chunk's last local block are never selected.
+    const int64_t last = offset + tok1 - 1;
+    const int64_t used = last < 0 ? 0 : min<int64_t>(geo.nb, last / kBlock + 1);
+    for (int64_t c = lane; c < used; c += 32) smem_positions[c] = bucket_start[c] + hrow[c];
+    __syncwarp();
+  }
+
+  int tp = 1;  // slots per token, rounded up to a power of two
+  while (tp < geo.topk) tp *= 2;
+  const int per_pass = tp < 32 ? tp : 32;
+  const int passes = tp / per_pass;  // 1 or 2
+  const int tokens_per_step = 32 / per_pass;
+  const int my_tok = lane / per_pass;
+  const int my_slot = lane % per_pass;
+  const unsigned lt_mask = (1u << lane) - 1u;
+  constexpr int kUnroll = 8;
+
+  for (int64_t t0 = tok0; t0 < tok1; t0 += int64_t{tokens_per_step} * kUnroll) {
+    int32_t cs[kUnroll][2];
+    CUTE_UNROLL
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = t0 + int64_t{u} * tokens_per_step + my_tok;
+      CUTE_UNROLL
+      for (int ps = 0; ps < 2; ++ps) {
+        const int slot = ps * 32 + my_slot;
+        int32_t c = -1;
+        if (ps < passes && i < tok1 && slot < geo.topk) {
+          const int32_t raw = ids[((b * geo.Sq + i) * geo.Hkv + g) * geo.topk + slot];
+          if (block_attended(raw, offset + i, blocks_valid)) c = raw;
+        }
+        cs[u][ps] = c;
+      }
+    }
+    CUTE_UNROLL
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = t0 + int64_t{u} * tokens_per_step + my_tok;
+      CUTE_UNROLL
+      for (int ps = 0; ps < 2; ++ps) {
+        if (ps >= passes) break;
+        const int32_t c = cs[u][ps];
+        const unsigned same = __match_any_sync(0xFFFFFFFFu, c);
+        const int rank = __popc(same & lt_mask);
+        const bool leader = (31 - __clz(same)) == lane;
+        if constexpr (kSmem) {
+          int64_t at = 0;
+          if (c >= 0) {
+            at = smem_positions[c];
+            ix.entries[at + rank] = static_cast<int32_t>(i);
+          }
+          __syncwarp();
+          if (c >= 0 && leader) smem_positions[c] = at + __popc(same);
+        } else {
+          int32_t at = 0;
+          if (c >= 0) {
+            at = hrow[c];
+            ix.entries[bucket_start[c] + at + rank] = static_cast<int32_t>(i);
+          }
+          __syncwarp();
+          if (c >= 0 && leader) hrow[c] = at + __popc(same);
+        }
+        __syncwarp();
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// dK / dV.
+
+template <class Traits>
+auto make_tma_kv(const typename Traits::Element* ptr, int Sk, int Hkv, int B) {
+  auto layout = make_layout(make_shape(Sk, Int<kHeadDim>{}, Hkv, B),
+                            make_stride(int64_t{Hkv} * kHeadDim, _1{}, int64_t{kHeadDim},
+                                        int64_t{Sk} * Hkv * kHeadDim));
+  return make_tma_copy(SM90_TMA_LOAD{}, make_tensor(make_gmem_ptr(ptr), layout),
+                       typename Traits::SmemLayoutKV{}, typename Traits::TileKV{}, _1{});
+}
+
+template <class Traits>
+struct DkdvParams {
+  using Element = typename Traits::Element;
+  using TmaKV = decltype(make_tma_kv<Traits>(nullptr, 1, 1, 1));
+  TmaKV tma_k;
+  TmaKV tma_v;
+  const Element* q;
+  const Element* dout;
+  const float* lse;
+  const float* delta;
+  const int32_t* q_lengths;
+  const int32_t* kv_lengths;
+  const int32_t* index;
+  float* partial;
+  Element* dk;
+  Element* dv;
+  Geometry geo;
+  float scale;
+  int ctas;
+};
+
+// ((2, 2, V), M, N) accumulator layout -> ((2, 2, 2), M, V / 2 * N): the
+// register A-operand layout of a following wgmma whose K runs along the
+// accumulator's N (each k-block of 16 takes two 8-column groups).
+template <class AccLayout>
+__device__ constexpr auto acc_to_operand_a(AccLayout acc) {
+  auto v = get<0, 2>(acc);  // V : s (static)
+  static_assert(decltype(rank(v))::value == 1 && decltype(size(v))::value % 2 == 0);
+  auto v_lo = make_layout(_2{}, stride(v));
+  auto v_hi = make_layout(Int<decltype(size(v))::value / 2>{}, stride(v) * _2{});
+  return make_layout(make_layout(get<0, 0>(acc), get<0, 1>(acc), v_lo), get<1>(acc),
+                     coalesce(make_layout(v_hi, get<2>(acc))));
+}
+
+template <class Element>
+__device__ __forceinline__ uint32_t pack2(float a, float b) {
+  if constexpr (std::is_same_v<Element, cutlass::bfloat16_t>) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  } else {
+    __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+}
+
+// 2^x (ex2.approx.ftz: 2 ulp, subnormal results flushed; 2^-inf = 0).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  const uint32_t dst = cute::cast_smem_ptr_to_uint(smem);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem, bool valid) {
+  const uint32_t dst = cute::cast_smem_ptr_to_uint(smem);
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(gmem),
+               "r"(valid ? 4 : 0)
+               : "memory");
+}
+
+// The segments of one CTA's tile range [T0, T1): next() moves to the next
+// bucket piece (bucket, its tiles [tile_begin, tile_end), whether that is the
+// whole bucket).
+struct SegmentWalker {
+  const int64_t* tile_start;
+  int64_t T0, T1, T;
+  int64_t bucket, tile_begin, tile_end;
+  bool whole;
+
+  __device__ bool next() {
+    if (T >= T1) return false;
+    while (tile_start[bucket + 1] <= T) ++bucket;  // skips empty buckets
+    const int64_t b0 = tile_start[bucket], b1 = tile_start[bucket + 1];
+    tile_begin = T - b0;
+    tile_end = min(T1, b1) - b0;
+    whole = b0 >= T0 && b1 <= T1;
+    T = min(T1, b1);
+    return true;
+  }
+};
+
+// Consumer schedule: a warpgroup queues the next tile's S^T product behind
+// the current tile's dV / dK products (and its dP^T right after them), so
+// that its own softmax step is the only time it leaves the tensor cores idle.
+// The two consumer warpgroups take turns to issue their products (two named
+// barriers), so that one's softmax runs while the other's products run
+// instead of both waiting on the tensor cores together.
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kThreads, 1)
+    dkdv_kernel(const __grid_constant__ DkdvParams<Traits> p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using Element = typename Traits::Element;
+  using SharedStorage = typename Traits::SharedStorage;
+  constexpr int kStages = Traits::kStages;
+  extern __shared__ __align__(1024) char dkdv_smem[];
+  SharedStorage& ss = *reinterpret_cast<SharedStorage*>(dkdv_smem);
+
+  const Geometry& geo = p.geo;
+  const IndexView ix(const_cast<int32_t*>(p.index), geo);
+  const int64_t total = ix.header[0];
+  if (total == 0) return;
+  const int64_t chunk = (total + p.ctas - 1) / p.ctas;
+  const int64_t T0 = blockIdx.x * chunk;
+  if (T0 >= total) return;
+  const int64_t T1 = min(T0 + chunk, total);
+  // First bucket: the last k with tile_start[k] <= T0.
+  int64_t lo = 0, hi = geo.nbkt;
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    if (ix.tile_start[mid] <= T0) lo = mid; else hi = mid;
+  }
+  SegmentWalker walker{ix.tile_start, T0, T1, T0, lo, 0, 0, false};
+
+  const int warpgroup = threadIdx.x / 128;
+  if (threadIdx.x == 0) {
+    ClusterBarrier::init(&ss.kv_full, 1);
+    ClusterBarrier::init(&ss.kv_empty, 256);
+    for (int s = 0; s < kStages; ++s) {
+      ClusterBarrier::init(&ss.full[s], 128);
+      ClusterBarrier::init(&ss.empty[s], 256);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  const int64_t G = geo.G;
+  const int64_t tpt = geo.tpt;
+
+  if (warpgroup == 0) {
+    // ---------------- producer ----------------
+    cutlass::arch::warpgroup_reg_dealloc<40>();
+    const int t = threadIdx.x;
+    const int row = t >> 1;  // tile row gathered by this thread
+    const int half = t & 1;  // its 16-byte chunks: half, half + 2, ..., half + 14
+    const int slot = static_cast<int>(row / G);
+    const int64_t head = row - slot * G;
+    Tensor sQ = make_tensor(make_smem_ptr(ss.q), typename Traits::SmemLayoutQ{});
+    Tensor sO = make_tensor(make_smem_ptr(ss.dout), typename Traits::SmemLayoutQ{});
+    if (t == 0) {
+      cute::prefetch_tma_descriptor(p.tma_k.get_tma_descriptor());
+      cute::prefetch_tma_descriptor(p.tma_v.get_tma_descriptor());
+    }
+    int64_t it = 0;
+    int seg = 0;
+    while (walker.next()) {
+      const int64_t k = walker.bucket;
+      const int64_t bg = k / geo.nb;
+      const int64_t c = k - bg * geo.nb;
+      const int64_t b = bg / geo.Hkv;
+      const int64_t g = bg - b * geo.Hkv;
+      if (t == 0) {
+        if (seg > 0) ClusterBarrier::wait(&ss.kv_empty, (seg - 1) & 1);
+        Tensor sK = make_tensor(make_smem_ptr(ss.k), typename Traits::SmemLayoutKV{});
+        Tensor sV = make_tensor(make_smem_ptr(ss.v), typename Traits::SmemLayoutKV{});
+        auto shape = make_shape(static_cast<int>(geo.Sk), Int<kHeadDim>{},
+                                static_cast<int>(geo.Hkv), static_cast<int>(geo.B));
+        Tensor mK = p.tma_k.get_tma_tensor(shape);
+        Tensor mV = p.tma_v.get_tma_tensor(shape);
+        Tensor gK = local_tile(mK(_, _, g, b), typename Traits::TileKV{}, make_coord(c, _0{}));
+        Tensor gV = local_tile(mV(_, _, g, b), typename Traits::TileKV{}, make_coord(c, _0{}));
+        auto tma_k = p.tma_k.get_slice(_0{});
+        auto tma_v = p.tma_v.get_slice(_0{});
+        ClusterTransactionBarrier::arrive_and_expect_tx(&ss.kv_full, 2 * Traits::kBytesKV);
+        copy(p.tma_k.with(ss.kv_full), tma_k.partition_S(gK), tma_k.partition_D(sK));
+        copy(p.tma_v.with(ss.kv_full), tma_v.partition_S(gV), tma_v.partition_D(sV));
+      }
+      const int64_t count = ix.count[k];
+      const int32_t* bucket = ix.entries + ix.entry_start[k];
+      for (int64_t tile = walker.tile_begin; tile < walker.tile_end; ++tile, ++it) {
+        const int stage = static_cast<int>(it % kStages);
+        ClusterBarrier::wait(&ss.empty[stage], static_cast<uint32_t>(((it / kStages) & 1) ^ 1));
+        const int64_t entry = tile * tpt + slot;
+        const bool valid = slot < tpt && entry < count;
+        const int64_t token = valid ? bucket[entry] : 0;
+        const int64_t qrow = ((b * geo.Sq + token) * geo.Hq + g * G + head);
+        const Element* src_q = p.q + qrow * kHeadDim;
+        const Element* src_o = p.dout + qrow * kHeadDim;
+        CUTE_UNROLL
+        for (int j = 0; j < 8; ++j) {
+          const int col = (half + 2 * j) * 8;
+          cp_async_16(&sQ(row, col, stage), src_q + col, valid);
+          cp_async_16(&sO(row, col, stage), src_o + col, valid);
+        }
+        if (half == 0) {
+          cp_async_4(&ss.lse[stage][row], p.lse + qrow, valid);
+          cp_async_4(&ss.token[stage][row], bucket + (valid ? entry : 0), valid);
+        } else {
+          cp_async_4(&ss.delta[stage][row], p.delta + qrow, valid);
+        }
+        cutlass::arch::cpasync_barrier_arrive_noinc(&ss.full[stage]);
+      }
+      ++seg;
+    }
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+    return;
+  }
+
+  // ---------------- consumers ----------------
+  cutlass::arch::warpgroup_reg_alloc<232>();
+  const int w = warpgroup - 1;  // keys [64w, 64w + 64) of the block
+  const int tid = threadIdx.x % 128;
+  typename Traits::MmaSdP mma_s;
+  typename Traits::MmaKV mma_kv;
+  mma_kv.accumulate_ = GMMA::ScaleOut::One;
+  auto thr_s = mma_s.get_thread_slice(tid);
+  auto thr_kv = mma_kv.get_thread_slice(tid);
+
+  Tensor sK = make_tensor(make_smem_ptr(ss.k), typename Traits::SmemLayoutKV{});
+  Tensor sV = make_tensor(make_smem_ptr(ss.v), typename Traits::SmemLayoutKV{});
+  Tensor sKw = local_tile(sK, Shape<_64, Int<kHeadDim>>{}, make_coord(w, _0{}));
+  Tensor sVw = local_tile(sV, Shape<_64, Int<kHeadDim>>{}, make_coord(w, _0{}));
+  Tensor sQ = make_tensor(make_smem_ptr(ss.q), typename Traits::SmemLayoutQ{});
+  Tensor sO = make_tensor(make_smem_ptr(ss.dout), typename Traits::SmemLayoutQ{});
+  Tensor sQt = make_tensor(make_smem_ptr(ss.q), typename Traits::SmemLayoutQt{});
+  Tensor sOt = make_tensor(make_smem_ptr(ss.dout), typename Traits::SmemLayoutQt{});
+
+  Tensor tSrK = thr_s.partition_fragment_A(sKw);   // (MMA, 1, D/16)
+  Tensor tSrV = thr_s.partition_fragment_A(sVw);
+  Tensor tSrQ = thr_s.partition_fragment_B(sQ);    // (MMA, 1, D/16, stage)
+  Tensor tSrO = thr_s.partition_fragment_B(sO);
+  Tensor tKrQt = thr_kv.partition_fragment_B(sQt);  // (MMA, 1, rows/16, stage)
+  Tensor tKrOt = thr_kv.partition_fragment_B(sOt);
+
+  using TileS = Shape<_64, Int<kTileRows>>;
+  using TileKV = Shape<_64, Int<kHeadDim>>;
+  Tensor accS = partition_fragment_C(mma_s, TileS{});
+  Tensor accP = partition_fragment_C(mma_s, TileS{});  // dP^T, then dS^T
+  Tensor accV = partition_fragment_C(mma_kv, TileKV{});
+  Tensor accK = partition_fragment_C(mma_kv, TileKV{});
+  Tensor accS_rc = make_tensor(accS.data(), rowcol_layout(accS.layout()));
+  Tensor accP_rc = make_tensor(accP.data(), rowcol_layout(accP.layout()));
+  Tensor cS = thr_s.partition_C(make_identity_tensor(TileS{}));
+  Tensor cS_rc = make_tensor(cS.data(), rowcol_layout(cS.layout()));
+  constexpr int kKeyRows = decltype(size<0>(accS_rc))::value;  // 2
+  constexpr int kCols = decltype(size<1>(accS_rc))::value;     // 16
+  using OperandLayout = decltype(acc_to_operand_a(accS.layout()));
+  Tensor rP = make_tensor<Element>(OperandLayout{});
+  Tensor rdS = make_tensor<Element>(OperandLayout{});
+
+  const float scale_log2 = p.scale * kLog2e;
+  int64_t it = 0;
+  int seg = 0;
+
+  auto gemm_s = [&](int stage) {
+    mma_s.accumulate_ = GMMA::ScaleOut::Zero;
+    CUTE_UNROLL
+    for (int kb = 0; kb < size<2>(tSrK); ++kb) {
+      cute::gemm(mma_s, tSrK(_, _, kb), tSrQ(_, _, kb, stage), accS);
+      mma_s.accumulate_ = GMMA::ScaleOut::One;
+    }
+  };
+  auto gemm_dp = [&](int stage) {
+    mma_s.accumulate_ = GMMA::ScaleOut::Zero;
+    CUTE_UNROLL
+    for (int kb = 0; kb < size<2>(tSrV); ++kb) {
+      cute::gemm(mma_s, tSrV(_, _, kb), tSrO(_, _, kb, stage), accP);
+      mma_s.accumulate_ = GMMA::ScaleOut::One;
+    }
+  };
+  auto issue_sdp = [&](int stage) {
+    warpgroup_fence_operand(accS);
+    warpgroup_fence_operand(accP);
+    warpgroup_arrive();
+    gemm_s(stage);
+    gemm_dp(stage);
+    warpgroup_commit_batch();
+    warpgroup_fence_operand(accS);
+    warpgroup_fence_operand(accP);
+  };
+  auto issue_s = [&](int stage) {
+    warpgroup_fence_operand(accS);
+    warpgroup_arrive();
+    gemm_s(stage);
+    warpgroup_commit_batch();
+    warpgroup_fence_operand(accS);
+  };
+  auto issue_dp = [&](int stage) {
+    warpgroup_fence_operand(accP);
+    warpgroup_arrive();
+    gemm_dp(stage);
+    warpgroup_commit_batch();
+    warpgroup_fence_operand(accP);
+  };
+  auto issue_kv = [&](int stage) {
+    warpgroup_fence_operand(rP);
+    warpgroup_fence_operand(rdS);
+    warpgroup_fence_operand(accV);
+    warpgroup_fence_operand(accK);
+    warpgroup_arrive();
+    CUTE_UNROLL
+    for (int kb = 0; kb < size<2>(rP); ++kb) {
+      cute::gemm(mma_kv, rP(_, _, kb), tKrOt(_, _, kb, stage), accV);
+    }
+    CUTE_UNROLL
+    for (int kb = 0; kb < size<2>(rdS); ++kb) {
+      cute::gemm(mma_kv, rdS(_, _, kb), tKrQt(_, _, kb, stage), accK);
+    }
+    warpgroup_commit_batch();
+    warpgroup_fence_operand(accV);
+    warpgroup_fence_operand(accK);
+    warpgroup_fence_operand(rP);
+    warpgroup_fence_operand(rdS);
+  };
+  auto wait_full = [&](int64_t i) {
+    ClusterBarrier::wait(&ss.full[i % kStages], static_cast<uint32_t>((i / kStages) & 1));
+    cutlass::arch::fence_view_async_shared();  // cp.async (generic proxy) -> wgmma
+  };
+
+  // Turns: named barrier w is warpgroup w's; warpgroup 0 goes first.
+  auto take_turn = [&]() { cutlass::arch::NamedBarrier::sync(256, w); };
+  auto pass_turn = [&](bool last) {
+    if (!(last && w == 1)) cutlass::arch::NamedBarrier::arrive(256, 1 - w);
+  };
+  if (w == 1) cutlass::arch::NamedBarrier::arrive(256, 0);
+
+  while (walker.next()) {
+    const int64_t k = walker.bucket;
+    const int64_t bg = k / geo.nb;
+    const int64_t c = k - bg * geo.nb;
+    const int64_t b = bg / geo.Hkv;
+    const int64_t g = bg - b * geo.Hkv;
+    const int64_t q_len = clamp_len(p.q_lengths, b, geo.Sq);
+    const int64_t kv_len = clamp_len(p.kv_lengths, b, geo.Sk);
+    const int64_t count = ix.count[k];
+    // Key j of this thread's row r is visible to query i iff j <= offset + i,
+    // i.e. key_rel[r] <= i with key_rel = j - offset.
+    int key_rel[kKeyRows];
+    CUTE_UNROLL
+    for (int r = 0; r < kKeyRows; ++r) {
+      key_rel[r] = static_cast<int>(c * kBlock + 64 * w + get<0>(cS_rc(r, 0)) - (kv_len - q_len));
+    }
+    clear(accV);
+    clear(accK);
+    ClusterBarrier::wait(&ss.kv_full, seg & 1);
+
+    auto softmax_grad = [&](int64_t tile, int stage) {
+      const int rows_valid = static_cast<int>(min<int64_t>(tpt, count - tile * tpt) * G);
+      CUTE_UNROLL
+      for (int j = 0; j < kCols; ++j) {
+        const int n = get<1>(cS_rc(0, j));
+        const int32_t token = ss.token[stage][n];
+        const float lse = ss.lse[stage][n];
+        const float dlt = ss.delta[stage][n];
+        const float neg_lse = lse == -INFINITY ? -INFINITY : -lse * kLog2e;
+        const bool row_ok = n < rows_valid;
+        CUTE_UNROLL
+        for (int r = 0; r < kKeyRows; ++r) {
+          const bool visible = row_ok && key_rel[r] <= token;
+          const float pr = fast_exp2(visible ? fmaf(accS_rc(r, j), scale_log2, neg_lse) : -INFINITY);
+          accS_rc(r, j) = pr;
+          accP_rc(r, j) = pr * (accP_rc(r, j) - dlt);
+        }
+      }
+      // Same register order: element e of the accumulator is element e of the operand.
+      CUTE_UNROLL
+      for (int e = 0; e < size(accS); ++e) {
+        rP.data()[e] = static_cast<Element>(accS.data()[e]);
+        rdS.data()[e] = static_cast<Element>(accP.data()[e]);
+      }
+    };
+
+    // Per tile: S^T, dP^T -> P^T, dS^T (registers) -> dV, dK, with the next
+    // tile's S^T, dP^T issued behind this tile's dV, dK.
+    // Registers in flight at most: dK, dV (128) + P^T, dS^T (32) + S^T (32).
+    wait_full(it);
+    take_turn();
+    issue_sdp(static_cast<int>(it % kStages));
+    pass_turn(false);
+    warpgroup_wait<0>();
+    int64_t tile = walker.tile_begin;
+    for (; tile + 1 < walker.tile_end; ++tile, ++it) {
+      const int stage = static_cast<int>(it % kStages);
+      const int next = static_cast<int>((it + 1) % kStages);
+      softmax_grad(tile, stage);
+      take_turn();
+      issue_kv(stage);
+      wait_full(it + 1);
+      issue_s(next);
+      warpgroup_wait<1>();  // dV / dK of this tile done
+      ClusterBarrier::arrive(&ss.empty[stage]);
+      issue_dp(next);
+      pass_turn(false);
+      warpgroup_wait<0>();
+    }
+    const int stage = static_cast<int>(it % kStages);
+    softmax_grad(tile, stage);
+    take_turn();
+    issue_kv(stage);
+    pass_turn(walker.T >= walker.T1);  // the CTA's last turn: nobody takes the next
+    warpgroup_wait<0>();
+    ClusterBarrier::arrive(&ss.empty[stage]);
+    ++it;
+    ClusterBarrier::arrive(&ss.kv_empty);  // K_c, V_c no longer read
+
+    // Epilogue: dK = scale * sum dS^T Q, dV = sum P^T dO.
+    Tensor cKV = thr_kv.partition_C(make_identity_tensor(TileKV{}));
+    Tensor cKV_rc = make_tensor(cKV.data(), rowcol_layout(cKV.layout()));
+    Tensor accV_rc = make_tensor(accV.data(), rowcol_layout(accV.layout()));
+    Tensor accK_rc = make_tensor(accK.data(), rowcol_layout(accK.layout()));
+    if (walker.whole) {
+      CUTE_UNROLL
+      for (int r = 0; r < size<0>(accV_rc); ++r) {
+        const int64_t key = c * kBlock + 64 * w + get<0>(cKV_rc(r, 0));
+        if (key < geo.Sk) {
+          const int64_t at = ((b * geo.Sk + key) * geo.Hkv + g) * kHeadDim;
+          CUTE_UNROLL
+          for (int j = 0; j < size<1>(accV_rc); j += 2) {
+            const int d = get<1>(cKV_rc(r, j));
+            *reinterpret_cast<uint32_t*>(p.dk + at + d) =
+                pack2<Element>(accK_rc(r, j) * p.scale, accK_rc(r, j + 1) * p.scale);
+            *reinterpret_cast<uint32_t*>(p.dv + at + d) =
+                pack2<Element>(accV_rc(r, j), accV_rc(r, j + 1));
+          }
+        }
+      }
+    } else {
+      const int64_t slot = 2 * int64_t{blockIdx.x} + (seg == 0 ? 0 : 1);
+      float* out_k = p.partial + slot * kSlotFloats;
+      float* out_v = out_k + kBlock * kHeadDim;
+      CUTE_UNROLL
+      for (int r = 0; r < size<0>(accV_rc); ++r) {
+        const int key = 64 * w + get<0>(cKV_rc(r, 0));
+        CUTE_UNROLL
+        for (int j = 0; j < size<1>(accV_rc); j += 2) {
+          const int d = get<1>(cKV_rc(r, j));
+          *reinterpret_cast<float2*>(out_k + key * kHeadDim + d) =
+              make_float2(accK_rc(r, j) * p.scale, accK_rc(r, j + 1) * p.scale);
+          *reinterpret_cast<float2*>(out_v + key * kHeadDim + d) =
+              make_float2(accV_rc(r, j), accV_rc(r, j + 1));
+        }
+      }
+    }
+    ++seg;
+  }
+#endif
+}
+
+// Per bucket: zeros (no tile), the fixed-order sum of its partial slots (split
+// between CTAs) or nothing (written whole by its CTA).
+template <class Element>
+__global__ void __launch_bounds__(256) finish_kernel(const int32_t* index, const float* partial,
+                                                     Element* dk, Element* dv, Geometry geo,
+                                                     int ctas) {
+  const IndexView ix(const_cast<int32_t*>(index), geo);
+  const int64_t k = blockIdx.x;
+  const int64_t bg = k / geo.nb;
+  const int64_t c = k - bg * geo.nb;
+  const int64_t b = bg / geo.Hkv;
+  const int64_t g = bg - b * geo.Hkv;
+  const int64_t ts0 = ix.tile_start[k], ts1 = ix.tile_start[k + 1];
+  int64_t s0 = 0, s1 = -1, chunk = 1;
+  if (ts1 > ts0) {
+    const int64_t total = ix.header[0];
+    chunk = (total + ctas - 1) / ctas;
+    s0 = ts0 / chunk;
+    s1 = (ts1 - 1) / chunk;
+    if (s0 == s1) return;  // whole: written by its CTA
+  }
+  const int64_t rows = min<int64_t>(kBlock, geo.Sk - c * kBlock);
+  for (int64_t e = threadIdx.x * 4; e < rows * kHeadDim; e += blockDim.x * 4) {
+    const int64_t key = e / kHeadDim;
+    const int64_t d = e - key * kHeadDim;
+    float4 sk = make_float4(0.f, 0.f, 0.f, 0.f), sv = sk;
+    for (int64_t s = s0; s <= s1; ++s) {
+      const int64_t slot = ts0 <= s * chunk ? 2 * s : 2 * s + 1;
+      const float* src = partial + slot * kSlotFloats + e;
+      const float4 a = *reinterpret_cast<const float4*>(src);
+      const float4 v = *reinterpret_cast<const float4*>(src + kBlock * kHeadDim);
+      sk.x += a.x; sk.y += a.y; sk.z += a.z; sk.w += a.w;
+      sv.x += v.x; sv.y += v.y; sv.z += v.z; sv.w += v.w;
+    }
+    const int64_t at = ((b * geo.Sk + c * kBlock + key) * geo.Hkv + g) * kHeadDim + d;
+    *reinterpret_cast<uint2*>(dk + at) = make_uint2(pack2<Element>(sk.x, sk.y), pack2<Element>(sk.z, sk.w));
+    *reinterpret_cast<uint2*>(dv + at) = make_uint2(pack2<Element>(sv.x, sv.y), pack2<Element>(sv.z, sv.w));
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Host side.
+
+bool args_ok(DType dtype, const cuda::SparseAttentionArgs& a) {
+  if (dtype != DType::kBF16 && dtype != DType::kF16) return false;
+  if (a.D != kHeadDim || a.Hkv < 1 || a.Hq < a.Hkv || a.Hq % a.Hkv != 0) return false;
+  if (a.Hq / a.Hkv > kTileRows || a.topk < 1 || a.topk > 64) return false;
+  if (a.B < 0 || a.Sq < 0 || a.Sk < 0) return false;
+  // TMA takes 32-bit extents; grids take 31-bit y / x extents.
+  if (a.Sk > INT_MAX || a.Hkv > INT_MAX || a.B > INT_MAX) return false;
+  const Geometry geo(a);
+  if (geo.nchunks > INT_MAX || geo.nbkt > INT_MAX || a.B * a.Hkv > 65535) return false;
+  return true;
+}
+
+// CTAs of the dK/dV kernel: one wave (at most kMaxCtas), fewer for tiny problems.
+int dkdv_ctas(const Geometry& geo) {
+  int64_t n = std::min<int64_t>(kMaxCtas, geo.tiles_bound);
+  int device = 0, sms = kMaxCtas;
+  if (cudaGetDevice(&device) == cudaSuccess &&
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess &&
+      sms > 0) {
+    n = std::min<int64_t>(n, sms);
+  } else {
+    cudaGetLastError();
+  }
+  return static_cast<int>(n);
+}
+
+template <class Element>
+cudaError_t prepare(const cuda::SparseAttentionArgs& a, const void* out, const void* dout,
+                    const float* dlse, float* delta, int32_t* index, cudaStream_t stream) {
+  const Geometry geo(a);
+  const int64_t rows = a.B * a.Sq * a.Hq;
+  if (rows > 0) {
+    const int64_t grid = std::min<int64_t>((rows * 16 + 255) / 256, 132 * 16);
+    delta_kernel<Element><<<static_cast<unsigned>(grid), 256, 0, stream>>>(
+        static_cast<const Element*>(out), static_cast<const Element*>(dout), dlse, a.q_lengths,
+        delta, rows, a.Sq, a.Hq);
+    cudaError_t st = cudaGetLastError();
+    if (st != cudaSuccess) return st;
+  }
+  if (geo.nbkt == 0) return cudaSuccess;
+  IndexView ix(index, geo);
+  const int64_t hist_ints = a.B * a.Hkv * geo.nchunks * geo.nb;
+  if (hist_ints > 0) {
+    cudaError_t st = cudaMemsetAsync(ix.hist, 0, hist_ints * sizeof(int32_t), stream);
+    if (st != cudaSuccess) return st;
+    hist_kernel<<<dim3(static_cast<unsigned>(geo.nchunks), static_cast<unsigned>(a.B * a.Hkv)),
+                  256, 0, stream>>>(a.ids, a.q_lengths, a.kv_lengths, ix.hist, geo);
+  }
+  colscan_kernel<<<dim3(static_cast<unsigned>((geo.nb + 31) / 32),
+                        static_cast<unsigned>(a.B * a.Hkv)),
+                   512, 0, stream>>>(ix.hist, ix.count, geo);
+  bucket_scan_kernel<<<1, 1024, 0, stream>>>(index, geo);
+  if (hist_ints > 0) {
+    const dim3 grid(static_cast<unsigned>(geo.nchunks), static_cast<unsigned>(a.B * a.Hkv));
+    if (geo.nb <= kMaxSmemCounters) {
+      scatter_kernel<true><<<grid, 32, geo.nb * sizeof(int64_t), stream>>>(
+          a.ids, a.q_lengths, a.kv_lengths, index, geo);
+    } else {
+      scatter_kernel<false><<<grid, 32, 0, stream>>>(a.ids, a.q_lengths, a.kv_lengths, index, geo);
+    }
+  }
+  return cudaGetLastError();
+}
+
+template <class Element>
+cudaError_t dkdv(const cuda::SparseAttentionArgs& a, const float* lse, const void* dout,
+                 const float* delta, const int32_t* index, float* partial, void* dk, void* dv,
+                 cudaStream_t stream) {
+  using Traits = SparseBwdTraits<Element>;
+  const Geometry geo(a);
+  if (geo.nbkt == 0) return cudaSuccess;
+  const int ctas = dkdv_ctas(geo);
+  if (ctas > 0) {
+    DkdvParams<Traits> p{
+        make_tma_kv<Traits>(static_cast<const Element*>(a.k), static_cast<int>(a.Sk),
+                            static_cast<int>(a.Hkv), static_cast<int>(a.B)),
+        make_tma_kv<Traits>(static_cast<const Element*>(a.v), static_cast<int>(a.Sk),
+                            static_cast<int>(a.Hkv), static_cast<int>(a.B)),
+        static_cast<const Element*>(a.q),
+        static_cast<const Element*>(dout),
+        lse,
+        delta,
+        a.q_lengths,
+        a.kv_lengths,
+        index,
+        partial,
+        static_cast<Element*>(dk),
+        static_cast<Element*>(dv),
+        geo,
+        a.scale,
+        ctas};
+    auto kernel = dkdv_kernel<Traits>;
+    cudaError_t st = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          Traits::kSmemBytes);
+    if (st != cudaSuccess) return st;
+    kernel<<<ctas, Traits::kThreads, Traits::kSmemBytes, stream>>>(p);
+    st = cudaGetLastError();
+    if (st != cudaSuccess) return st;
+  }
+  finish_kernel<Element><<<static_cast<unsigned>(geo.nbkt), 256, 0, stream>>>(
+      index, partial, static_cast<Element*>(dk), static_cast<Element*>(dv), geo, ctas);
+  return cudaGetLastError();
+}
+
+}  // namespace sparse_bwd
+}  // namespace jax_msa::sm90
+
+namespace jax_msa::cuda {
+
+SparseBwdWorkspace sparse_attention_bwd_workspace(const SparseAttentionArgs& a) {
+  const sm90::sparse_bwd::Geometry geo(a);
+  SparseBwdWorkspace ws;
+  ws.delta_floats = a.B * a.Sq * a.Hq;
+  ws.index_ints = geo.nbkt > 0 ? geo.index_ints : 0;
+  const int64_t slots =
+      2 * std::min<int64_t>(sm90::sparse_bwd::kMaxCtas, geo.nbkt > 0 ? geo.tiles_bound : 0);
+  ws.partial_floats = slots * sm90::sparse_bwd::kSlotFloats;
+  return ws;
+}
+
+cudaError_t sparse_attention_bwd_prepare(DType dtype, const SparseAttentionArgs& a,
+                                         const void* out, const void* dout, const float* dlse,
+                                         float* delta, int32_t* index, cudaStream_t stream) {
+  if (!sm90::sparse_bwd::args_ok(dtype, a)) return cudaErrorInvalidValue;
+  if (reinterpret_cast<uintptr_t>(index) % 8 != 0) return cudaErrorInvalidValue;
+  return dtype == DType::kBF16
+             ? sm90::sparse_bwd::prepare<cutlass::bfloat16_t>(a, out, dout, dlse, delta, index,
+                                                              stream)
+             : sm90::sparse_bwd::prepare<cutlass::half_t>(a, out, dout, dlse, delta, index,
+                                                          stream);
+}
+
+cudaError_t sparse_attention_bwd_dkdv(DType dtype, const SparseAttentionArgs& a, const float* lse,
+                                      const void* dout, const float* delta, const int32_t* index,
+                                      float* partial, void* dk, void* dv, cudaStream_t stream) {
+  if (!sm90::sparse_bwd::args_ok(dtype, a)) return cudaErrorInvalidValue;
+  if (reinterpret_cast<uintptr_t>(index) % 8 != 0) return cudaErrorInvalidValue;
+  return dtype == DType::kBF16
+             ? sm90::sparse_bwd::dkdv<cutlass::bfloat16_t>(a, lse, dout, delta, index, partial,
+                                                           dk, dv, stream)
+             : sm90::sparse_bwd::dkdv<cutlass::half_t>(a, lse, dout, delta, index, partial, dk,
+                                                       dv, stream);
+}
+
+}  // namespace jax_msa::cuda

@@ -1,0 +1,266 @@
+// dQ of block-sparse attention on SM90 (spec §3.4), query-outer: the
+// tiling, producer and union of the forward (sparse_attention_fwd.cu), with Q
+// and dO kept in shared memory. Per union block c:
+//   S = Q K_c^T and dP = dO V_c^T (wgmma, shared memory operands),
+//   P = exp2(S * scale * log2e - lse * log2e) under the row and causal masks,
+//   dS = P * (dP - delta), dQ += dS K_c (wgmma, dS from registers, K_c seen
+//   as the MN-major operand), and at the end dq = scale * dQ.
+// Each row's dq is summed on chip in a fixed order: deterministic. dK and dV
+// come from the KV-outer kernel (sparse_attention_bwd.cu).
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/cutlass.h>
+#include <cutlass/numeric_conversion.h>
+
+#include "kernels/cuda/cuda_kernels.h"
+#include "kernels/sm90/rowmax_epilogue.hpp"
+#include "kernels/sm90/sparse_attention_traits.hpp"
+#include "kernels/sm90/sparse_tile_producer.hpp"
+
+namespace jax_msa::sm90 {
+namespace {
+
+using namespace cute;
+
+template <class Traits>
+struct DqParams {
+  TmaKV<Traits> tma_k, tma_v;
+  SparseShape shape;
+  const typename Traits::Element* q;
+  const typename Traits::Element* dout;
+  const float* lse;
+  const float* delta;
+  typename Traits::Element* dq;
+  float scale_log2;  // scale * log2(e)
+  float scale;
+};
+
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kThreads, 1)
+    sparse_attention_dq_kernel(const __grid_constant__ DqParams<Traits> p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using Element = typename Traits::Element;
+  using SharedStorage = typename Traits::SharedStorage;
+  constexpr int kSlots = Traits::kSlots;
+  constexpr float kLog2e = 1.4426950408889634f;
+  extern __shared__ char smem_raw[];
+  SharedStorage& ss = *reinterpret_cast<SharedStorage*>(smem_raw);
+  const SparseShape& s = p.shape;
+
+  if (threadIdx.x == 0) {
+    ClusterBarrier::init(&ss.q_full, 32);
+    ClusterBarrier::init(&ss.q_empty, 128 * Traits::kConsumers);
+    for (int i = 0; i < kSlots; ++i) {
+      ClusterBarrier::init(&ss.full[i], 1);
+      ClusterBarrier::init(&ss.empty[i], 128 * Traits::kConsumers);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (threadIdx.x / 128 == 0) {
+    cutlass::arch::warpgroup_reg_dealloc<56>();
+    if (threadIdx.x < 32) {
+      produce_tiles<Traits, false>(ss, s, p.tma_k, p.tma_v, blockIdx.x, gridDim.x,
+                                   [&](const SparseTile& tile, int64_t q_len) {
+                                     load_tile_rows<Traits>(p.q, ss.rows[0], s, tile, q_len,
+                                                            threadIdx.x);
+                                     load_tile_rows<Traits>(p.dout, ss.rows[1], s, tile, q_len,
+                                                            threadIdx.x);
+                                   });
+    }
+    return;
+  }
+
+  cutlass::arch::warpgroup_reg_alloc<224>();
+  const int tid = threadIdx.x - 128;
+  Tensor sQ = make_tensor(make_smem_ptr(ss.rows[0]), typename Traits::SmemLayoutQ{});
+  Tensor sdO = make_tensor(make_smem_ptr(ss.rows[1]), typename Traits::SmemLayoutQ{});
+  Tensor sKV = make_tensor(make_smem_ptr(ss.kv), typename Traits::SmemLayoutRing{});
+  Tensor sKt = make_tensor(make_smem_ptr(ss.kv), typename Traits::SmemLayoutRingT{});
+
+  typename Traits::MmaS mma_s;  // S = Q K^T and dP = dO V^T
+  typename Traits::MmaO mma_q;  // dQ += dS K
+  auto thr_s = mma_s.get_thread_slice(tid);
+  auto thr_q = mma_q.get_thread_slice(tid);
+  Tensor tSrQ = thr_s.partition_fragment_A(sQ);
+  Tensor tSrdO = thr_s.partition_fragment_A(sdO);
+  Tensor tSrKV = thr_s.partition_fragment_B(sKV);  // (MMA, 1, D/16, slot)
+  Tensor tQrKt = thr_q.partition_fragment_B(sKt);  // (MMA, 1, keys/16, slot)
+  using TileS = Shape<Int<Traits::kRows>, Int<Traits::kKeys>>;
+  using TileQ = Shape<Int<Traits::kRows>, Int<Traits::kD>>;
+  Tensor accS = partition_fragment_C(mma_s, TileS{});
+  Tensor accdP = partition_fragment_C(mma_s, TileS{});
+  Tensor accdQ = partition_fragment_C(mma_q, TileQ{});
+  Tensor tQrdS = make_tensor<Element>(partition_shape_A(mma_q, TileS{}));
+  static_assert(decltype(size(tQrdS))::value == decltype(size(accS))::value);
+  Tensor accS_rc = make_tensor(accS.data(), rowcol_layout(accS.layout()));
+  Tensor accdP_rc = make_tensor(accdP.data(), rowcol_layout(accdP.layout()));
+  Tensor accdQ_rc = make_tensor(accdQ.data(), rowcol_layout(accdQ.layout()));
+  constexpr int kRowsPerThread = decltype(size<0>(accS_rc))::value;
+  // Fragment coordinates (see rowmax_epilogue.hpp): rows 16 warp + lane / 4 + 8 r,
+  // columns 8 (j / 2) + 2 (lane % 4) + j % 2.
+  const int row_base = 16 * (tid / 32) + (tid % 32) / 4;
+  const int col_base = 2 * (tid % 4);
+  auto column = [&](int j) { return 8 * (j / 2) + col_base + j % 2; };
+  cutlass::NumericArrayConverter<Element, float, 2> to_pair;
+
+  auto issue = [&](auto& acc, const auto& a_frag, int slot) {
+    warpgroup_fence_operand(acc);
+    warpgroup_arrive();
+    mma_s.accumulate_ = GMMA::ScaleOut::Zero;
+    CUTE_UNROLL
+    for (int k = 0; k < size<2>(a_frag); ++k) {
+      cute::gemm(mma_s, a_frag(_, _, k), tSrKV(_, _, k, slot), acc);
+      mma_s.accumulate_ = GMMA::ScaleOut::One;
+    }
+    warpgroup_commit_batch();
+  };
+
+  uint32_t seq = 0;
+  int64_t round = 0;
+  for (int64_t index = blockIdx.x; index < s.tiles; index += gridDim.x, ++round) {
+    const SparseTile tile(index, s.B, s.Hkv, s.chunks, s.tokens);
+    const int64_t q_len = s.q_lengths[tile.b];
+    const int64_t kv_len = s.kv_lengths[tile.b];
+    const int64_t offset = kv_len - q_len;
+    const int used = s.tokens * static_cast<int>(s.group);
+
+    int token_of[kRowsPerThread];  // token index in the tile; -1: no such row
+    int last_key[kRowsPerThread];  // min(position, kv_len - 1)
+    float lse_log2[kRowsPerThread], delta[kRowsPerThread];
+    int64_t out_row[kRowsPerThread];
+    CUTE_UNROLL
+    for (int r = 0; r < kRowsPerThread; ++r) {
+      const int row = row_base + 8 * r;
+      const int t = row / static_cast<int>(s.group);
+      const int64_t token = tile.token0 + t;
+      const bool exists = row < used && token < s.Sq;
+      token_of[r] = exists ? t : -1;
+      last_key[r] = static_cast<int>(std::min(offset + token, kv_len - 1));
+      out_row[r] = (tile.b * s.Sq + token) * s.Hq + tile.g * s.group + row % s.group;
+      const bool live = exists && token < q_len;
+      lse_log2[r] = live ? p.lse[out_row[r]] * kLog2e : -INFINITY;
+      delta[r] = live ? p.delta[out_row[r]] : 0.0f;
+    }
+    clear(accdQ);
+
+    ClusterBarrier::wait(&ss.q_full, static_cast<uint32_t>(round & 1));
+    const int blocks = ss.tile_blocks;
+    if (blocks == 0) ClusterBarrier::arrive(&ss.q_empty);
+    for (int u = 0; u < blocks; ++u) {
+      const int k_slot = static_cast<int>(seq % kSlots);
+      const int v_slot = static_cast<int>((seq + 1) % kSlots);
+      ClusterBarrier::wait(&ss.full[k_slot], (seq / kSlots) & 1);
+      const int64_t c = ss.slot_block[k_slot];
+      const uint64_t tokens = ss.slot_tokens[k_slot];
+      issue(accS, tSrQ, k_slot);
+      ClusterBarrier::wait(&ss.full[v_slot], ((seq + 1) / kSlots) & 1);
+      issue(accdP, tSrdO, v_slot);
+      seq += 2;
+
+      // P while dP is computed.
+      warpgroup_wait<1>();
+      warpgroup_fence_operand(accS);
+      const int64_t key0 = c * Traits::kKeys;
+      const bool partial = key0 + Traits::kKeys - 1 > offset + tile.token0 ||
+                           key0 + Traits::kKeys > kv_len;
+      CUTE_UNROLL
+      for (int r = 0; r < kRowsPerThread; ++r) {
+        const bool member = token_of[r] >= 0 && ((tokens >> token_of[r]) & 1) &&
+                            lse_log2[r] != -INFINITY;
+        const int limit = last_key[r] - static_cast<int>(key0);
+        CUTE_UNROLL
+        for (int j = 0; j < size<1>(accS_rc); ++j) {
+          const bool seen = member && (!partial || column(j) <= limit);
+          accS_rc(r, j) = seen ? exp2f(fmaf(accS_rc(r, j), p.scale_log2, -lse_log2[r])) : 0.0f;
+        }
+      }
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(accdP);
+      ClusterBarrier::arrive(&ss.empty[v_slot]);
+      if (u == blocks - 1) ClusterBarrier::arrive(&ss.q_empty);
+
+      // dS = P (dP - delta), then dQ += dS K_c.
+      CUTE_UNROLL
+      for (int r = 0; r < kRowsPerThread; ++r) {
+        CUTE_UNROLL
+        for (int j = 0; j < size<1>(accS_rc); ++j) {
+          accS_rc(r, j) *= accdP_rc(r, j) - delta[r];
+        }
+      }
+      CUTE_UNROLL
+      for (int i = 0; i < size(accS); i += 2) {
+        auto pair = to_pair(cutlass::Array<float, 2>{accS(i), accS(i + 1)});
+        tQrdS(i) = pair[0];
+        tQrdS(i + 1) = pair[1];
+      }
+      warpgroup_fence_operand(tQrdS);
+      warpgroup_fence_operand(accdQ);
+      warpgroup_arrive();
+      CUTE_UNROLL
+      for (int k = 0; k < size<2>(tQrKt); ++k) {
+        cute::gemm(mma_q, tQrdS(_, _, k), tQrKt(_, _, k, k_slot), accdQ);
+      }
+      warpgroup_commit_batch();
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(accdQ);
+      ClusterBarrier::arrive(&ss.empty[k_slot]);
+    }
+
+    // dq = scale * dQ; padded rows get zeros.
+    CUTE_UNROLL
+    for (int r = 0; r < kRowsPerThread; ++r) {
+      if (token_of[r] < 0) continue;
+      Element* dst = p.dq + out_row[r] * Traits::kD;
+      CUTE_UNROLL
+      for (int j = 0; j < size<1>(accdQ_rc); j += 2) {
+        auto pair = to_pair(
+            cutlass::Array<float, 2>{accdQ_rc(r, j) * p.scale, accdQ_rc(r, j + 1) * p.scale});
+        *reinterpret_cast<cutlass::Array<Element, 2>*>(dst + column(j)) = pair;
+      }
+    }
+  }
+#endif
+}
+
+template <class Element>
+cudaError_t launch(const cuda::SparseAttentionArgs& a, const float* lse, const void* dout,
+                   const float* delta, void* dq, cudaStream_t stream) {
+  using Traits = SparseAttentionTraits<Element, 2>;
+  const DqParams<Traits> p{
+      make_tma_kv<Traits>(static_cast<const Element*>(a.k), a.Sk, a.Hkv, a.B),
+      make_tma_kv<Traits>(static_cast<const Element*>(a.v), a.Sk, a.Hkv, a.B),
+      make_sparse_shape<Traits>(a),
+      static_cast<const Element*>(a.q),
+      static_cast<const Element*>(dout),
+      lse,
+      delta,
+      static_cast<Element*>(dq),
+      a.scale * 1.4426950408889634f,
+      a.scale};
+  return launch_persistent<Traits>(sparse_attention_dq_kernel<Traits>, p, stream);
+}
+
+}  // namespace
+}  // namespace jax_msa::sm90
+
+namespace jax_msa::cuda {
+
+cudaError_t sparse_attention_bwd_dq(DType dtype, const SparseAttentionArgs& a, const float* lse,
+                                    const void* dout, const float* delta, void* dq,
+                                    cudaStream_t stream) {
+  if (!sparse_attention_args_valid(dtype, a)) return cudaErrorInvalidValue;
+  if (a.B == 0 || a.Sq == 0) return cudaSuccess;
+  return dtype == DType::kBF16
+             ? sm90::launch<cutlass::bfloat16_t>(a, lse, dout, delta, dq, stream)
+             : sm90::launch<cutlass::half_t>(a, lse, dout, delta, dq, stream);
+}
+
+}  // namespace jax_msa::cuda

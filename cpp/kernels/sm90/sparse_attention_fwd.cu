@@ -1,0 +1,311 @@
+// Block-sparse attention forward on SM90 (spec §3.4), query-outer.
+//
+// A CTA owns a tile of 128 (token, head) rows (see sparse_attention_traits.hpp)
+// and walks the union of its tokens' selected blocks; each consumer
+// warpgroup holds 64 of the rows. Per block: S = Q K^T (wgmma, both from
+// shared memory), the row mask (the row's token did not select the block) and
+// the causal / length mask, an online softmax in fp32 with exp2, then
+// O += P V (wgmma, P from registers). Tiles are handed out persistently (CTA
+// i takes tiles i, i + grid, ...) while the producer warp prepares the next.
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/cutlass.h>
+#include <cutlass/numeric_conversion.h>
+
+#include "kernels/cuda/cuda_kernels.h"
+#include "kernels/sm90/rowmax_epilogue.hpp"
+#include "kernels/sm90/sparse_attention_traits.hpp"
+#include "kernels/sm90/sparse_tile_producer.hpp"
+
+namespace jax_msa::sm90 {
+namespace {
+
+using namespace cute;
+
+template <class Traits>
+struct FwdParams {
+  TmaKV<Traits> tma_k, tma_v;
+  SparseShape shape;
+  const typename Traits::Element* q;
+  typename Traits::Element* out;
+  float* lse;
+  float scale_log2;  // scale * log2(e)
+};
+
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kThreads, 1)
+    sparse_attention_fwd_kernel(const __grid_constant__ FwdParams<Traits> p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using Element = typename Traits::Element;
+  using SharedStorage = typename Traits::SharedStorage;
+  constexpr int kSlots = Traits::kSlots;
+  extern __shared__ char smem_raw[];
+  SharedStorage& ss = *reinterpret_cast<SharedStorage*>(smem_raw);
+  const SparseShape& s = p.shape;
+
+  if (threadIdx.x == 0) {
+    ClusterBarrier::init(&ss.q_full, 32);
+    ClusterBarrier::init(&ss.q_empty, 128 * Traits::kConsumers);
+    for (int i = 0; i < kSlots; ++i) {
+      ClusterBarrier::init(&ss.full[i], 1);
+      ClusterBarrier::init(&ss.empty[i], 128 * Traits::kConsumers);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  const int warpgroup = threadIdx.x / 128;
+  if (warpgroup == 0) {
+    cutlass::arch::warpgroup_reg_dealloc<56>();
+    if (threadIdx.x < 32) {
+      produce_tiles<Traits, true>(ss, s, p.tma_k, p.tma_v, blockIdx.x, gridDim.x,
+                            [&](const SparseTile& tile, int64_t q_len) {
+                              load_tile_rows<Traits>(p.q, ss.rows[0], s, tile, q_len, threadIdx.x);
+                            });
+    }
+    return;
+  }
+
+  cutlass::arch::warpgroup_reg_alloc<224>();
+  const int tid = threadIdx.x - 128;
+  Tensor sQ = make_tensor(make_smem_ptr(ss.rows[0]), typename Traits::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(ss.kv), typename Traits::SmemLayoutRing{});
+  Tensor sVt = make_tensor(make_smem_ptr(ss.kv), typename Traits::SmemLayoutRingT{});
+
+  typename Traits::MmaS mma_s;
+  typename Traits::MmaO mma_o;
+  auto thr_s = mma_s.get_thread_slice(tid);
+  auto thr_o = mma_o.get_thread_slice(tid);
+  Tensor tSrQ = thr_s.partition_fragment_A(sQ);   // (MMA, 1, D/16)
+  Tensor tSrK = thr_s.partition_fragment_B(sK);   // (MMA, 1, D/16, slot)
+  Tensor tOrV = thr_o.partition_fragment_B(sVt);  // (MMA, 1, keys/16, slot)
+  using TileS = Shape<Int<Traits::kRows>, Int<Traits::kKeys>>;
+  using TileO = Shape<Int<Traits::kRows>, Int<Traits::kD>>;
+  Tensor accS = partition_fragment_C(mma_s, TileS{});
+  Tensor accO = partition_fragment_C(mma_o, TileO{});
+  // P in the register layout of O's A operand; the accumulator of S holds the
+  // same (row, key) values in the same register order.
+  Tensor tOrP = make_tensor<Element>(partition_shape_A(mma_o, TileS{}));
+  static_assert(decltype(size(tOrP))::value == decltype(size(accS))::value);
+  Tensor accS_rc = make_tensor(accS.data(), rowcol_layout(accS.layout()));
+  Tensor accO_rc = make_tensor(accO.data(), rowcol_layout(accO.layout()));
+  // Accumulator (row, column) of rowcol entry (r, j), as rowmax_epilogue.hpp
+  // describes the SM90 fragment: rows 16 * warp + lane / 4 + 8 r, columns
+  // 8 (j / 2) + 2 (lane % 4) + j % 2.
+  const int row_base = 16 * (tid / 32) + (tid % 32) / 4;
+  const int col_base = 2 * (tid % 4);
+  auto column = [&](int j) { return 8 * (j / 2) + col_base + j % 2; };
+  constexpr int kRowsPerThread = decltype(size<0>(accS_rc))::value;
+  cutlass::NumericArrayConverter<Element, float, 2> to_pair;
+
+  uint32_t seq = 0;
+  int64_t round = 0;
+  for (int64_t index = blockIdx.x; index < s.tiles; index += gridDim.x, ++round) {
+    const SparseTile tile(index, s.B, s.Hkv, s.chunks, s.tokens);
+    const int64_t q_len = s.q_lengths[tile.b];
+    const int64_t kv_len = s.kv_lengths[tile.b];
+    const int64_t offset = kv_len - q_len;
+    const int used = s.tokens * static_cast<int>(s.group);
+
+    int token_of[kRowsPerThread];  // token index in the tile; -1: no such row
+    int last_key[kRowsPerThread];  // last key the row may see: min(position, kv_len - 1)
+    float row_max[kRowsPerThread], row_sum[kRowsPerThread];
+    CUTE_UNROLL
+    for (int r = 0; r < kRowsPerThread; ++r) {
+      const int row = row_base + 8 * r;
+      const int t = row / static_cast<int>(s.group);
+      const bool exists = row < used && tile.token0 + t < s.Sq;
+      token_of[r] = exists ? t : -1;
+      last_key[r] = static_cast<int>(std::min(offset + tile.token0 + t, kv_len - 1));
+      row_max[r] = -INFINITY;
+      row_sum[r] = 0.0f;
+    }
+    clear(accO);
+
+    ClusterBarrier::wait(&ss.q_full, static_cast<uint32_t>(round & 1));
+    const int blocks = ss.tile_blocks;
+    if (blocks == 0) ClusterBarrier::arrive(&ss.q_empty);
+
+    // S = Q K^T for the block in ring position `at` (a K slot); returns the slot.
+    auto issue_s = [&](uint32_t at, int64_t& c, uint64_t& tokens) {
+      const int slot = static_cast<int>(at % kSlots);
+      ClusterBarrier::wait(&ss.full[slot], (at / kSlots) & 1);
+      c = ss.slot_block[slot];
+      tokens = ss.slot_tokens[slot];
+      warpgroup_fence_operand(accS);
+      warpgroup_arrive();
+      mma_s.accumulate_ = GMMA::ScaleOut::Zero;
+      CUTE_UNROLL
+      for (int k = 0; k < size<2>(tSrQ); ++k) {
+        cute::gemm(mma_s, tSrQ(_, _, k), tSrK(_, _, k, slot), accS);
+        mma_s.accumulate_ = GMMA::ScaleOut::One;
+      }
+      warpgroup_commit_batch();
+      return slot;
+    };
+    // O += P V for the V block in ring position `at`; returns the slot.
+    auto issue_pv = [&](uint32_t at) {
+      const int slot = static_cast<int>(at % kSlots);
+      ClusterBarrier::wait(&ss.full[slot], (at / kSlots) & 1);
+      warpgroup_fence_operand(tOrP);
+      warpgroup_fence_operand(accO);
+      warpgroup_arrive();
+      CUTE_UNROLL
+      for (int k = 0; k < size<2>(tOrV); ++k) {
+        cute::gemm(mma_o, tOrP(_, _, k), tOrV(_, _, k, slot), accO);
+      }
+      warpgroup_commit_batch();
+      return slot;
+    };
+    // Masks, then the online softmax of S in place (log2 domain): returns, per
+    // row, the factor that rescales O and the running sum.
+    float correction[kRowsPerThread];
+    auto softmax = [&](int64_t c, uint64_t tokens) {
+      const int64_t key0 = c * Traits::kKeys;
+      const bool partial = key0 + Traits::kKeys - 1 > offset + tile.token0 ||
+                           key0 + Traits::kKeys > kv_len;
+      CUTE_UNROLL
+      for (int r = 0; r < kRowsPerThread; ++r) {
+        const bool member = token_of[r] >= 0 && ((tokens >> token_of[r]) & 1);
+        const int limit = last_key[r] - static_cast<int>(key0);  // last visible column
+        float m = row_max[r];
+        CUTE_UNROLL
+        for (int j = 0; j < size<1>(accS_rc); ++j) {
+          float x = accS_rc(r, j) * p.scale_log2;
+          if (!member || (partial && column(j) > limit)) x = -INFINITY;
+          accS_rc(r, j) = x;
+          m = fmaxf(m, x);
+        }
+        m = quad_max(m);
+        const float base = m == -INFINITY ? 0.0f : m;
+        correction[r] = exp2f(row_max[r] - base);
+        row_max[r] = m;
+        float sum = 0.0f;
+        CUTE_UNROLL
+        for (int j = 0; j < size<1>(accS_rc); ++j) {
+          const float e = exp2f(accS_rc(r, j) - base);
+          accS_rc(r, j) = e;
+          sum += e;
+        }
+        row_sum[r] = row_sum[r] * correction[r] + sum;
+      }
+    };
+    auto rescale_and_convert = [&] {
+      CUTE_UNROLL
+      for (int r = 0; r < kRowsPerThread; ++r) {
+        CUTE_UNROLL
+        for (int j = 0; j < size<1>(accO_rc); ++j) accO_rc(r, j) *= correction[r];
+      }
+      CUTE_UNROLL
+      for (int i = 0; i < size(accS); i += 2) {
+        auto pair = to_pair(cutlass::Array<float, 2>{accS(i), accS(i + 1)});
+        tOrP(i) = pair[0];
+        tOrP(i + 1) = pair[1];
+      }
+    };
+
+    // Ring order K_0, K_1, V_0, K_2, V_1, ..., V_last (see produce_tiles):
+    // S_u is issued with P_{u-1} V_{u-1}, and the softmax of S_u runs while
+    // the tensor cores still work on P_{u-1} V_{u-1}.
+    if (blocks > 0) {
+      int64_t c;
+      uint64_t tokens;
+      int slot = issue_s(seq++, c, tokens);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(accS);
+      ClusterBarrier::arrive(&ss.empty[slot]);
+      if (blocks == 1) ClusterBarrier::arrive(&ss.q_empty);
+      softmax(c, tokens);
+      rescale_and_convert();
+      for (int u = 1; u < blocks; ++u) {
+        const int k_slot = issue_s(seq, c, tokens);
+        const int v_slot = issue_pv(seq + 1);
+        seq += 2;
+        warpgroup_wait<1>();
+        warpgroup_fence_operand(accS);
+        ClusterBarrier::arrive(&ss.empty[k_slot]);
+        if (u == blocks - 1) ClusterBarrier::arrive(&ss.q_empty);
+        softmax(c, tokens);
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(accO);
+        ClusterBarrier::arrive(&ss.empty[v_slot]);
+        rescale_and_convert();
+      }
+      slot = issue_pv(seq++);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(accO);
+      ClusterBarrier::arrive(&ss.empty[slot]);
+    }
+
+    // out = O / l, lse = ln(sum of exp): both zero / -inf for an empty row.
+    CUTE_UNROLL
+    for (int r = 0; r < kRowsPerThread; ++r) {
+      if (token_of[r] < 0) continue;
+      const float total = quad_sum(row_sum[r]);
+      const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+      const int row = row_base + 8 * r;
+      const int64_t head = tile.g * s.group + row % s.group;
+      const int64_t out_row = (tile.b * s.Sq + tile.token0 + token_of[r]) * s.Hq + head;
+      Element* dst = p.out + out_row * Traits::kD;
+      CUTE_UNROLL
+      for (int j = 0; j < size<1>(accO_rc); j += 2) {
+        auto pair = to_pair(cutlass::Array<float, 2>{accO_rc(r, j) * inv, accO_rc(r, j + 1) * inv});
+        *reinterpret_cast<cutlass::Array<Element, 2>*>(dst + column(j)) = pair;
+      }
+      if (tid % 4 == 0) {
+        p.lse[out_row] = total > 0.0f ? (row_max[r] + log2f(total)) * 0.6931471805599453f
+                                      : -INFINITY;
+      }
+    }
+  }
+#endif
+}
+
+template <class Element>
+cudaError_t launch(const cuda::SparseAttentionArgs& a, void* out, float* lse,
+                   cudaStream_t stream) {
+  using Traits = SparseAttentionTraits<Element, 1>;
+  const FwdParams<Traits> p{
+      make_tma_kv<Traits>(static_cast<const Element*>(a.k), a.Sk, a.Hkv, a.B),
+      make_tma_kv<Traits>(static_cast<const Element*>(a.v), a.Sk, a.Hkv, a.B),
+      make_sparse_shape<Traits>(a),
+      static_cast<const Element*>(a.q),
+      static_cast<Element*>(out),
+      lse,
+      a.scale * 1.4426950408889634f};
+  return launch_persistent<Traits>(sparse_attention_fwd_kernel<Traits>, p, stream);
+}
+
+}  // namespace
+}  // namespace jax_msa::sm90
+
+namespace jax_msa::cuda {
+
+bool sparse_attention_supported(DType dtype, int64_t D, int64_t group, int64_t topk) {
+  return (dtype == DType::kBF16 || dtype == DType::kF16) && D == 128 && group >= 1 &&
+         group <= 64 && topk >= 1 && topk <= 64;
+}
+
+bool sparse_attention_args_valid(DType dtype, const SparseAttentionArgs& a) {
+  // TMA takes 32-bit extents (and an empty k has no TMA view); positions are
+  // kept in 32 bits; the backward's grid has one y index per (b, kv head).
+  return a.Hkv >= 1 && a.Hq % a.Hkv == 0 &&
+         sparse_attention_supported(dtype, a.D, a.Hq / a.Hkv, a.topk) && a.B >= 0 &&
+         a.Sq >= 0 && a.Sk > 0 && a.Sk <= INT_MAX - 256 && a.B * a.Hkv <= 65535;
+}
+
+cudaError_t sparse_attention_fwd(DType dtype, const SparseAttentionArgs& a, void* out, float* lse,
+                                 cudaStream_t stream) {
+  if (!sparse_attention_args_valid(dtype, a)) return cudaErrorInvalidValue;
+  if (a.B == 0 || a.Sq == 0) return cudaSuccess;
+  return dtype == DType::kBF16 ? sm90::launch<cutlass::bfloat16_t>(a, out, lse, stream)
+                               : sm90::launch<cutlass::half_t>(a, out, lse, stream);
+}
+
+}  // namespace jax_msa::cuda

@@ -1,0 +1,87 @@
+// Compile-time shape of the SM90 sparse-attention dK/dV kernel
+// (sparse_attention_bwd.cu): tiles, shared-memory layouts, the wgmma tiled
+// MMAs and the shared storage.
+//
+// One CTA = 3 warpgroups, KV-outer: a KV block c (128 keys x D = 128) of one
+// (batch row, kv head) stays in shared memory while the CTA walks over the
+// block's bucket of queries in tiles of kRows = 64 (token, head) rows.
+//   warpgroup 0      producer: one thread loads K_c and V_c (TMA, once per
+//                    bucket); all 128 threads gather the tile rows of Q and
+//                    dO (and lse, delta, token ids) with cp.async into a
+//                    kStages ring;
+//   warpgroups 1, 2  consumers: warpgroup w owns keys [64w, 64w + 64) of the
+//                    block and accumulates their dK, dV (64 x 128 fp32 each)
+//                    in registers over all tiles.
+// Per tile and warpgroup ("swapped" products, keys along M so that P^T and
+// dS^T come out of the accumulators in the register layout of a wgmma A
+// operand, with no trip through shared memory):
+//   S^T  = K_w Q^T      (64 x 64 x 128, both operands from smem)
+//   dP^T = V_w dO^T     (64 x 64 x 128, both operands from smem)
+//   P^T  = exp2(S^T * scale * log2e - lse * log2e), masked
+//   dS^T = P^T * (dP^T - delta)
+//   dV_w += P^T dO      (64 x 128 x 64, A from registers, B = dO^T view: MN-major smem)
+//   dK_w += dS^T Q      (64 x 128 x 64, A from registers, B = Q^T view: MN-major smem)
+#pragma once
+
+#include <cstdint>
+
+#include <cute/tensor.hpp>
+#include <cutlass/numeric_types.h>
+
+namespace jax_msa::sm90 {
+
+using namespace cute;
+
+template <class Element_>
+struct SparseBwdTraits {
+  using Element = Element_;
+  static constexpr int kD = 128;     // head dim (the only one supported)
+  static constexpr int kKeys = 128;  // keys per block (spec §2)
+  static constexpr int kRows = 64;   // (token, head) rows per tile
+  static constexpr int kConsumerWarpgroups = 2;
+  static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);
+  static constexpr int kStages = 3;  // Q / dO tiles in flight
+
+  // K-major tiles with the 128-byte swizzle that TMA, cp.async and wgmma share.
+  using SmemAtom = decltype(GMMA::Layout_K_SW128_Atom<Element>{});
+  using SmemLayoutKV = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kKeys>, Int<kD>>{}));
+  using TileKV = Shape<Int<kKeys>, Int<kD>>;
+  // Q and dO tiles: (row, dim, stage).
+  using SmemLayoutQ =
+      decltype(tile_to_shape(SmemAtom{}, Shape<Int<kRows>, Int<kD>, Int<kStages>>{}));
+  // The same memory seen as (dim, row, stage): the MN-major B operand of the
+  // dK / dV products.
+  using SmemLayoutQt = decltype(composition(
+      SmemLayoutQ{}, make_layout(Shape<Int<kD>, Int<kRows>, Int<kStages>>{},
+                                 Stride<Int<kRows>, _1, Int<kRows * kD>>{})));
+
+  // (keys, rows, dim) products S^T and dP^T of one warpgroup.
+  using MmaSdP = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kRows>, Int<kD>>>(),
+      Layout<Shape<_1, _1, _1>>{}));
+  // (keys, dim, rows) products dV += P^T dO and dK += dS^T Q of one warpgroup.
+  using MmaKV = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kD>, Int<kRows>>,
+                           GMMA::Major::K, GMMA::Major::MN>(),
+      Layout<Shape<_1, _1, _1>>{}));
+
+  static constexpr uint32_t kBytesKV = kKeys * kD * sizeof(Element);
+
+  struct SharedStorage {
+    alignas(1024) Element k[cosize_v<SmemLayoutKV>];
+    alignas(1024) Element v[cosize_v<SmemLayoutKV>];
+    alignas(1024) Element q[cosize_v<SmemLayoutQ>];
+    alignas(1024) Element dout[cosize_v<SmemLayoutQ>];
+    alignas(16) float lse[kStages][kRows];    // lse of each tile row
+    alignas(16) float delta[kStages][kRows];  // delta of each tile row
+    alignas(16) int32_t token[kStages][kRows];  // query index i of each tile row
+    alignas(8) uint64_t kv_full;
+    uint64_t kv_empty;
+    uint64_t full[kStages];
+    uint64_t empty[kStages];
+  };
+  static constexpr int kSmemBytes = sizeof(SharedStorage);
+  static_assert(kSmemBytes <= 227 * 1024, "fits one SM90 CTA");
+};
+
+}  // namespace jax_msa::sm90

@@ -1,0 +1,243 @@
+// The producer side of the query-outer sparse-attention kernels: one warp
+// builds the union of the tile's selected blocks (in registers) and feeds the
+// consumers: the tile's Q rows by cp.async, then per union block its K and V
+// by TMA through the ring of slots.
+//
+// Only valid ids enter the union (0 <= c < ceil(kv_len / 128) and c <= the
+// token's local block), so whatever the ids say, nothing outside k and v is
+// read; rows of tokens past q_len are zero-filled and select nothing.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+
+#include "kernels/cuda/cuda_kernels.h"
+#include "kernels/sm90/sparse_attention_traits.hpp"
+
+namespace jax_msa::sm90 {
+
+using cutlass::arch::ClusterBarrier;
+using cutlass::arch::ClusterTransactionBarrier;
+
+// k, v viewed as [Sk, D, Hkv, B]: a block is a TMA box at (128 c, 0, g, b);
+// rows past Sk come back as zeros.
+template <class Traits>
+auto make_tma_kv(const typename Traits::Element* kv, int64_t Sk, int64_t Hkv, int64_t B) {
+  constexpr int kD = Traits::kD;
+  auto layout = make_layout(
+      make_shape(static_cast<int>(Sk), Int<kD>{}, static_cast<int>(Hkv), static_cast<int>(B)),
+      make_stride(Hkv * kD, _1{}, int64_t{kD}, Sk * Hkv * kD));
+  return make_tma_copy(SM90_TMA_LOAD{}, make_tensor(make_gmem_ptr(kv), layout),
+                       typename Traits::SmemLayoutKV{}, typename Traits::TileKV{}, _1{});
+}
+
+template <class Traits>
+using TmaKV = decltype(make_tma_kv<Traits>(nullptr, 1, 1, 1));
+
+// Everything both sides of a tile need to know about the problem.
+struct SparseShape {
+  const int32_t* ids;
+  const int32_t* q_lengths;
+  const int32_t* kv_lengths;
+  int64_t B, Sq, Sk, Hq, Hkv, topk;
+  int64_t group;   // Hq / Hkv
+  int tokens;      // tokens per tile: tokens * group <= 128, tokens * topk <= 128, <= 64
+  int64_t chunks;  // ceil(Sq / tokens)
+  int64_t tiles;   // B * Hkv * chunks
+};
+
+// The tiling of problem `a` for kernel traits `Traits`.
+template <class Traits>
+SparseShape make_sparse_shape(const cuda::SparseAttentionArgs& a) {
+  const int64_t group = a.Hq / a.Hkv;
+  const int tokens = static_cast<int>(std::min<int64_t>(
+      {Traits::kRows / group, Traits::kMaxCandidates / a.topk, Traits::kMaxTokens}));
+  const int64_t chunks = (a.Sq + tokens - 1) / tokens;
+  return {a.ids, a.q_lengths, a.kv_lengths, a.B, a.Sq, a.Sk, a.Hq, a.Hkv, a.topk, group,
+          tokens, chunks, a.B * a.Hkv * chunks};
+}
+
+// Launches a persistent query-outer kernel: one CTA per SM (at most one per tile).
+template <class Traits, class Params>
+cudaError_t launch_persistent(void (*kernel)(Params), const Params& p, cudaStream_t stream) {
+  int device = 0, sms = 0;
+  cudaError_t status = cudaGetDevice(&device);
+  if (status == cudaSuccess) {
+    status = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  }
+  if (status == cudaSuccess) {
+    status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  Traits::kSmemBytes);
+  }
+  if (status != cudaSuccess) return status;
+  const int64_t grid = std::min<int64_t>(sms, p.shape.tiles);
+  kernel<<<static_cast<unsigned>(grid), Traits::kThreads, Traits::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// cp.async of 16 bytes, zero-filled when `valid` is false (src not read).
+__device__ inline void cp_async_16(void* smem, const void* gmem, bool valid) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
+               "r"(valid ? 16 : 0));
+}
+
+// Makes this thread's completed cp.async writes visible to wgmma (async proxy).
+__device__ inline void cp_async_wait_and_fence() {
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// Copies the tile's 128 x 128 rows of a [B, Sq, Hq, D] tensor into `smem`
+// (layout Traits::SmemLayoutQ); missing rows are zeros. Row r = token
+// token0 + r / group, head g * group + r % group. Called by one warp.
+template <class Traits>
+__device__ void load_tile_rows(const typename Traits::Element* src, typename Traits::Element* smem,
+                               const SparseShape& s, const SparseTile& tile, int64_t q_len,
+                               int lane) {
+  using Element = typename Traits::Element;
+  constexpr int kChunks = Traits::kD * sizeof(Element) / 16;  // 16-byte chunks per row
+  constexpr int kPerChunk = 16 / sizeof(Element);
+  Tensor sQ = make_tensor(make_smem_ptr(smem), typename Traits::SmemLayoutQ{});
+  const int used = s.tokens * static_cast<int>(s.group);
+  for (int i = lane; i < Traits::kRows * kChunks; i += 32) {
+    const int r = i / kChunks;
+    const int chunk = i % kChunks;
+    const int64_t token = tile.token0 + r / s.group;
+    const bool valid = r < used && token < q_len;
+    const int64_t head = tile.g * s.group + r % s.group;
+    const Element* from =
+        valid ? src + ((tile.b * s.Sq + token) * s.Hq + head) * Traits::kD + chunk * kPerChunk
+              : src;
+    cp_async_16(&sQ(r, chunk * kPerChunk), from, valid);
+  }
+}
+
+// The producer warp: for each tile of the CTA's sequence, builds the union of
+// its selected blocks, loads the rows (via `load_rows(tile, q_len)`, cp.async
+// by this warp) once the consumers have released the previous tile's, and
+// streams K_c, V_c for every union block. Ring order: with kLagV (the
+// forward) K_0, K_1, V_0, K_2, V_1, ...: the consumer issues S_u = Q K_u^T
+// together with O += P_{u-1} V_{u-1} and frees K_u before V_{u-1}; without,
+// K_0, V_0, K_1, V_1, ...
+template <class Traits, bool kLagV, class SharedStorage, class LoadRows>
+__device__ void produce_tiles(SharedStorage& ss, const SparseShape& s,
+                              const TmaKV<Traits>& tma_k, const TmaKV<Traits>& tma_v,
+                              int64_t first_tile, int64_t tile_stride, LoadRows load_rows) {
+  constexpr int kSlots = Traits::kSlots;
+  constexpr uint32_t kFull = 0xFFFFFFFFu;
+  const int lane = threadIdx.x % 32;
+  if (lane == 0) {
+    cute::prefetch_tma_descriptor(tma_k.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(tma_v.get_tma_descriptor());
+  }
+  Tensor sRing = make_tensor(make_smem_ptr(ss.kv), typename Traits::SmemLayoutRing{});
+  uint32_t seq = 0;  // K/V loads issued so far (ring position)
+  int64_t round = 0;
+  for (int64_t index = first_tile; index < s.tiles; index += tile_stride, ++round) {
+    const SparseTile tile(index, s.B, s.Hkv, s.chunks, s.tokens);
+    const int64_t q_len = s.q_lengths[tile.b];
+    const int64_t kv_len = s.kv_lengths[tile.b];
+    const int64_t offset = kv_len - q_len;
+    const int64_t valid_blocks = (kv_len + Traits::kKeys - 1) / Traits::kKeys;
+
+    // Candidates (token t, slot k) -> lane (t * topk + k) % 32, register (.. ) / 32.
+    constexpr int kRegs = Traits::kMaxCandidates / 32;
+    const int n = s.tokens * static_cast<int>(s.topk);
+    int32_t cand[kRegs];
+    CUTE_UNROLL
+    for (int i = 0; i < kRegs; ++i) {
+      const int idx = lane + 32 * i;
+      cand[i] = -1;
+      const int t = idx / static_cast<int>(s.topk);
+      const int64_t token = tile.token0 + t;
+      if (idx < n && token < q_len) {
+        const int32_t c =
+            s.ids[((tile.b * s.Sq + token) * s.Hkv + tile.g) * s.topk + idx % s.topk];
+        if (c >= 0 && c < valid_blocks && c <= (offset + token) / Traits::kKeys) cand[i] = c;
+      }
+    }
+    // Which tokens selected each candidate's block, and whether the candidate
+    // is the first occurrence of its block (the one that enters the union).
+    uint64_t tokens_of[kRegs];
+    bool first[kRegs];
+    CUTE_UNROLL
+    for (int i = 0; i < kRegs; ++i) {
+      tokens_of[i] = 0;
+      first[i] = cand[i] >= 0;
+    }
+    CUTE_UNROLL
+    for (int jr = 0; jr < kRegs; ++jr) {
+      if (32 * jr >= n) break;
+      for (int src = 0; src < 32; ++src) {
+        const int j = 32 * jr + src;
+        const int32_t cj = __shfl_sync(kFull, cand[jr], src);
+        if (j >= n) break;
+        const uint64_t bit = uint64_t{1} << (j / static_cast<int>(s.topk));
+        CUTE_UNROLL
+        for (int i = 0; i < kRegs; ++i) {
+          if (cj >= 0 && cj == cand[i]) {
+            tokens_of[i] |= bit;
+            if (j < lane + 32 * i) first[i] = false;
+          }
+        }
+      }
+    }
+    int count = 0;
+    CUTE_UNROLL
+    for (int i = 0; i < kRegs; ++i) count += __popc(__ballot_sync(kFull, first[i]));
+
+    // The rows, once the consumer is done with the previous tile's.
+    ClusterBarrier::wait(&ss.q_empty, static_cast<uint32_t>((round & 1) ^ 1));
+    if (lane == 0) ss.tile_blocks = count;
+    load_rows(tile, q_len);
+    cp_async_wait_and_fence();
+    ClusterBarrier::arrive(&ss.q_full);
+
+    auto issue = [&](const auto& tma, int32_t c, uint64_t tokens, bool with_meta) {
+      const int slot = static_cast<int>(seq % kSlots);
+      ClusterBarrier::wait(&ss.empty[slot], ((seq / kSlots) & 1) ^ 1);
+      if (lane == 0) {
+        if (with_meta) {
+          ss.slot_block[slot] = c;
+          ss.slot_tokens[slot] = tokens;
+        }
+        Tensor mKV = tma.get_tma_tensor(make_shape(static_cast<int>(s.Sk), Int<Traits::kD>{},
+                                                   static_cast<int>(s.Hkv),
+                                                   static_cast<int>(s.B)));
+        Tensor gKV = local_tile(mKV(_, _, tile.g, tile.b), typename Traits::TileKV{},
+                                make_coord(_, _0{}));  // (keys, D, block)
+        auto cta = tma.get_slice(_0{});
+        ClusterTransactionBarrier::arrive_and_expect_tx(&ss.full[slot], Traits::kBytesKV);
+        copy(tma.with(ss.full[slot]), cta.partition_S(gKV)(_, _, _, c),
+             cta.partition_D(sRing)(_, _, _, slot));
+      }
+      __syncwarp();
+      ++seq;
+    };
+    int32_t pending_v = -1;
+    CUTE_UNROLL
+    for (int i = 0; i < kRegs; ++i) {
+      uint32_t todo = __ballot_sync(kFull, first[i]);
+      while (todo != 0) {
+        const int src = __ffs(todo) - 1;
+        todo &= todo - 1;
+        const int32_t c = __shfl_sync(kFull, cand[i], src);
+        const uint64_t tokens = __shfl_sync(kFull, tokens_of[i], src);
+        issue(tma_k, c, tokens, true);
+        if (!kLagV) {
+          issue(tma_v, c, 0, false);
+        } else {
+          if (pending_v >= 0) issue(tma_v, pending_v, 0, false);
+          pending_v = c;
+        }
+      }
+    }
+    if (pending_v >= 0) issue(tma_v, pending_v, 0, false);
+  }
+}
+
+}  // namespace jax_msa::sm90

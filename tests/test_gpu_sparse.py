@@ -1,0 +1,167 @@
+"""The SM90 block-sparse attention kernels (skipped without a GPU): forward
+(and, where the build has it, backward) against the float32 reference on the
+GPU, on random inputs with unaligned lengths, GQA groups and hostile ids."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_msa
+from jax_msa import reference
+from jax_msa._primitives import NoKernelError
+from helpers import BLOCK, TOLERANCES, adversarial_ids, assert_lse_close, normal, rel_err
+
+try:
+    GPU = jax.devices("gpu")[0]
+except RuntimeError:
+    GPU = None
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(GPU is None, reason="needs a GPU")]
+
+# (B, Sq, Sk, Hq, Hkv, topk): GQA 16 (MSA), 4, 3 (a group that does not divide
+# 64), 1 and 64; chunked prefill (Sq < Sk); topk 1..64.
+SHAPES = [
+    (2, 1000, 1000, 16, 1, 16),
+    (1, 700, 1500, 32, 2, 5),
+    (1, 1100, 1100, 16, 4, 8),
+    (1, 600, 600, 12, 4, 3),
+    (1, 513, 513, 2, 2, 64),
+    (1, 300, 400, 64, 1, 1),
+]
+
+
+def _window_ids(b, sq, hkv, topk, q_lengths, kv_lengths):
+    """Local block and the blocks before it (MSA's own attention tests)."""
+    ids = np.full((b, sq, hkv, topk), -1, np.int32)
+    for row in range(b):
+        pos = int(kv_lengths[row]) - int(q_lengths[row]) + np.arange(int(q_lengths[row]))
+        local = pos // BLOCK
+        start = np.maximum(local - topk + 1, 0)
+        for slot in range(topk):
+            c = start + slot
+            ids[row, : len(pos), :, slot] = np.where(c <= local, c, -1)[:, None]
+    return jnp.asarray(ids)
+
+
+def _inputs(seed, shape, dtype, pattern):
+    b, sq, sk, hq, hkv, topk = shape
+    rng = np.random.default_rng(seed)
+    ql = np.asarray([sq] + [int(rng.integers(1, sq + 1)) for _ in range(b - 1)], np.int32)
+    kl = np.asarray([sk] + [int(rng.integers(q, sk + 1)) for q in ql[1:]], np.int32)
+    if sq < sk:
+        ql[0] = sq - 37  # bottom-right alignment with padding too
+    q, k, v = (normal(rng, s, dtype) for s in ((b, sq, hq, 128), (b, sk, hkv, 128), (b, sk, hkv, 128)))
+    ql, kl = jnp.asarray(ql), jnp.asarray(kl)
+    if pattern == "window":
+        ids = _window_ids(b, sq, hkv, topk, np.asarray(ql), np.asarray(kl))
+    else:
+        qi, ki = normal(rng, (b, sq, hkv, 64)), normal(rng, (b, sk, 64))
+        ids = reference.indexer(qi, ki, topk=topk, q_lengths=ql, kv_lengths=kl)
+        if pattern == "hostile":
+            ids = adversarial_ids(rng, ids, kl)
+    return dict(q=q, k=k, v=v, ids=ids, q_lengths=ql, kv_lengths=kl)
+
+
+CPU = jax.devices("cpu")[0]
+
+
+def _reference(a, scale=None):
+    """The float32 reference, on the CPU (compiles in seconds there)."""
+    a = jax.device_put({n: x.astype(jnp.float32) if n in "qkv" else x for n, x in a.items()}, CPU)
+    with jax.default_device(CPU):
+        return reference.sparse_attention(a["q"], a["k"], a["v"], a["ids"], q_lengths=a["q_lengths"],
+                                          kv_lengths=a["kv_lengths"], scale=scale, return_lse=True)
+
+
+def _kernel_forward(a, scale=None):
+    return jax.jit(lambda q, k, v, ids, ql, kl: jax_msa.sparse_attention(
+        q, k, v, ids, q_lengths=ql, kv_lengths=kl, scale=scale, return_lse=True, implementation="kernel"))(
+            a["q"], a["k"], a["v"], a["ids"], a["q_lengths"], a["kv_lengths"])
+
+
+CASES = [(shape, "hostile") for shape in SHAPES] + [(SHAPES[0], "window"), (SHAPES[2], "window"),
+                                                     (SHAPES[1], "indexer")]
+
+
+@pytest.mark.parametrize("shape,pattern", CASES)
+def test_forward_matches_reference(shape, pattern):
+    a = jax.device_put(_inputs(hash((shape, pattern)) % 1000, shape, jnp.bfloat16, pattern), GPU)
+    out, lse = _kernel_forward(a)
+    ref_out, ref_lse = _reference(a)
+    rtol, atol = TOLERANCES[jnp.bfloat16]
+    assert out.dtype == jnp.bfloat16
+    assert rel_err(out, ref_out) <= rtol
+    assert_lse_close(lse, ref_lse, atol)
+    ql = np.asarray(a["q_lengths"])
+    for b in range(out.shape[0]):  # padded rows: zeros and -inf
+        assert not np.any(np.asarray(out[b, ql[b]:], np.float32))
+        assert np.all(np.isneginf(np.asarray(lse[b, ql[b]:])))
+
+
+def test_forward_fp16_negative_scale():
+    a = jax.device_put(_inputs(5, (1, 900, 900, 16, 1, 16), jnp.float16, "indexer"), GPU)
+    out, lse = _kernel_forward(a, scale=-0.05)
+    ref_out, ref_lse = _reference(a, scale=-0.05)
+    assert rel_err(out, ref_out) <= 1e-2
+    assert_lse_close(lse, ref_lse, 2e-3)
+
+
+def test_forward_duplicate_and_huge_ids_stay_safe():
+    """Duplicates are a caller error (result unspecified) but must not fault;
+    ids of 2**31 - 1 and negative ones are skipped."""
+    a = _inputs(6, (1, 640, 640, 16, 1, 8), jnp.bfloat16, "indexer")
+    ids = np.array(a["ids"])
+    ids[:, ::3, :, 1] = ids[:, ::3, :, 0]
+    ids[:, 1::5, :, 2] = 2**31 - 1
+    ids[:, 2::5, :, 3] = -(2**31)
+    a["ids"] = jnp.asarray(ids)
+    out, lse = _kernel_forward(jax.device_put(a, GPU))
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+
+
+def test_kernel_is_the_custom_call_and_float32_falls_back():
+    a = jax.device_put(_inputs(7, (1, 256, 256, 16, 1, 4), jnp.bfloat16, "window"), GPU)
+    fn = lambda q, k, v, ids: jax_msa.sparse_attention(q, k, v, ids, implementation="kernel")
+    assert "jax_msa_sparse_attention_fwd" in jax.jit(fn).lower(a["q"], a["k"], a["v"], a["ids"]).as_text()
+    f32 = {n: a[n].astype(jnp.float32) for n in ("q", "k", "v")}
+    auto = jax.jit(lambda q, k, v, ids: jax_msa.sparse_attention(q, k, v, ids))
+    assert "jax_msa_sparse_attention_fwd" not in auto.lower(f32["q"], f32["k"], f32["v"], a["ids"]).as_text()
+    with pytest.raises(NoKernelError):
+        jax.jit(fn).lower(f32["q"], f32["k"], f32["v"], a["ids"])
+
+
+def _loss(attention, a, weights, scale=None):
+    """sum(out * w_out) + sum(lse * w_lse): exercises both cotangents."""
+    def fn(q, k, v):
+        out, lse = attention(q, k, v, scale)
+        lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+        return jnp.sum(out.astype(jnp.float32) * weights[0]) + jnp.sum(lse * weights[1])
+    return fn
+
+
+@pytest.mark.parametrize("shape,pattern", [(SHAPES[0], "hostile"), (SHAPES[1], "hostile"), (SHAPES[3], "hostile"),
+                                           (SHAPES[4], "indexer"), (SHAPES[0], "window")])
+def test_backward_matches_reference(shape, pattern):
+    a = _inputs(hash((shape, pattern, "bwd")) % 1000, shape, jnp.bfloat16, pattern)
+    rng = np.random.default_rng(8)
+    weights = (jnp.asarray(rng.standard_normal(a["q"].shape), jnp.float32),
+               jnp.asarray(rng.standard_normal(a["q"].shape[:3]), jnp.float32))
+    lengths = dict(q_lengths=a["q_lengths"], kv_lengths=a["kv_lengths"])
+    kernel = lambda q, k, v, scale: jax_msa.sparse_attention(q, k, v, a["ids"], scale=scale, return_lse=True,
+                                                             implementation="kernel", **lengths)
+    fn = jax.jit(jax.grad(_loss(kernel, a, weights), argnums=(0, 1, 2)))
+    gpu = jax.device_put(a, GPU)
+    assert "jax_msa_sparse_attention_bwd_cuda" in fn.lower(gpu["q"], gpu["k"], gpu["v"]).as_text()
+    got = fn(gpu["q"], gpu["k"], gpu["v"])
+    again = fn(gpu["q"], gpu["k"], gpu["v"])
+    ref = lambda q, k, v, scale: reference.sparse_attention(q, k, v, a["ids"], scale=scale, return_lse=True, **lengths)
+    f32 = {n: jax.device_put(a[n].astype(jnp.float32), CPU) for n in "qkv"}
+    with jax.default_device(CPU):
+        want = jax.jit(jax.grad(_loss(ref, a, weights), argnums=(0, 1, 2)))(f32["q"], f32["k"], f32["v"])
+    for name, g, g2, w in zip("qkv", got, again, want):
+        assert g.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(g2, np.float32))  # deterministic
+        assert rel_err(g, w) <= 3e-2, (name, rel_err(g, w))
