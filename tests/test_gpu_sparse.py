@@ -4,6 +4,8 @@ GPU, on random inputs with unaligned lengths, GQA groups and hostile ids."""
 
 from __future__ import annotations
 
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,7 +90,7 @@ CASES = [(shape, "hostile") for shape in SHAPES] + [(SHAPES[0], "window"), (SHAP
 
 @pytest.mark.parametrize("shape,pattern", CASES)
 def test_forward_matches_reference(shape, pattern):
-    a = jax.device_put(_inputs(hash((shape, pattern)) % 1000, shape, jnp.bfloat16, pattern), GPU)
+    a = jax.device_put(_inputs(zlib.crc32(repr((shape, pattern)).encode()), shape, jnp.bfloat16, pattern), GPU)
     out, lse = _kernel_forward(a)
     ref_out, ref_lse = _reference(a)
     rtol, atol = TOLERANCES[jnp.bfloat16]
@@ -145,7 +147,7 @@ def _loss(attention, a, weights, scale=None):
 @pytest.mark.parametrize("shape,pattern", [(SHAPES[0], "hostile"), (SHAPES[1], "hostile"), (SHAPES[3], "hostile"),
                                            (SHAPES[4], "indexer"), (SHAPES[0], "window")])
 def test_backward_matches_reference(shape, pattern):
-    a = _inputs(hash((shape, pattern, "bwd")) % 1000, shape, jnp.bfloat16, pattern)
+    a = _inputs(zlib.crc32(repr((shape, pattern, "bwd")).encode()), shape, jnp.bfloat16, pattern)
     rng = np.random.default_rng(8)
     weights = (jnp.asarray(rng.standard_normal(a["q"].shape), jnp.float32),
                jnp.asarray(rng.standard_normal(a["q"].shape[:3]), jnp.float32))

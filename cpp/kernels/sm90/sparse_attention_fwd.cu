@@ -246,8 +246,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     // out = O / l, lse = ln(sum of exp): both zero / -inf for an empty row.
     CUTE_UNROLL
     for (int r = 0; r < kRowsPerThread; ++r) {
+      const float total = quad_sum(row_sum[r]);  // the whole warp: before any lane leaves
       if (token_of[r] < 0) continue;
-      const float total = quad_sum(row_sum[r]);
       const float inv = total > 0.0f ? 1.0f / total : 0.0f;
       const int row = row_base + 8 * r;
       const int64_t head = tile.g * s.group + row % s.group;
