@@ -23,6 +23,11 @@ from jax_msa._primitives import define_primitive
 _INDEX_LAYOUT = "qi [B, Sq, Hi, Di], ki [B, Sk, Di]"
 
 
+def _cuda_kernel_takes(qi, *rest, implementation, **params) -> bool:
+    """Whether the CUDA kernels take these inputs (cuda::block_scores_supported)."""
+    return qi.dtype in (jnp.bfloat16, jnp.float16) and qi.shape[-1] in (64, 128)
+
+
 def _block_scores_abstract(qi, ki, q_lengths, kv_lengths, *, scale):
     b, sq, hi, _ = qi.shape
     return [ShapedArray((b, sq, hi, checks.num_blocks(ki.shape[1])), jnp.float32)]
@@ -34,7 +39,7 @@ def _block_scores_reference(qi, ki, q_lengths, kv_lengths, *, scale):
 
 _block_scores_p = define_primitive(
     "block_scores", abstract_eval=_block_scores_abstract, reference=_block_scores_reference,
-    ffi_attributes=("scale",), sharding="bqhd,bkd,b,b->bqhn")
+    ffi_attributes=("scale",), sharding="bqhd,bkd,b,b->bqhn", kernel_takes={"cuda": _cuda_kernel_takes})
 
 
 def _topk_select_abstract(scores, q_lengths, kv_lengths, *, topk):
@@ -63,9 +68,6 @@ def _indexer_reference(qi, ki, q_lengths, kv_lengths, *, topk, scale, with_lse):
     return list(result) if with_lse else [result]
 
 
-_indexer_p = define_primitive(
-    "indexer", abstract_eval=_indexer_abstract, reference=_indexer_reference,
-    ffi_attributes=("topk", "scale"), sharding="bqhd,bkd,b,b->bqht,bqh")
 
 
 # The indexer on CUDA: indexer_scores -> indexer_select -> selected_lse, three
@@ -134,26 +136,11 @@ def _indexer_cuda(qi, ki, q_lengths, kv_lengths, *, topk, scale, with_lse, imple
     return [ids, lse]
 
 
-def _cuda_kernel_takes(qi) -> bool:
-    """Whether the CUDA kernels take these inputs (cuda::block_scores_supported)."""
-    return jnp.result_type(qi) in (jnp.bfloat16, jnp.float16) and qi.shape[-1] in (64, 128)
-
-
-def _bind_index_op(prim, cuda_rule, reference_rule, qi, operands, implementation, **params):
-    """Binds `prim`, except on CUDA (when this build has the CUDA kernels):
-    there `cuda_rule` runs the kernels, or for inputs they do not take, with
-    implementation="auto", the pure-JAX reference. lax.platform_dependent
-    keeps every other platform on `prim`; "kernel" never falls back (the CUDA
-    handler then reports the unsupported input).
-    """
-    kernel = lambda *ops: prim.bind(*ops, implementation=implementation, **params)
-    if not _ffi.has_kernel("jax_msa_indexer_scores", "cuda"):
-        return kernel(*operands)
-    if implementation == "kernel" or _cuda_kernel_takes(qi):
-        cuda = lambda *ops: cuda_rule(*ops, implementation=implementation, **params)
-    else:
-        cuda = lambda *ops: reference_rule(*ops, **params)
-    return jax.lax.platform_dependent(*operands, cuda=cuda, default=kernel)
+_indexer_p = define_primitive(
+    "indexer", abstract_eval=_indexer_abstract, reference=_indexer_reference,
+    ffi_attributes=("topk", "scale"), sharding="bqhd,bkd,b,b->bqht,bqh",
+    kernel_takes={"cuda": _cuda_kernel_takes},
+    kernel_lowering={"cuda": _indexer_cuda} if _ffi.has_kernel("jax_msa_indexer_scores", "cuda") else None)
 
 
 def _check_index_inputs(qi, ki, q_lengths, kv_lengths):
@@ -194,8 +181,8 @@ def block_scores(
     scale = checks.resolve_scale(scale, qi.shape[-1])
     if implementation == "reference":
         return reference.block_scores(qi, ki, q_lengths=q_lengths, kv_lengths=kv_lengths, scale=scale)
-    (scores,) = _bind_index_op(_block_scores_p, _block_scores_p.bind, _block_scores_reference, qi,
-                               (qi, ki, q_lengths, kv_lengths), implementation, scale=np.float32(scale))
+    (scores,) = _block_scores_p.bind(qi, ki, q_lengths, kv_lengths, scale=np.float32(scale),
+                                     implementation=implementation)
     return scores
 
 
@@ -269,6 +256,6 @@ def indexer(
     if implementation == "reference":
         return reference.indexer(qi, ki, topk=topk, q_lengths=q_lengths, kv_lengths=kv_lengths, scale=scale,
                                  return_lse=return_lse)
-    results = _bind_index_op(_indexer_p, _indexer_cuda, _indexer_reference, qi, (qi, ki, q_lengths, kv_lengths),
-                             implementation, topk=np.int64(topk), scale=np.float32(scale), with_lse=bool(return_lse))
+    results = _indexer_p.bind(qi, ki, q_lengths, kv_lengths, topk=np.int64(topk), scale=np.float32(scale),
+                              with_lse=bool(return_lse), implementation=implementation)
     return tuple(results) if return_lse else results[0]

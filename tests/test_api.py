@@ -84,6 +84,21 @@ def test_cuda_sparse_kernels_are_opt_in_and_cover_what_they_can():
         _lower_for_cuda(lambda: kernel(q[..., :64], k[..., :64], v[..., :64]))
 
 
+@pytest.mark.skipif(not _ffi.has_kernel("jax_msa_indexer_scores", "cuda"),
+                    reason="needs a build with the CUDA kernels (no GPU needed: lowering only)")
+def test_cuda_indexer_lowers_to_its_kernels_where_they_apply():
+    rng = np.random.default_rng(4)
+    qi, ki = normal(rng, (1, 300, 2, 128), jnp.bfloat16), normal(rng, (1, 300, 128), jnp.bfloat16)
+    text = _lower_for_cuda(lambda: jax_msa.indexer(qi, ki, topk=4, return_lse=True))
+    for target in ("jax_msa_indexer_scores", "jax_msa_indexer_select", "jax_msa_selected_lse"):
+        assert target in text
+    assert "jax_msa_block_scores" in _lower_for_cuda(lambda: jax_msa.block_scores(qi, ki))
+    f32 = qi.astype(jnp.float32), ki.astype(jnp.float32)
+    assert "jax_msa_" not in _lower_for_cuda(lambda: jax_msa.indexer(*f32, topk=4))  # the reference
+    with pytest.raises(jax_msa.NoKernelError, match="these inputs"):
+        _lower_for_cuda(lambda: jax_msa.block_scores(*f32, implementation="kernel"))
+
+
 @pytest.mark.parametrize("implementation", ["auto", "reference"])
 def test_implementations_agree(implementation):
     out = jax_msa.msa_attention(Q, K, V, QI, KI, topk=2, implementation=implementation)
