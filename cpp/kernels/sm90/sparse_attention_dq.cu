@@ -53,16 +53,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   SharedStorage& ss = *reinterpret_cast<SharedStorage*>(smem_raw);
   const SparseShape& s = p.shape;
 
-  if (threadIdx.x == 0) {
-    ClusterBarrier::init(&ss.q_full, 32);
-    ClusterBarrier::init(&ss.q_empty, 128 * Traits::kConsumers);
-    for (int i = 0; i < kSlots; ++i) {
-      ClusterBarrier::init(&ss.full[i], 1);
-      ClusterBarrier::init(&ss.empty[i], 128 * Traits::kConsumers);
-    }
-    cutlass::arch::fence_barrier_init();
-  }
-  __syncthreads();
+  init_tile_barriers<Traits>(ss);
 
   if (threadIdx.x / 128 == 0) {
     cutlass::arch::warpgroup_reg_dealloc<56>();

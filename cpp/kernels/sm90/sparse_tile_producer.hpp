@@ -116,6 +116,23 @@ __device__ void load_tile_rows(const typename Traits::Element* src, typename Tra
   }
 }
 
+// Initialises the tile and ring barriers (arrivals: the producer warp's 32
+// lanes for q_full, every consumer thread for q_empty and empty, one
+// expect-tx arrival for full), then syncs the CTA.
+template <class Traits, class SharedStorage>
+__device__ void init_tile_barriers(SharedStorage& ss) {
+  if (threadIdx.x == 0) {
+    ClusterBarrier::init(&ss.q_full, 32);
+    ClusterBarrier::init(&ss.q_empty, 128 * Traits::kConsumers);
+    for (int i = 0; i < Traits::kSlots; ++i) {
+      ClusterBarrier::init(&ss.full[i], 1);
+      ClusterBarrier::init(&ss.empty[i], 128 * Traits::kConsumers);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+}
+
 // The producer warp: for each tile of the CTA's sequence, builds the union of
 // its selected blocks, loads the rows (via `load_rows(tile, q_len)`, cp.async
 // by this warp) once the consumers have released the previous tile's, and
