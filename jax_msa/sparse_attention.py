@@ -4,7 +4,9 @@ Primitives:
   jax_msa_sparse_attention_fwd(q, k, v, ids, q_lengths, kv_lengths; scale) -> out, lse
   jax_msa_sparse_attention_bwd(q, k, v, ids, out, lse, dout, dlse, q_lengths, kv_lengths; scale)
       -> dq, dk, dv
-joined by a custom_vjp; `ids` and the lengths carry no gradient.
+joined by a custom_vjp; `ids` and the lengths carry no gradient. On CUDA the
+backward lowers to the hidden jax_msa_sparse_attention_bwd_cuda (dq, dk, dv and
+three workspaces as results; see _bwd_cuda_abstract).
 """
 
 from __future__ import annotations

@@ -144,17 +144,24 @@ def _loss(attention, a, weights, scale=None):
     return fn
 
 
-@pytest.mark.parametrize("shape,pattern", [(SHAPES[0], "hostile"), (SHAPES[1], "hostile"), (SHAPES[3], "hostile"),
-                                           (SHAPES[4], "indexer"), (SHAPES[0], "window")])
-def test_backward_matches_reference(shape, pattern):
-    a = _inputs(zlib.crc32(repr((shape, pattern, "bwd")).encode()), shape, jnp.bfloat16, pattern)
+@pytest.mark.parametrize("shape,pattern,dtype,scale", [
+    (SHAPES[0], "hostile", jnp.bfloat16, None), (SHAPES[1], "hostile", jnp.bfloat16, None),
+    (SHAPES[3], "hostile", jnp.bfloat16, None), (SHAPES[4], "indexer", jnp.bfloat16, None),
+    (SHAPES[0], "window", jnp.bfloat16, None), (SHAPES[2], "empty rows", jnp.float16, -0.06)])
+def test_backward_matches_reference(shape, pattern, dtype, scale):
+    a = _inputs(zlib.crc32(repr((shape, pattern, "bwd")).encode()), shape, dtype,
+                "hostile" if pattern == "empty rows" else pattern)
+    if pattern == "empty rows":  # live rows that attend nothing: lse -inf, zero gradients
+        ids = np.array(a["ids"])
+        ids[:, 200:260] = -1
+        a["ids"] = jnp.asarray(ids)
     rng = np.random.default_rng(8)
     weights = (jnp.asarray(rng.standard_normal(a["q"].shape), jnp.float32),
                jnp.asarray(rng.standard_normal(a["q"].shape[:3]), jnp.float32))
     lengths = dict(q_lengths=a["q_lengths"], kv_lengths=a["kv_lengths"])
     kernel = lambda q, k, v, scale: jax_msa.sparse_attention(q, k, v, a["ids"], scale=scale, return_lse=True,
                                                              implementation="kernel", **lengths)
-    fn = jax.jit(jax.grad(_loss(kernel, a, weights), argnums=(0, 1, 2)))
+    fn = jax.jit(jax.grad(_loss(kernel, a, weights, scale), argnums=(0, 1, 2)))
     gpu = jax.device_put(a, GPU)
     assert "jax_msa_sparse_attention_bwd_cuda" in fn.lower(gpu["q"], gpu["k"], gpu["v"]).as_text()
     got = fn(gpu["q"], gpu["k"], gpu["v"])
@@ -162,8 +169,13 @@ def test_backward_matches_reference(shape, pattern):
     ref = lambda q, k, v, scale: reference.sparse_attention(q, k, v, a["ids"], scale=scale, return_lse=True, **lengths)
     f32 = {n: jax.device_put(a[n].astype(jnp.float32), CPU) for n in "qkv"}
     with jax.default_device(CPU):
-        want = jax.jit(jax.grad(_loss(ref, a, weights), argnums=(0, 1, 2)))(f32["q"], f32["k"], f32["v"])
+        want = jax.jit(jax.grad(_loss(ref, a, weights, scale), argnums=(0, 1, 2)))(f32["q"], f32["k"], f32["v"])
     for name, g, g2, w in zip("qkv", got, again, want):
-        assert g.dtype == jnp.bfloat16
+        assert g.dtype == dtype
         np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(g2, np.float32))  # deterministic
         assert rel_err(g, w) <= 3e-2, (name, rel_err(g, w))
+    dq = np.asarray(got[0], np.float32)
+    for b, length in enumerate(np.asarray(a["q_lengths"])):  # padded query rows: no gradient
+        assert not np.any(dq[b, length:])
+    if pattern == "empty rows":
+        assert not np.any(dq[:, 200:260])

@@ -126,7 +126,12 @@ ffi::Error SparseAttentionBwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::An
     return e;
   }
   if (auto e = FirstError({CheckIds(p, ids), CheckForwardOutputs(p, out, lse),
-                           CheckForwardOutputs(p, dout, dlse), CheckGradients(p, *dq, *dk, *dv)});
+                           CheckForwardOutputs(p, dout, dlse), CheckGradients(p, *dq, *dk, *dv),
+                           CheckType(out, q.element_type(), "out"),
+                           CheckType(dout, q.element_type(), "dout"),
+                           CheckType(*delta, ffi::DataType::F32, "delta workspace"),
+                           CheckType(*index, ffi::DataType::S32, "index workspace"),
+                           CheckType(*partial, ffi::DataType::F32, "partial workspace")});
       e.failure()) {
     return e;
   }

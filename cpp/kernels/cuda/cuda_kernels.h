@@ -126,4 +126,29 @@ cudaError_t sparse_attention_bwd_dq(DType dtype, const SparseAttentionArgs& a, c
                                     const void* dout, const float* delta, void* dq,
                                     cudaStream_t stream);
 
+// ---- Block-sparse attention forward, KV-outer ("by block") -----------------
+// The forward of sparse_attention_fwd (same arguments, same results up to
+// rounding: out in q's dtype, lse float32), computed per selected block
+// instead of per query tile: for each (b, kv head, block) the (token, head)
+// rows that selected it, then a per-row merge of the blocks' partial results
+// by their lse (sm90/sparse_attention_fwd_by_block.cu). Its cost does not
+// depend on how many blocks neighbouring tokens share (the indexer's
+// patterns), at the price of a partial-output round trip through memory.
+// (Duplicate ids in a row, a caller error, count once per slot here.)
+// Queries run in chunks of tokens so that the workspace stays bounded
+// (partial <= 1 GiB). Workspace (host function; the FFI layer asks XLA for
+// these buffers): index_ints int32 (8-byte aligned), partial_bytes bytes
+// (16-byte aligned); neither needs zeroing.
+struct SparseFwdByBlockWorkspace {
+  int64_t index_ints;     // int32: the block -> queries index of a chunk + its reverse map
+  int64_t partial_bytes;  // bytes: partial O (16-bit) and lse (float32) of a chunk
+};
+SparseFwdByBlockWorkspace sparse_attention_fwd_by_block_workspace(const SparseAttentionArgs& a);
+
+// Forward: out [B, Sq, Hq, D] (dtype of q), lse [B, Sq, Hq] float32 (may be
+// null). Deterministic. Asynchronous, no allocation, no host sync.
+cudaError_t sparse_attention_fwd_by_block(DType dtype, const SparseAttentionArgs& a,
+                                          int32_t* index, void* partial, void* out, float* lse,
+                                          cudaStream_t stream);
+
 }  // namespace jax_msa::cuda

@@ -4,8 +4,9 @@
 //
 // sparse_attention_bwd_prepare (all on `stream`, no host sync):
 //  1. delta [B, Sq, Hq] = sum_d dout * out - dlse (0 for padded rows);
-//  2. the index: a stable counting sort of the (query, selected block) pairs
-//     by block, per (batch row, kv head). Queries are cut into chunks of
+//  2. the index (block_index::build_block_index, sparse_block_index.cu,
+//     shared with the by-block forward): a stable counting sort of the
+//     (query, selected block) pairs by block, per (batch row, kv head). Queries are cut into chunks of
 //     `chunk_tokens`; a histogram [chunk][block] (integer atomics: order
 //     free), an exclusive scan of each block's column over the chunks, a scan
 //     of the bucket sizes (entry offsets) and of their tile counts (tile
@@ -56,6 +57,7 @@
 
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/sm90/rowmax_epilogue.hpp"
+#include "kernels/sm90/sparse_block_index.hpp"
 #include "kernels/sm90/sparse_bwd_traits.hpp"
 
 namespace jax_msa::sm90 {
@@ -65,82 +67,20 @@ using namespace cute;
 using cutlass::arch::ClusterBarrier;
 using cutlass::arch::ClusterTransactionBarrier;
 
-constexpr int kBlock = 128;         // keys per block (spec §2)
+// The block -> queries index and its geometry (sparse_block_index.hpp).
+using block_index::block_attended;
+using block_index::clamp_len;
+using block_index::Geometry;
+using block_index::IndexView;
+using block_index::kBlock;     // keys per block (spec §2)
+using block_index::kTileRows;  // (token, head) rows per tile
+using block_index::SegmentWalker;
+
 constexpr int kHeadDim = 128;       // the only head dim
-constexpr int kTileRows = 64;       // (token, head) rows per tile
 constexpr int kMaxCtas = 132;       // dK/dV CTAs at most (one wave on H100 / H200)
 constexpr int kSlotFloats = 2 * kBlock * kHeadDim;  // one partial slot: dK then dV
 constexpr float kLog2e = 1.4426950408889634f;
 
-// ---------------------------------------------------------------------------
-// Problem geometry shared by host and device.
-
-struct Geometry {
-  int64_t B, Sq, Sk, Hq, Hkv, G, topk;
-  int64_t nb;            // blocks per (batch row, kv head): ceil(Sk / 128)
-  int64_t nbkt;          // buckets: B * Hkv * nb
-  int64_t tpt;           // tokens per tile: floor(64 / G)
-  int64_t chunk_tokens;  // queries per chunk of the counting sort
-  int64_t nchunks;       // ceil(Sq / chunk_tokens)
-  // Offsets in the int32 index workspace (int64 arrays at even offsets).
-  int64_t off_tile_start;   // int64 [nbkt + 1]: first tile of each bucket, then Ttot
-  int64_t off_entry_start;  // int64 [nbkt]: first entry of each bucket
-  int64_t off_count;        // int32 [nbkt]: bucket sizes
-  int64_t off_hist;         // int32 [B * Hkv, nchunks, nb]
-  int64_t off_entries;      // int32 [B * Hkv * Sq * topk]: query indices
-  int64_t index_ints;
-  int64_t tiles_bound;      // upper bound of Ttot
-
-  __host__ __device__ explicit Geometry(const cuda::SparseAttentionArgs& a)
-      : B(a.B), Sq(a.Sq), Sk(a.Sk), Hq(a.Hq), Hkv(a.Hkv), G(a.Hkv > 0 ? a.Hq / a.Hkv : 1),
-        topk(a.topk) {
-    if (G < 1) G = 1;
-    nb = (Sk + kBlock - 1) / kBlock;
-    nbkt = B * Hkv * nb;
-    tpt = G <= kTileRows ? kTileRows / G : 1;
-    // At most 512 chunks per (batch row, kv head): the histogram stays
-    // <= 512 * nb ints while the scatter gets enough warps.
-    chunk_tokens = 64;
-    while (chunk_tokens * 512 < Sq) chunk_tokens *= 2;
-    nchunks = (Sq + chunk_tokens - 1) / chunk_tokens;
-    off_tile_start = 4;  // [0, 4): header (int64 Ttot, unused)
-    off_entry_start = off_tile_start + 2 * (nbkt + 1);
-    off_count = off_entry_start + 2 * nbkt;
-    off_hist = off_count + nbkt;
-    off_entries = off_hist + B * Hkv * nchunks * nb;
-    index_ints = off_entries + B * Hkv * Sq * topk;
-    tiles_bound = (B * Hkv * Sq * topk + tpt - 1) / tpt + nbkt;
-  }
-};
-
-struct IndexView {
-  int64_t* header;
-  int64_t* tile_start;
-  int64_t* entry_start;
-  int32_t* count;
-  int32_t* hist;
-  int32_t* entries;
-
-  __host__ __device__ IndexView(int32_t* base, const Geometry& geo)
-      : header(reinterpret_cast<int64_t*>(base)),
-        tile_start(reinterpret_cast<int64_t*>(base + geo.off_tile_start)),
-        entry_start(reinterpret_cast<int64_t*>(base + geo.off_entry_start)),
-        count(base + geo.off_count),
-        hist(base + geo.off_hist),
-        entries(base + geo.off_entries) {}
-};
-
-// Valid lengths, clamped so that no kernel can be pushed out of bounds.
-__device__ __forceinline__ int64_t clamp_len(const int32_t* lengths, int64_t b, int64_t full) {
-  if (lengths == nullptr) return full;
-  const int64_t v = lengths[b];
-  return v < 0 ? 0 : (v > full ? full : v);
-}
-
-// Whether id c of a query at position p names a block it attends (spec §3.4).
-__device__ __forceinline__ bool block_attended(int32_t c, int64_t p, int64_t blocks_valid) {
-  return c >= 0 && c < blocks_valid && int64_t{c} * kBlock <= p;
-}
 
 // ---------------------------------------------------------------------------
 // Step 1: delta. 16 lanes per row (8 elements each), 2 rows per warp.
@@ -184,229 +124,6 @@ __global__ void delta_kernel(const Element* __restrict__ out, const Element* __r
   }
 }
 
-// ---------------------------------------------------------------------------
-// Step 2: the index.
-
-// hist[bg, chunk, c] += 1 for every attended (query in chunk, block c).
-__global__ void hist_kernel(const int32_t* __restrict__ ids, const int32_t* __restrict__ q_lengths,
-                            const int32_t* __restrict__ kv_lengths, int32_t* __restrict__ hist,
-                            Geometry geo) {
-  const int64_t bg = blockIdx.y;
-  const int64_t b = bg / geo.Hkv;
-  const int64_t q = blockIdx.x;
-  const int64_t q_len = clamp_len(q_lengths, b, geo.Sq);
-  const int64_t kv_len = clamp_len(kv_lengths, b, geo.Sk);
-  const int64_t offset = kv_len - q_len;
-  const int64_t blocks_valid = (kv_len + kBlock - 1) / kBlock;
-  const int64_t tok0 = q * geo.chunk_tokens;
-  const int64_t tok1 = min(tok0 + geo.chunk_tokens, q_len);
-  if (tok0 >= tok1) return;
-  int32_t* h = hist + (bg * geo.nchunks + q) * geo.nb;
-  const int64_t n = (tok1 - tok0) * geo.topk;
-  const int32_t* row_ids = ids + ((b * geo.Sq + tok0) * geo.Hkv + bg % geo.Hkv) * geo.topk;
-  for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
-    const int64_t t = e / geo.topk;
-    const int64_t slot = e - t * geo.topk;
-    const int32_t c = row_ids[t * geo.Hkv * geo.topk + slot];
-    if (block_attended(c, offset + tok0 + t, blocks_valid)) atomicAdd(h + c, 1);
-  }
-}
-
-// Exclusive scan of each block's column over the chunks; count = column total.
-// CTA = 32 columns x 16 warps; warp w scans a contiguous range of chunks.
-__global__ void __launch_bounds__(512) colscan_kernel(int32_t* __restrict__ hist,
-                                                      int32_t* __restrict__ count, Geometry geo) {
-  __shared__ int32_t part[16][32];
-  const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
-  const int64_t bg = blockIdx.y;
-  const int64_t c = blockIdx.x * int64_t{32} + lane;
-  const bool ok = c < geo.nb;
-  const int64_t per = (geo.nchunks + 15) / 16;
-  const int64_t q0 = min<int64_t>(warp * per, geo.nchunks);
-  const int64_t q1 = min<int64_t>(q0 + per, geo.nchunks);
-  int32_t* col = hist + bg * geo.nchunks * geo.nb + (ok ? c : 0);
-  int32_t sum = 0;
-  if (ok) {
-#pragma unroll 8
-    for (int64_t q = q0; q < q1; ++q) sum += col[q * geo.nb];
-  }
-  part[warp][lane] = sum;
-  __syncthreads();
-  int32_t base = 0;
-  for (int w = 0; w < warp; ++w) base += part[w][lane];
-  if (ok) {
-#pragma unroll 4
-    for (int64_t q = q0; q < q1; ++q) {
-      const int32_t v = col[q * geo.nb];
-      col[q * geo.nb] = base;
-      base += v;
-    }
-    if (warp == 15) count[bg * geo.nb + c] = base;
-  }
-}
-
-// Block-wide exclusive scan of two int64 values (blockDim.x == 1024).
-__device__ void block_scan2(int64_t& a, int64_t& b, int64_t& total_a, int64_t& total_b) {
-  __shared__ int64_t warp_a[32], warp_b[32];
-  const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
-  int64_t ia = a, ib = b;  // inclusive
-  CUTE_UNROLL
-  for (int o = 1; o < 32; o *= 2) {
-    const int64_t xa = __shfl_up_sync(0xFFFFFFFFu, ia, o);
-    const int64_t xb = __shfl_up_sync(0xFFFFFFFFu, ib, o);
-    if (lane >= o) {
-      ia += xa;
-      ib += xb;
-    }
-  }
-  if (lane == 31) {
-    warp_a[warp] = ia;
-    warp_b[warp] = ib;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    int64_t wa = warp_a[lane], wb = warp_b[lane];
-    CUTE_UNROLL
-    for (int o = 1; o < 32; o *= 2) {
-      const int64_t xa = __shfl_up_sync(0xFFFFFFFFu, wa, o);
-      const int64_t xb = __shfl_up_sync(0xFFFFFFFFu, wb, o);
-      if (lane >= o) {
-        wa += xa;
-        wb += xb;
-      }
-    }
-    warp_a[lane] = wa;  // inclusive over warps
-    warp_b[lane] = wb;
-  }
-  __syncthreads();
-  const int64_t base_a = warp > 0 ? warp_a[warp - 1] : 0;
-  const int64_t base_b = warp > 0 ? warp_b[warp - 1] : 0;
-  total_a = warp_a[31];
-  total_b = warp_b[31];
-  a = base_a + ia - a;
-  b = base_b + ib - b;
-  __syncthreads();  // warp_a / warp_b are reused by the next call
-}
-
-// Bucket offsets (entries and tiles) and Ttot. One CTA of 1024 threads.
-__global__ void __launch_bounds__(1024) bucket_scan_kernel(int32_t* index, Geometry geo) {
-  IndexView ix(index, geo);
-  int64_t run_entries = 0, run_tiles = 0;
-  for (int64_t base = 0; base < geo.nbkt; base += 1024) {
-    const int64_t k = base + threadIdx.x;
-    const int64_t cnt = k < geo.nbkt ? ix.count[k] : 0;
-    int64_t e = cnt, t = (cnt + geo.tpt - 1) / geo.tpt, total_e, total_t;
-    block_scan2(e, t, total_e, total_t);
-    if (k < geo.nbkt) {
-      ix.entry_start[k] = run_entries + e;
-      ix.tile_start[k] = run_tiles + t;
-    }
-    run_entries += total_e;
-    run_tiles += total_t;
-  }
-  if (threadIdx.x == 0) {
-    ix.tile_start[geo.nbkt] = run_tiles;
-    ix.header[0] = run_tiles;
-    ix.header[1] = run_entries;
-  }
-}
-
-// One warp per (bg, chunk): writes the chunk's queries into their buckets in
-// increasing order. kSmem: the running positions (bucket start + the chunk's
-// prefix) are int64 counters in shared memory (nb <= kMaxSmemCounters); else
-// the chunk's own hist row is the counter and the bucket start is re-read.
-constexpr int kMaxSmemCounters = 6144;  // 48 KB of int64
-
-template <bool kSmem>
-__global__ void __launch_bounds__(32) scatter_kernel(const int32_t* __restrict__ ids,
-                                                     const int32_t* __restrict__ q_lengths,
-                                                     const int32_t* __restrict__ kv_lengths,
-                                                     int32_t* index, Geometry geo) {
-  extern __shared__ int64_t smem_positions[];
-  IndexView ix(index, geo);
-  const int64_t bg = blockIdx.y;
-  const int64_t b = bg / geo.Hkv;
-  const int64_t g = bg % geo.Hkv;
-  const int64_t q = blockIdx.x;
-  const int lane = threadIdx.x;
-  const int64_t q_len = clamp_len(q_lengths, b, geo.Sq);
-  const int64_t kv_len = clamp_len(kv_lengths, b, geo.Sk);
-  const int64_t offset = kv_len - q_len;
-  const int64_t blocks_valid = (kv_len + kBlock - 1) / kBlock;
-  const int64_t tok0 = q * geo.chunk_tokens;
-  const int64_t tok1 = min(tok0 + geo.chunk_tokens, q_len);
-  if (tok0 >= tok1) return;
-
-  int32_t* hrow = ix.hist + (bg * geo.nchunks + q) * geo.nb;
-  const int64_t* bucket_start = ix.entry_start + bg * geo.nb;
-  if constexpr (kSmem) {
-    // Blocks past the chunk's last local block are never selected.
-    const int64_t last = offset + tok1 - 1;
-    const int64_t used = last < 0 ? 0 : min<int64_t>(geo.nb, last / kBlock + 1);
-    for (int64_t c = lane; c < used; c += 32) smem_positions[c] = bucket_start[c] + hrow[c];
-    __syncwarp();
-  }
-
-  int tp = 1;  // slots per token, rounded up to a power of two
-  while (tp < geo.topk) tp *= 2;
-  const int per_pass = tp < 32 ? tp : 32;
-  const int passes = tp / per_pass;  // 1 or 2
-  const int tokens_per_step = 32 / per_pass;
-  const int my_tok = lane / per_pass;
-  const int my_slot = lane % per_pass;
-  const unsigned lt_mask = (1u << lane) - 1u;
-  constexpr int kUnroll = 8;
-
-  for (int64_t t0 = tok0; t0 < tok1; t0 += int64_t{tokens_per_step} * kUnroll) {
-    int32_t cs[kUnroll][2];
-    CUTE_UNROLL
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = t0 + int64_t{u} * tokens_per_step + my_tok;
-      CUTE_UNROLL
-      for (int ps = 0; ps < 2; ++ps) {
-        const int slot = ps * 32 + my_slot;
-        int32_t c = -1;
-        if (ps < passes && i < tok1 && slot < geo.topk) {
-          const int32_t raw = ids[((b * geo.Sq + i) * geo.Hkv + g) * geo.topk + slot];
-          if (block_attended(raw, offset + i, blocks_valid)) c = raw;
-        }
-        cs[u][ps] = c;
-      }
-    }
-    CUTE_UNROLL
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = t0 + int64_t{u} * tokens_per_step + my_tok;
-      CUTE_UNROLL
-      for (int ps = 0; ps < 2; ++ps) {
-        if (ps >= passes) break;
-        const int32_t c = cs[u][ps];
-        const unsigned same = __match_any_sync(0xFFFFFFFFu, c);
-        const int rank = __popc(same & lt_mask);
-        const bool leader = (31 - __clz(same)) == lane;
-        if constexpr (kSmem) {
-          int64_t at = 0;
-          if (c >= 0) {
-            at = smem_positions[c];
-            ix.entries[at + rank] = static_cast<int32_t>(i);
-          }
-          __syncwarp();
-          if (c >= 0 && leader) smem_positions[c] = at + __popc(same);
-        } else {
-          int32_t at = 0;
-          if (c >= 0) {
-            at = hrow[c];
-            ix.entries[bucket_start[c] + at + rank] = static_cast<int32_t>(i);
-          }
-          __syncwarp();
-          if (c >= 0 && leader) hrow[c] = at + __popc(same);
-        }
-        __syncwarp();
-      }
-    }
-  }
-}
 
 // ---------------------------------------------------------------------------
 // dK / dV.
@@ -485,27 +202,6 @@ __device__ __forceinline__ void cp_async_4(void* smem, const void* gmem, bool va
                "r"(valid ? 4 : 0)
                : "memory");
 }
-
-// The segments of one CTA's tile range [T0, T1): next() moves to the next
-// bucket piece (bucket, its tiles [tile_begin, tile_end), whether that is the
-// whole bucket).
-struct SegmentWalker {
-  const int64_t* tile_start;
-  int64_t T0, T1, T;
-  int64_t bucket, tile_begin, tile_end;
-  bool whole;
-
-  __device__ bool next() {
-    if (T >= T1) return false;
-    while (tile_start[bucket + 1] <= T) ++bucket;  // skips empty buckets
-    const int64_t b0 = tile_start[bucket], b1 = tile_start[bucket + 1];
-    tile_begin = T - b0;
-    tile_end = min(T1, b1) - b0;
-    whole = b0 >= T0 && b1 <= T1;
-    T = min(T1, b1);
-    return true;
-  }
-};
 
 // Consumer schedule: a warpgroup queues the next tile's S^T product behind
 // the current tile's dV / dK products (and its dP^T right after them), so
@@ -946,28 +642,7 @@ cudaError_t prepare(const cuda::SparseAttentionArgs& a, const void* out, const v
     if (st != cudaSuccess) return st;
   }
   if (geo.nbkt == 0) return cudaSuccess;
-  IndexView ix(index, geo);
-  const int64_t hist_ints = a.B * a.Hkv * geo.nchunks * geo.nb;
-  if (hist_ints > 0) {
-    cudaError_t st = cudaMemsetAsync(ix.hist, 0, hist_ints * sizeof(int32_t), stream);
-    if (st != cudaSuccess) return st;
-    hist_kernel<<<dim3(static_cast<unsigned>(geo.nchunks), static_cast<unsigned>(a.B * a.Hkv)),
-                  256, 0, stream>>>(a.ids, a.q_lengths, a.kv_lengths, ix.hist, geo);
-  }
-  colscan_kernel<<<dim3(static_cast<unsigned>((geo.nb + 31) / 32),
-                        static_cast<unsigned>(a.B * a.Hkv)),
-                   512, 0, stream>>>(ix.hist, ix.count, geo);
-  bucket_scan_kernel<<<1, 1024, 0, stream>>>(index, geo);
-  if (hist_ints > 0) {
-    const dim3 grid(static_cast<unsigned>(geo.nchunks), static_cast<unsigned>(a.B * a.Hkv));
-    if (geo.nb <= kMaxSmemCounters) {
-      scatter_kernel<true><<<grid, 32, geo.nb * sizeof(int64_t), stream>>>(
-          a.ids, a.q_lengths, a.kv_lengths, index, geo);
-    } else {
-      scatter_kernel<false><<<grid, 32, 0, stream>>>(a.ids, a.q_lengths, a.kv_lengths, index, geo);
-    }
-  }
-  return cudaGetLastError();
+  return block_index::build_block_index(a, geo, index, nullptr, stream);
 }
 
 template <class Element>

@@ -178,12 +178,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       ClusterBarrier::arrive(&ss.empty[v_slot]);
       if (u == blocks - 1) ClusterBarrier::arrive(&ss.q_empty);
 
-      // dS = P (dP - delta), then dQ += dS K_c.
+      // dS = P (dP - delta), then dQ += dS K_c. A select, not a product, where
+      // P is 0: a masked key's V row (e.g. padding past kv_len) may hold non-finite values.
       CUTE_UNROLL
       for (int r = 0; r < kRowsPerThread; ++r) {
         CUTE_UNROLL
         for (int j = 0; j < size<1>(accS_rc); ++j) {
-          accS_rc(r, j) *= accdP_rc(r, j) - delta[r];
+          const float prob = accS_rc(r, j);
+          accS_rc(r, j) = prob != 0.0f ? prob * (accdP_rc(r, j) - delta[r]) : 0.0f;
         }
       }
       CUTE_UNROLL

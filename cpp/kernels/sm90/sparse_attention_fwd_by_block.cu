@@ -1,0 +1,663 @@
+// Block-sparse attention forward on SM90 (spec §3.4), KV-outer ("by block"):
+// for selection patterns whose neighbouring tokens share few blocks (the
+// indexer's), where the query-outer forward (sparse_attention_fwd.cu) spends
+// most of its work on masked rows.
+//
+// The queries are processed in chunks of Tc tokens (all batch rows at once);
+// per chunk, three steps on `stream`:
+//  1. index (block_index::build_block_index, shared with the backward): per
+//     (b, kv head g, block c) the bucket of the chunk's tokens that attend
+//     block c, in increasing order, and the reverse map
+//     rev[b, token, g, slot] = the entry holding that slot (-1: not attended);
+//  2. main (fwd_by_block_kernel): all buckets' tiles (64 (token, head) rows:
+//     floor(64 / G) entries x the G heads of the group) form one sequence of
+//     Ttot tiles; CTA s of the `ctas` CTAs (one wave) takes tiles
+//     [s * share, (s + 1) * share), share = ceil(Ttot / ctas), whatever the
+//     bucket sizes. Per bucket piece, K_c and V_c are loaded once (TMA, two
+//     slots so that the next bucket's block loads while this one is used),
+//     the tiles' Q rows are gathered by cp.async, and a consumer warpgroup
+//     computes per tile (see sparse_fwd_by_block_traits.hpp)
+//       S = Q K_c^T, masked (key j visible iff j <= position and j < kv_len),
+//       m = row max, l = row sum of exp, O_c = P V_c / l,
+//     then writes the partial O_c (input dtype) and lse_c = m + ln l (fp32)
+//     at row entry * G + head of the partial buffer (the rows of a tile are
+//     consecutive: 16-byte coalesced stores through a shared-memory tile);
+//  3. combine (combine_kernel): per (b, token, head), in slot order,
+//     lse = logsumexp_k lse_c(k), out = sum_k exp(lse_c(k) - lse) O_c(k)
+//     (fp32), written in q's dtype; padded rows and rows with no attended
+//     slot: out 0, lse -inf.
+// Every result is a fixed-order computation: deterministic.
+//
+// Workspace (plan, sparse_fwd_by_block.hpp): E = B * Hkv * Tc * topk index
+// entries per chunk at most;
+//   index   = index_ints(Tc) + E ints (the index of one chunk + rev),
+//   partial = E * G * (2 * D) bytes (O_c, 16-bit) + E * G * 4 bytes (lse_c),
+// i.e. B * Hq * Tc * topk * 260 bytes for D = 128. Default Tc: the largest
+// multiple of 64 with that <= 1 GiB and B * Tc * Hq * D * 2 (the chunk's Q
+// rows) <= 32 MiB, balanced over the chunks; the whole Sq if that fits.
+// At B = 1, Hq = 16, topk = 16: Tc = 8192, 545 MB of partials, 16 chunks at
+// T = 128K.
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/cutlass.h>
+#include <cutlass/numeric_conversion.h>
+
+#include "kernels/cuda/cuda_kernels.h"
+#include "kernels/sm90/rowmax_epilogue.hpp"
+#include "kernels/sm90/sparse_block_index.hpp"
+#include "kernels/sm90/sparse_fwd_by_block.hpp"
+#include "kernels/sm90/sparse_fwd_by_block_traits.hpp"
+#include "kernels/sm90/sparse_tile_producer.hpp"
+
+namespace jax_msa::sm90::fwd_by_block {
+namespace {
+
+using namespace cute;
+using block_index::bucket_of_tile;
+using block_index::clamp_len;
+using block_index::Geometry;
+using block_index::IndexView;
+using block_index::kBlock;
+using block_index::SegmentWalker;
+using cutlass::arch::ClusterBarrier;
+using cutlass::arch::ClusterTransactionBarrier;
+
+constexpr int kHeadDim = 128;
+constexpr int kMaxCtas = 132;  // main-kernel CTAs at most (one wave on H100 / H200)
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <class Traits>
+struct MainParams {
+  using Element = typename Traits::Element;
+  TmaKV<Traits> tma_k;
+  TmaKV<Traits> tma_v;
+  const Element* q;
+  const int32_t* q_lengths;
+  const int32_t* kv_lengths;
+  const int32_t* index;
+  Element* part_o;   // [entries * G, D]
+  float* part_lse;   // [entries * G]
+  Geometry geo;      // the chunk's window
+  float scale_log2;  // scale * log2(e)
+  int ctas;
+};
+
+template <class Element>
+__device__ __forceinline__ uint32_t pack2(float a, float b) {
+  if constexpr (std::is_same_v<Element, cutlass::bfloat16_t>) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  } else {
+    __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+}
+
+template <class Element>
+__device__ __forceinline__ float2 unpack2(uint32_t x) {
+  if constexpr (std::is_same_v<Element, cutlass::bfloat16_t>) {
+    return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&x));
+  } else {
+    return __half22float2(*reinterpret_cast<__half2*>(&x));
+  }
+}
+
+// 2^x (ex2.approx.ftz: 2 ulp, subnormal results flushed; 2^-inf = 0).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// cp.async of 16 / 4 bytes, zero-filled when `valid` is false (src not read).
+__device__ __forceinline__ void cp_async_16z(void* smem, const void* gmem, bool valid) {
+  const uint32_t dst = cute::cast_smem_ptr_to_uint(smem);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async_4z(void* smem, const void* gmem, bool valid) {
+  const uint32_t dst = cute::cast_smem_ptr_to_uint(smem);
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(gmem),
+               "r"(valid ? 4 : 0)
+               : "memory");
+}
+
+// ---------------------------------------------------------------------------
+// Step 2: the partial attention of every (entry, head) row over its block.
+
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kThreads, 1)
+    fwd_by_block_kernel(const __grid_constant__ MainParams<Traits> p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using Element = typename Traits::Element;
+  using SharedStorage = typename Traits::SharedStorage;
+  constexpr int kStages = Traits::kStages;
+  constexpr int kKvSlots = Traits::kKvSlots;
+  constexpr int kRows = Traits::kRows;
+  extern __shared__ __align__(1024) char fbb_smem[];
+  SharedStorage& ss = *reinterpret_cast<SharedStorage*>(fbb_smem);
+
+  const Geometry& geo = p.geo;
+  const IndexView ix(const_cast<int32_t*>(p.index), geo);
+  // The CTA's tiles [T0, T1) of the Ttot = header[0] tiles, share = ceil(Ttot / ctas).
+  auto tile_range = [&](int64_t& T0, int64_t& T1) {
+    const int64_t total = ix.header[0];
+    const int64_t share = (total + p.ctas - 1) / p.ctas;
+    T0 = blockIdx.x * share;
+    T1 = min(T0 + share, total);
+  };
+  {
+    int64_t T0, T1;
+    tile_range(T0, T1);
+    if (T0 >= T1) return;  // uniform over the CTA, before any barrier
+  }
+  // The walker is built after the register reconfiguration, in each role
+  // (recomputing the range): nothing 64-bit stays live across it.
+  auto make_walker = [&]() {
+    int64_t T0, T1;
+    tile_range(T0, T1);
+    return SegmentWalker{ix.tile_start, T0, T1, T0,
+                         bucket_of_tile(ix.tile_start, geo.nbkt, T0), 0, 0, false};
+  };
+
+  const int warpgroup = threadIdx.x / 128;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kKvSlots; ++s) {
+      ClusterBarrier::init(&ss.kv_full[s], 1);
+      ClusterBarrier::init(&ss.kv_empty[s], 128 * Traits::kConsumerWarpgroups);
+    }
+    for (int s = 0; s < kStages; ++s) {
+      ClusterBarrier::init(&ss.full[s], 128);  // the producer warpgroup's cp.async
+      ClusterBarrier::init(&ss.empty[s], 128);  // the one consumer warpgroup of the tile
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  const int64_t G = geo.G;
+  const int64_t tpt = geo.tpt;
+
+  if (warpgroup == 0) {
+    // ---------------- producer ----------------
+    // Registers: 72 here, 216 per consumer (72 + 2 * 216 = 504 <= 512): no
+    // spills in either role (ptxas -v).
+    cutlass::arch::warpgroup_reg_dealloc<72>();
+    SegmentWalker walker = make_walker();
+    const int t = threadIdx.x;
+    const int row = t >> 1;  // tile row gathered by this thread
+    const int half = t & 1;  // its 16-byte chunks: half, half + 2, ..., half + 14
+    const int slot = static_cast<int>(row / G);  // entry of the tile
+    const int64_t head = row - slot * G;         // head in the group
+    Tensor sQ = make_tensor(make_smem_ptr(ss.q), typename Traits::SmemLayoutQ{});
+    if (t == 0) {
+      cute::prefetch_tma_descriptor(p.tma_k.get_tma_descriptor());
+      cute::prefetch_tma_descriptor(p.tma_v.get_tma_descriptor());
+    }
+    int64_t it = 0;
+    int seg = 0;
+    while (walker.next()) {
+      const int64_t k = walker.bucket;
+      const int64_t bg = k / geo.nb;
+      const int64_t c = k - bg * geo.nb;
+      const int64_t b = bg / geo.Hkv;
+      const int64_t g = bg - b * geo.Hkv;
+      const int kv = seg % kKvSlots;
+      if (t == 0) {
+        // The slot's previous block (segment seg - kKvSlots) is no longer read.
+        if (seg >= kKvSlots) {
+          ClusterBarrier::wait(&ss.kv_empty[kv], static_cast<uint32_t>((seg / kKvSlots - 1) & 1));
+        }
+        Tensor sK = make_tensor(make_smem_ptr(ss.k), typename Traits::SmemLayoutKVSlots{});
+        Tensor sV = make_tensor(make_smem_ptr(ss.v), typename Traits::SmemLayoutKVSlots{});
+        auto shape = make_shape(static_cast<int>(geo.Sk), Int<kHeadDim>{},
+                                static_cast<int>(geo.Hkv), static_cast<int>(geo.B));
+        Tensor mK = p.tma_k.get_tma_tensor(shape);
+        Tensor mV = p.tma_v.get_tma_tensor(shape);
+        Tensor gK = local_tile(mK(_, _, g, b), typename Traits::TileKV{}, make_coord(_, _0{}));
+        Tensor gV = local_tile(mV(_, _, g, b), typename Traits::TileKV{}, make_coord(_, _0{}));
+        auto tma_k = p.tma_k.get_slice(_0{});
+        auto tma_v = p.tma_v.get_slice(_0{});
+        ClusterTransactionBarrier::arrive_and_expect_tx(&ss.kv_full[kv], 2 * Traits::kBytesKV);
+        copy(p.tma_k.with(ss.kv_full[kv]), tma_k.partition_S(gK)(_, _, _, c),
+             tma_k.partition_D(sK)(_, _, _, kv));
+        copy(p.tma_v.with(ss.kv_full[kv]), tma_v.partition_S(gV)(_, _, _, c),
+             tma_v.partition_D(sV)(_, _, _, kv));
+      }
+      const int64_t count = ix.count[k];
+      const int32_t* bucket = ix.entries + ix.entry_start[k];
+      const int64_t head_row = g * G + head;
+      for (int64_t tile = walker.tile_begin; tile < walker.tile_end; ++tile, ++it) {
+        const int stage = static_cast<int>(it % kStages);
+        const int64_t entry = tile * tpt + slot;
+        const bool valid = slot < tpt && entry < count;
+        // Loaded before the wait: its latency hides behind it.
+        const int64_t token = valid ? bucket[entry] : 0;
+        ClusterBarrier::wait(&ss.empty[stage], static_cast<uint32_t>(((it / kStages) & 1) ^ 1));
+        const Element* src = p.q + ((b * geo.Sq + token) * geo.Hq + head_row) * kHeadDim;
+        CUTE_UNROLL
+        for (int j = 0; j < 8; ++j) {
+          const int col = (half + 2 * j) * 8;
+          cp_async_16z(&sQ(row, col, stage), src + col, valid);
+        }
+        if (half == 0) cp_async_4z(&ss.token[stage][row], bucket + (valid ? entry : 0), valid);
+        cutlass::arch::cpasync_barrier_arrive_noinc(&ss.full[stage]);
+      }
+      ++seg;
+    }
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+    return;
+  }
+
+  // ---------------- consumers ----------------
+  cutlass::arch::warpgroup_reg_alloc<216>();
+  SegmentWalker walker = make_walker();
+  const int w = warpgroup - 1;  // takes the CTA's tiles n with n % 2 == w
+  const int tid = threadIdx.x % 128;
+  typename Traits::MmaS mma_s;
+  typename Traits::MmaO mma_o;
+  auto thr_s = mma_s.get_thread_slice(tid);
+  auto thr_o = mma_o.get_thread_slice(tid);
+
+  Tensor sQ = make_tensor(make_smem_ptr(ss.q), typename Traits::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(ss.k), typename Traits::SmemLayoutKVSlots{});
+  Tensor sVt = make_tensor(make_smem_ptr(ss.v), typename Traits::SmemLayoutVtSlots{});
+  Tensor tSrQ = thr_s.partition_fragment_A(sQ);   // (MMA, 1, D/16, stage)
+  Tensor tSrK = thr_s.partition_fragment_B(sK);   // (MMA, 1, D/16, kv slot)
+  Tensor tOrV = thr_o.partition_fragment_B(sVt);  // (MMA, 1, keys/16, kv slot)
+
+  using TileS = Shape<Int<kRows>, Int<Traits::kKeys>>;
+  using TileO = Shape<Int<kRows>, Int<kHeadDim>>;
+  Tensor accS = partition_fragment_C(mma_s, TileS{});
+  Tensor accO = partition_fragment_C(mma_o, TileO{});
+  // P in the register layout of O's A operand: the accumulator of S holds the
+  // same (row, key) values in the same register order.
+  Tensor tOrP = make_tensor<Element>(partition_shape_A(mma_o, TileS{}));
+  static_assert(decltype(size(tOrP))::value == decltype(size(accS))::value);
+  Tensor accS_rc = make_tensor(accS.data(), rowcol_layout(accS.layout()));
+  Tensor accO_rc = make_tensor(accO.data(), rowcol_layout(accO.layout()));
+  // (row, column) of every accumulator entry, from cute's own partitioning.
+  Tensor cS = thr_s.partition_C(make_identity_tensor(TileS{}));
+  Tensor cS_rc = make_tensor(cS.data(), rowcol_layout(cS.layout()));
+  Tensor cO = thr_o.partition_C(make_identity_tensor(TileO{}));
+  Tensor cO_rc = make_tensor(cO.data(), rowcol_layout(cO.layout()));
+  constexpr int kRowsPerThread = decltype(size<0>(accS_rc))::value;  // 2
+  constexpr int kCols = decltype(size<1>(accS_rc))::value;           // 32
+  static_assert(decltype(size<0>(accO_rc))::value == kRowsPerThread);
+  static_assert(decltype(size<1>(accO_rc))::value % 2 == 0);
+
+  cutlass::NumericArrayConverter<Element, float, 2> to_pair;
+  uint32_t* stage_o = reinterpret_cast<uint32_t*>(ss.o[w]);  // [row][64 words], swizzled
+  const uint4* stage_o4 = ss.o[w];
+  int64_t it = 0;
+  int seg = 0;
+
+  while (walker.next()) {
+    const int64_t k = walker.bucket;
+    const int64_t bg = k / geo.nb;
+    const int64_t c = k - bg * geo.nb;
+    const int64_t b = bg / geo.Hkv;
+    const int64_t q_len = clamp_len(p.q_lengths, b, geo.Sq);
+    const int64_t kv_len = clamp_len(p.kv_lengths, b, geo.Sk);
+    const int64_t count = ix.count[k];
+    const int64_t entry0 = ix.entry_start[k];
+    // Last key a query may see, relative to the block: min(offset + i, kv_len - 1) - 128 c.
+    const int64_t pos_rel = kv_len - q_len - c * kBlock;
+    const int64_t len_rel = kv_len - 1 - c * kBlock;
+    const int kv = seg % kKvSlots;
+    // Every consumer waits for every segment's block (even one with no tile
+    // of its own) before releasing it: the arrivals on kv_empty[kv] then
+    // always complete the phase of this segment, never a later one.
+    ClusterBarrier::wait(&ss.kv_full[kv], static_cast<uint32_t>((seg / kKvSlots) & 1));
+
+    for (int64_t tile = walker.tile_begin; tile < walker.tile_end; ++tile, ++it) {
+      if ((it & 1) != w) continue;  // uniform over the warpgroup
+      const int stage = static_cast<int>(it % kStages);
+      ClusterBarrier::wait(&ss.full[stage], static_cast<uint32_t>((it / kStages) & 1));
+      cutlass::arch::fence_view_async_shared();  // cp.async (generic proxy) -> wgmma
+
+      // S = Q K^T.
+      warpgroup_fence_operand(accS);
+      warpgroup_arrive();
+      mma_s.accumulate_ = GMMA::ScaleOut::Zero;
+      CUTE_UNROLL
+      for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
+        cute::gemm(mma_s, tSrQ(_, _, kb, stage), tSrK(_, _, kb, kv), accS);
+        mma_s.accumulate_ = GMMA::ScaleOut::One;
+      }
+      warpgroup_commit_batch();
+
+      // Meanwhile: the rows' last visible columns (-1: no such row).
+      const int rows_valid = static_cast<int>(min<int64_t>(tpt, count - tile * tpt) * G);
+      int limit[kRowsPerThread];
+      CUTE_UNROLL
+      for (int r = 0; r < kRowsPerThread; ++r) {
+        const int row = get<0>(cS_rc(r, 0));
+        const int64_t token = ss.token[stage][row];
+        int64_t last = min(pos_rel + token, len_rel);
+        last = last > kBlock - 1 ? kBlock - 1 : last;
+        limit[r] = row < rows_valid && last >= 0 ? static_cast<int>(last) : -1;
+      }
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(accS);
+      ClusterBarrier::arrive(&ss.empty[stage]);  // Q rows and tokens of the stage consumed
+
+      // Softmax of the block (log2 domain): P = exp2(x - m), l = sum P.
+      float row_m[kRowsPerThread], row_l[kRowsPerThread];
+      CUTE_UNROLL
+      for (int r = 0; r < kRowsPerThread; ++r) {
+        float m = -INFINITY;
+        CUTE_UNROLL
+        for (int j = 0; j < kCols; ++j) {
+          const float x = get<1>(cS_rc(r, j)) <= limit[r] ? accS_rc(r, j) * p.scale_log2 : -INFINITY;
+          accS_rc(r, j) = x;
+          m = fmaxf(m, x);
+        }
+        m = quad_max(m);  // every lane of the warp: no lane has left
+        const float base = m == -INFINITY ? 0.0f : m;
+        float l = 0.0f;
+        CUTE_UNROLL
+        for (int j = 0; j < kCols; ++j) {
+          const float e = fast_exp2(accS_rc(r, j) - base);
+          accS_rc(r, j) = e;
+          l += e;
+        }
+        row_m[r] = m;
+        row_l[r] = quad_sum(l);
+      }
+      CUTE_UNROLL
+      for (int e = 0; e < size(accS); e += 2) {
+        auto pair = to_pair(cutlass::Array<float, 2>{accS(e), accS(e + 1)});
+        tOrP(e) = pair[0];
+        tOrP(e + 1) = pair[1];
+      }
+
+      // O = P V.
+      warpgroup_fence_operand(tOrP);
+      warpgroup_fence_operand(accO);
+      warpgroup_arrive();
+      mma_o.accumulate_ = GMMA::ScaleOut::Zero;
+      CUTE_UNROLL
+      for (int kb = 0; kb < size<2>(tOrP); ++kb) {
+        cute::gemm(mma_o, tOrP(_, _, kb), tOrV(_, _, kb, kv), accO);
+        mma_o.accumulate_ = GMMA::ScaleOut::One;
+      }
+      warpgroup_commit_batch();
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(accO);
+      warpgroup_fence_operand(tOrP);
+
+      // Epilogue: O / l into the staging tile (16-byte chunk j of row r at
+      // chunk j ^ (r % 8): conflict-free both ways), lse from the quad leader.
+      const int64_t row0 = (entry0 + tile * tpt) * G;  // partial row of tile row 0
+      cutlass::arch::NamedBarrier::sync(128, w);  // the previous tile's staging is read
+      CUTE_UNROLL
+      for (int r = 0; r < kRowsPerThread; ++r) {
+        const int row = get<0>(cO_rc(r, 0));
+        const float inv = row_l[r] > 0.0f ? 1.0f / row_l[r] : 0.0f;
+        CUTE_UNROLL
+        for (int j = 0; j < size<1>(accO_rc); j += 2) {
+          const int col = get<1>(cO_rc(r, j));  // even; col + 1 is entry j + 1
+          const int chunk = (col >> 3) ^ (row & 7);
+          stage_o[row * 64 + chunk * 4 + ((col & 7) >> 1)] =
+              pack2<Element>(accO_rc(r, j) * inv, accO_rc(r, j + 1) * inv);
+        }
+        const int srow = get<0>(cS_rc(r, 0));
+        if (tid % 4 == 0 && srow < rows_valid) {
+          p.part_lse[row0 + srow] =
+              row_l[r] > 0.0f ? (row_m[r] + __log2f(row_l[r])) * kLn2 : -INFINITY;
+        }
+      }
+      cutlass::arch::NamedBarrier::sync(128, w);  // the staging tile is complete
+      CUTE_UNROLL
+      for (int pass = 0; pass < kRows / 8; ++pass) {
+        const int row = pass * 8 + tid / 16;
+        const int ch = tid % 16;
+        if (row < rows_valid) {
+          const uint4 v = stage_o4[row * 16 + (ch ^ (row & 7))];
+          __stcs(reinterpret_cast<uint4*>(p.part_o + (row0 + row) * kHeadDim) + ch, v);
+        }
+      }
+    }
+    ClusterBarrier::arrive(&ss.kv_empty[kv]);  // K_c, V_c no longer read by this warpgroup
+    ++seg;
+  }
+#endif
+}
+
+// ---------------------------------------------------------------------------
+// Step 3: the combine. 16 lanes per (b, token, head) row, 8 elements each.
+
+template <class Element>
+struct CombineParams {
+  const int32_t* q_lengths;
+  const int32_t* rev;       // [B, tok_count, Hkv, topk]
+  const Element* part_o;    // [entries * G, D]
+  const float* part_lse;    // [entries * G]
+  Element* out;             // [B, Sq, Hq, D]
+  float* lse;               // [B, Sq, Hq] or null
+  int64_t B, Sq, Hq, Hkv, G, topk, tok_begin, tok_count;
+};
+
+template <class Element>
+__global__ void __launch_bounds__(256) combine_kernel(const CombineParams<Element> p) {
+  const int lane16 = threadIdx.x % 16;
+  const int64_t rows = p.B * p.tok_count * p.Hq;
+  const int64_t step = int64_t{gridDim.x} * (blockDim.x / 16);
+  // No warp-collective operation below: the two half-warps may diverge freely.
+  for (int64_t row = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / 16; row < rows;
+       row += step) {
+    const int64_t h = row % p.Hq;
+    const int64_t i = (row / p.Hq) % p.tok_count;
+    const int64_t b = row / (p.Hq * p.tok_count);
+    const int64_t token = p.tok_begin + i;
+    const int64_t out_row = (b * p.Sq + token) * p.Hq + h;
+    float acc[8];
+    CUTE_UNROLL
+    for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
+    float lse = -INFINITY;
+    if (token < clamp_len(p.q_lengths, b, p.Sq)) {
+      const int64_t g = h / p.G;
+      const int64_t hh = h - g * p.G;
+      const int32_t* rv = p.rev + ((b * p.tok_count + i) * p.Hkv + g) * p.topk;
+      float m = -INFINITY;
+      for (int64_t k = 0; k < p.topk; ++k) {
+        const int32_t e = rv[k];
+        if (e >= 0) m = fmaxf(m, p.part_lse[e * p.G + hh]);
+      }
+      if (m > -INFINITY) {
+        float sum = 0.0f;
+#pragma unroll 4
+        for (int64_t k = 0; k < p.topk; ++k) {
+          const int32_t e = rv[k];
+          if (e >= 0) {
+            const int64_t prow = e * p.G + hh;
+            const float wgt = exp2f((p.part_lse[prow] - m) * kLog2e);
+            const uint4 v = __ldcs(reinterpret_cast<const uint4*>(p.part_o + prow * kHeadDim) + lane16);
+            const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+            CUTE_UNROLL
+            for (int q = 0; q < 4; ++q) {
+              const float2 f = unpack2<Element>(words[q]);
+              acc[2 * q] = fmaf(wgt, f.x, acc[2 * q]);
+              acc[2 * q + 1] = fmaf(wgt, f.y, acc[2 * q + 1]);
+            }
+            sum += wgt;
+          }
+        }
+        const float inv = 1.0f / sum;  // sum >= 1: the maximal slot contributes exp(0)
+        CUTE_UNROLL
+        for (int e = 0; e < 8; ++e) acc[e] *= inv;
+        lse = m + logf(sum);
+      }
+    }
+    uint4 o;
+    o.x = pack2<Element>(acc[0], acc[1]);
+    o.y = pack2<Element>(acc[2], acc[3]);
+    o.z = pack2<Element>(acc[4], acc[5]);
+    o.w = pack2<Element>(acc[6], acc[7]);
+    reinterpret_cast<uint4*>(p.out + out_row * kHeadDim)[lane16] = o;
+    if (lane16 == 0 && p.lse != nullptr) p.lse[out_row] = lse;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Host side.
+
+int sm_count() {
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      sms <= 0) {
+    cudaGetLastError();
+    return kMaxCtas;
+  }
+  return sms;
+}
+
+template <class Element>
+cudaError_t run_typed(const cuda::SparseAttentionArgs& a, const Plan& plan, int32_t* index,
+                      void* partial, void* out, float* lse, cudaStream_t stream, PhaseHook hook,
+                      void* hook_ctx) {
+  using Traits = SparseFwdByBlockTraits<Element>;
+  auto kernel = fwd_by_block_kernel<Traits>;
+  cudaError_t st = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        Traits::kSmemBytes);
+  if (st != cudaSuccess) return st;
+  const int sms = std::min(sm_count(), kMaxCtas);
+  const int64_t G = a.Hq / a.Hkv;
+  int32_t* rev = index + plan.index_ints;
+  Element* part_o = static_cast<Element*>(partial);
+  float* part_lse = reinterpret_cast<float*>(static_cast<char*>(partial) + plan.o_bytes);
+
+  MainParams<Traits> mp{
+      make_tma_kv<Traits>(static_cast<const Element*>(a.k), a.Sk, a.Hkv, a.B),
+      make_tma_kv<Traits>(static_cast<const Element*>(a.v), a.Sk, a.Hkv, a.B),
+      static_cast<const Element*>(a.q),
+      a.q_lengths,
+      a.kv_lengths,
+      index,
+      part_o,
+      part_lse,
+      Geometry(a, 0, 0),
+      a.scale * kLog2e,
+      1};
+  CombineParams<Element> cp{a.q_lengths, rev, part_o, part_lse, static_cast<Element*>(out), lse,
+                            a.B, a.Sq, a.Hq, a.Hkv, G, a.topk, 0, 0};
+
+  for (int64_t n = 0; n < plan.nchunks; ++n) {
+    const int64_t t0 = n * plan.chunk_tokens;
+    const int64_t ntok = std::min(plan.chunk_tokens, a.Sq - t0);
+    const Geometry geo(a, t0, ntok);
+    st = block_index::build_block_index(a, geo, index, rev, stream);
+    if (st != cudaSuccess) return st;
+    if (hook != nullptr) hook(n, kPhaseIndex, hook_ctx);
+
+    mp.geo = geo;
+    mp.ctas = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(sms, geo.tiles_bound)));
+    kernel<<<mp.ctas, Traits::kThreads, Traits::kSmemBytes, stream>>>(mp);
+    st = cudaGetLastError();
+    if (st != cudaSuccess) return st;
+    if (hook != nullptr) hook(n, kPhaseMain, hook_ctx);
+
+    cp.tok_begin = t0;
+    cp.tok_count = ntok;
+    const int64_t rows = a.B * ntok * a.Hq;
+    const int64_t grid = std::min<int64_t>((rows + 15) / 16, int64_t{sms} * 32);
+    combine_kernel<Element><<<static_cast<unsigned>(grid), 256, 0, stream>>>(cp);
+    st = cudaGetLastError();
+    if (st != cudaSuccess) return st;
+    if (hook != nullptr) hook(n, kPhaseCombine, hook_ctx);
+  }
+  return cudaSuccess;
+}
+
+}  // namespace
+
+int64_t default_chunk_tokens(const cuda::SparseAttentionArgs& a) {
+  if (a.B <= 0 || a.Sq <= 0) return 0;
+  const int64_t per_token_partial = a.B * a.Hq * a.topk * (a.D * 2 + 4);
+  const int64_t per_token_q = a.B * a.Hq * a.D * 2;
+  int64_t bound = std::min(kPartialBudgetBytes / std::max<int64_t>(per_token_partial, 1),
+                           kChunkQBytes / std::max<int64_t>(per_token_q, 1));
+  if (a.Sq <= bound) return a.Sq;
+  if (bound < 64) return std::max<int64_t>(bound, 1);
+  bound -= bound % 64;
+  // Balanced chunks (the last one not much smaller), still multiples of 64.
+  const int64_t nchunks = (a.Sq + bound - 1) / bound;
+  const int64_t even = (a.Sq + nchunks - 1) / nchunks;
+  return std::min(bound, (even + 63) / 64 * 64);
+}
+
+Plan make_plan(const cuda::SparseAttentionArgs& a, int64_t chunk_tokens) {
+  Plan plan;
+  if (a.B <= 0 || a.Sq <= 0 || a.Hkv <= 0) return plan;
+  int64_t tc = chunk_tokens > 0 ? std::min(chunk_tokens, a.Sq) : default_chunk_tokens(a);
+  if (tc <= 0) return plan;
+  plan.chunk_tokens = tc;
+  plan.nchunks = (a.Sq + tc - 1) / tc;
+  // Two window sizes occur: tc and the last chunk's (the index size is not
+  // monotone in the window: its histogram depends on the sort's chunking).
+  const int64_t last = a.Sq - (plan.nchunks - 1) * tc;
+  const int64_t ints = std::max(block_index::Geometry(a, 0, tc).index_ints,
+                                block_index::Geometry(a, 0, last).index_ints);
+  plan.index_ints = (ints + 1) / 2 * 2;  // rev stays 8-byte aligned too
+  plan.entries = a.B * a.Hkv * tc * a.topk;
+  plan.rev_ints = plan.entries;
+  const int64_t rows = plan.entries * (a.Hq / a.Hkv);
+  plan.o_bytes = (rows * a.D * 2 + 255) / 256 * 256;
+  plan.lse_bytes = rows * 4;
+  return plan;
+}
+
+cudaError_t run(DType dtype, const cuda::SparseAttentionArgs& a, const Plan& plan,
+                int32_t* index, void* partial, void* out, float* lse, cudaStream_t stream,
+                PhaseHook hook, void* hook_ctx) {
+  if (!cuda::sparse_attention_args_valid(dtype, a)) return cudaErrorInvalidValue;
+  if (a.B == 0 || a.Sq == 0) return cudaSuccess;
+  if (plan.chunk_tokens <= 0 || plan.nchunks != (a.Sq + plan.chunk_tokens - 1) / plan.chunk_tokens)
+    return cudaErrorInvalidValue;
+  if (index == nullptr || partial == nullptr || out == nullptr) return cudaErrorInvalidValue;
+  if (reinterpret_cast<uintptr_t>(index) % 8 != 0 || reinterpret_cast<uintptr_t>(partial) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(out) % 16 != 0) {
+    return cudaErrorInvalidValue;
+  }
+  // Every entry index of a chunk fits the int32 reverse map.
+  if (plan.entries > INT_MAX || a.B * a.Hkv * block_index::Geometry(a, 0, 1).nb > INT_MAX) {
+    return cudaErrorInvalidValue;
+  }
+  return dtype == DType::kBF16
+             ? run_typed<cutlass::bfloat16_t>(a, plan, index, partial, out, lse, stream, hook,
+                                              hook_ctx)
+             : run_typed<cutlass::half_t>(a, plan, index, partial, out, lse, stream, hook,
+                                          hook_ctx);
+}
+
+}  // namespace jax_msa::sm90::fwd_by_block
+
+namespace jax_msa::cuda {
+
+SparseFwdByBlockWorkspace sparse_attention_fwd_by_block_workspace(const SparseAttentionArgs& a) {
+  const sm90::fwd_by_block::Plan plan = sm90::fwd_by_block::make_plan(a, 0);
+  return {plan.workspace_ints(), plan.workspace_bytes()};
+}
+
+cudaError_t sparse_attention_fwd_by_block(DType dtype, const SparseAttentionArgs& a,
+                                          int32_t* index, void* partial, void* out, float* lse,
+                                          cudaStream_t stream) {
+  if (!sparse_attention_args_valid(dtype, a)) return cudaErrorInvalidValue;
+  return sm90::fwd_by_block::run(dtype, a, sm90::fwd_by_block::make_plan(a, 0), index, partial,
+                                 out, lse, stream);
+}
+
+}  // namespace jax_msa::cuda

@@ -1,0 +1,54 @@
+// Internal interface of the KV-outer ("by block") sparse-attention forward
+// (sparse_attention_fwd_by_block.cu): the chunk plan and a runner that takes
+// an explicit chunk size and a per-phase host hook, for tests and timing.
+// The public entry points are cuda::sparse_attention_fwd_by_block_workspace
+// and cuda::sparse_attention_fwd_by_block (cuda_kernels.h).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "kernels/cuda/cuda_kernels.h"
+#include "kernels/dtype.h"
+
+namespace jax_msa::sm90::fwd_by_block {
+
+// Default chunk policy: the partial buffer of one chunk stays within
+// kPartialBudgetBytes, and the Q rows of one chunk within kChunkQBytes (so
+// that the gathered Q rows of a chunk can stay in L2 while its buckets are
+// processed).
+constexpr int64_t kPartialBudgetBytes = int64_t{1} << 30;
+constexpr int64_t kChunkQBytes = int64_t{32} << 20;
+
+struct Plan {
+  int64_t chunk_tokens = 0;  // query tokens per chunk (Tc)
+  int64_t nchunks = 0;       // ceil(Sq / Tc)
+  int64_t index_ints = 0;    // the block index of one chunk (the larger of both chunk sizes)
+  int64_t rev_ints = 0;      // reverse map: B * Tc * Hkv * topk
+  int64_t entries = 0;       // index entries of a chunk at most: B * Hkv * Tc * topk
+  int64_t o_bytes = 0;       // partial O: entries * G rows of D elements (16-bit), 256-aligned
+  int64_t lse_bytes = 0;     // partial lse: entries * G floats
+  int64_t workspace_ints() const { return index_ints + rev_ints; }
+  int64_t workspace_bytes() const { return o_bytes + lse_bytes; }
+};
+
+// The default chunk size for problem `a` (>= 1 when B * Sq > 0).
+int64_t default_chunk_tokens(const cuda::SparseAttentionArgs& a);
+
+// The plan for chunks of `chunk_tokens` query tokens (<= 0: the default).
+Plan make_plan(const cuda::SparseAttentionArgs& a, int64_t chunk_tokens);
+
+// Phases of one chunk, in order; `hook(chunk, phase, ctx)` (if not null) runs
+// on the host right after each phase has been enqueued (e.g. to record events).
+enum Phase : int { kPhaseIndex = 0, kPhaseMain = 1, kPhaseCombine = 2 };
+using PhaseHook = void (*)(int64_t chunk, int phase, void* ctx);
+
+// sparse_attention_fwd_by_block with an explicit plan (from make_plan(a, ...)):
+// index holds plan.workspace_ints() int32 (8-byte aligned), partial
+// plan.workspace_bytes() bytes (16-byte aligned).
+cudaError_t run(DType dtype, const cuda::SparseAttentionArgs& a, const Plan& plan,
+                int32_t* index, void* partial, void* out, float* lse, cudaStream_t stream,
+                PhaseHook hook = nullptr, void* hook_ctx = nullptr);
+
+}  // namespace jax_msa::sm90::fwd_by_block

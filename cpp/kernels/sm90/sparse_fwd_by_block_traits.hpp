@@ -1,0 +1,90 @@
+// Compile-time shape of the SM90 KV-outer ("by block") sparse-attention
+// forward (sparse_attention_fwd_by_block.cu): tiles, shared-memory layouts,
+// the wgmma tiled MMAs and the shared storage.
+//
+// One CTA = 3 warpgroups, KV-outer: a KV block c (128 keys x D = 128) of one
+// (batch row, kv head) stays in shared memory while the CTA walks its share
+// of the block's bucket of (token, head) rows in tiles of kRows = 64.
+//   warpgroup 0      producer: one thread loads K_c and V_c (TMA, once per
+//                    bucket piece, into one of kKvSlots slots so that the next
+//                    bucket's block loads while this one is in use); all 128
+//                    threads gather the tile rows of Q (and the tile's token
+//                    ids) with cp.async into a kStages ring;
+//   warpgroups 1, 2  consumers: the CTA's tiles alternate between them
+//                    (tile n -> warpgroup 1 + n % 2); a tile is independent
+//                    of every other (no accumulation across tiles).
+// Per tile, in one consumer warpgroup:
+//   S = Q K_c^T        (64 x 128 x 128, both operands from smem)
+//   P = exp2(S * scale * log2e - m), masked; l = row sums (fp32)
+//   O = P V_c          (64 x 128 x 128, P from registers, V_c seen MN-major)
+//   partial O = O / l (input dtype, staged through smem for 16-byte stores),
+//   partial lse = (m + log2 l) * ln 2.
+#pragma once
+
+#include <cstdint>
+
+#include <cute/tensor.hpp>
+#include <cutlass/numeric_types.h>
+
+namespace jax_msa::sm90 {
+
+using namespace cute;
+
+template <class Element_>
+struct SparseFwdByBlockTraits {
+  using Element = Element_;
+  static constexpr int kD = 128;     // head dim (the only one supported)
+  static constexpr int kKeys = 128;  // keys per block (spec §2)
+  static constexpr int kRows = 64;   // (token, head) rows per tile
+  static constexpr int kConsumerWarpgroups = 2;
+  static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);
+  static constexpr int kStages = 4;   // Q tiles in flight
+  static constexpr int kKvSlots = 2;  // K/V blocks in flight
+
+  // K-major tiles with the 128-byte swizzle that TMA, cp.async and wgmma share.
+  using SmemAtom = decltype(GMMA::Layout_K_SW128_Atom<Element>{});
+  // One K or V block (the TMA box) and the slots: (key, dim, slot).
+  using SmemLayoutKV = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kKeys>, Int<kD>>{}));
+  using TileKV = Shape<Int<kKeys>, Int<kD>>;
+  using SmemLayoutKVSlots =
+      decltype(tile_to_shape(SmemAtom{}, Shape<Int<kKeys>, Int<kD>, Int<kKvSlots>>{}));
+  // The same memory seen as (dim, key, slot): V as the MN-major B operand of P V.
+  using SmemLayoutVtSlots = decltype(composition(
+      SmemLayoutKVSlots{}, make_layout(Shape<Int<kD>, Int<kKeys>, Int<kKvSlots>>{},
+                                       Stride<Int<kKeys>, _1, Int<kKeys * kD>>{})));
+  // Q tiles: (row, dim, stage).
+  using SmemLayoutQ =
+      decltype(tile_to_shape(SmemAtom{}, Shape<Int<kRows>, Int<kD>, Int<kStages>>{}));
+
+  // S = Q K^T: (rows, keys, dim), one warpgroup.
+  using MmaS = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kRows>, Int<kKeys>, Int<kD>>>(),
+      Layout<Shape<_1, _1, _1>>{}));
+  // O = P V: (rows, dim, keys), P from registers, V MN-major, one warpgroup.
+  using MmaO = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, Shape<Int<kRows>, Int<kD>, Int<kKeys>>,
+                           GMMA::Major::K, GMMA::Major::MN>(),
+      Layout<Shape<_1, _1, _1>>{}));
+
+  static constexpr uint32_t kBytesKV = kKeys * kD * sizeof(Element);
+  // The O staging tile of one warpgroup: kRows rows of kD elements as 16-byte
+  // chunks, chunk j of row r stored at chunk j ^ (r % 8) of the row.
+  static constexpr int kChunksPerRow = kD * sizeof(Element) / 16;  // 16
+
+  struct SharedStorage {
+    alignas(1024) Element k[cosize_v<SmemLayoutKVSlots>];
+    alignas(1024) Element v[cosize_v<SmemLayoutKVSlots>];
+    alignas(1024) Element q[cosize_v<SmemLayoutQ>];
+    alignas(128) uint4 o[kConsumerWarpgroups][kRows * kChunksPerRow];
+    alignas(16) int32_t token[kStages][kRows];  // query index i of each tile row
+    alignas(8) uint64_t kv_full[kKvSlots];
+    uint64_t kv_empty[kKvSlots];
+    uint64_t full[kStages];
+    uint64_t empty[kStages];
+  };
+  static constexpr int kSmemBytes = sizeof(SharedStorage);
+  static_assert(kSmemBytes <= 227 * 1024, "fits one SM90 CTA");
+  static_assert(kChunksPerRow == 16, "the staging swizzle assumes 256-byte rows");
+};
+
+}  // namespace jax_msa::sm90
