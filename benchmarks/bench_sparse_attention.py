@@ -5,6 +5,8 @@ head configuration Hq:Hkv and each selection pattern, with D = 128, bf16 and
 top-16 blocks of 128 keys, it times
 
   sparse_fwd       jax_msa.sparse_attention(q, k, v, ids)          (jit)
+  sparse_fwd_query, sparse_fwd_block
+                   the same with schedule="query" / "block" (--schedules)
   sparse_fwd_bwd   forward + backward: jax.vjp, then the pullback of a random
                    cotangent, returning dq, dk, dv                    (jit)
   sparse_bwd       sparse_fwd_bwd - sparse_fwd (derived, not timed alone)
@@ -255,7 +257,8 @@ class Bench:
         platform = {"gpu": "cuda"}.get(device.platform, device.platform)
         try:
             from jax_msa import _ffi
-            kernels = {op: _ffi.has_kernel(f"jax_msa_sparse_attention_{op}", platform) for op in ("fwd", "bwd")}
+            kernels = {op: _ffi.has_kernel(f"jax_msa_sparse_attention_{op}", platform)
+                       for op in ("fwd_query", "fwd_by_block", "bwd_cuda")}
         except Exception:  # an older/newer build without the helper: record nothing
             kernels = None
         import jax_msa
@@ -344,8 +347,8 @@ class Bench:
 
         impl = a.implementation
 
-        def sparse(q, k, v, ids):
-            return jax_msa.sparse_attention(q, k, v, ids, implementation=impl)
+        def sparse(q, k, v, ids, schedule="auto"):
+            return jax_msa.sparse_attention(q, k, v, ids, implementation=impl, schedule=schedule)
 
         def sparse_fwd_bwd(q, k, v, ids, cot):
             _, pull = jax.vjp(lambda q, k, v: sparse(q, k, v, ids), q, k, v)
@@ -372,6 +375,9 @@ class Bench:
             fwd_sets = [(q, k, v, ids) for (q, k, v, _), ids in zip(sets, ids_sets)]
             fwd_ms, err = self._time(fwd_fn, fwd_sets)
             self._row("sparse_fwd", pattern, t, hq, hkv, fwd_ms, flop, dense.get("fwd"), stats, err)
+            for schedule in a.schedules:  # the CUDA forward's two schedules, each alone
+                ms, err = self._time(jax.jit(lambda q, k, v, ids, s=schedule: sparse(q, k, v, ids, s)), fwd_sets)
+                self._row(f"sparse_fwd_{schedule}", pattern, t, hq, hkv, ms, flop, dense.get("fwd"), stats, err)
             if backward:
                 fb_sets = [(q, k, v, ids, cot) for (q, k, v, cot), ids in zip(sets, ids_sets)]
                 fb_ms, err = self._time(fwd_bwd_fn, fb_sets)
@@ -534,6 +540,8 @@ def main(argv=None):
                         help="white-noise share w of the variance of the clustered pattern's inputs (0..1)")
     parser.add_argument("--implementation", choices=("kernel", "auto"), default="auto",
                         help="passed to jax_msa.sparse_attention")
+    parser.add_argument("--schedules", nargs="*", default=["query", "block"], choices=("query", "block"),
+                        help="also time the forward with each of these schedules (sparse_fwd_<schedule>)")
     parser.add_argument("--no-cudnn", action="store_true", help="skip the cuDNN dense baseline")
     parser.add_argument("--no-backward", action="store_true", help="time forward passes only")
     parser.add_argument("--seed", type=int, default=0)

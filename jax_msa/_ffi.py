@@ -37,3 +37,8 @@ def built_with_cuda() -> bool:
 def sparse_bwd_workspace(B: int, Sq: int, Sk: int, Hq: int, Hkv: int, D: int, topk: int) -> tuple[int, int, int]:
     """Element counts (delta floats, index ints, partial floats) of the CUDA sparse backward's workspaces."""
     return tuple(int(n) for n in _jax_msa.sparse_bwd_workspace(B, Sq, Sk, Hq, Hkv, D, topk))
+
+
+def sparse_fwd_by_block_workspace(B: int, Sq: int, Sk: int, Hq: int, Hkv: int, D: int, topk: int) -> tuple[int, int]:
+    """Sizes (index int32 elements, partial bytes) of the CUDA KV-outer sparse forward's workspaces."""
+    return tuple(int(n) for n in _jax_msa.sparse_fwd_by_block_workspace(B, Sq, Sk, Hq, Hkv, D, topk))

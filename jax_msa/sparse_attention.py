@@ -27,7 +27,7 @@ from jax_msa._attention_common import (backward_abstract, check_attention_inputs
 from jax_msa._primitives import define_primitive
 
 
-def _reference_forward(q, k, v, ids, q_lengths, kv_lengths, *, scale):
+def _reference_forward(q, k, v, ids, q_lengths, kv_lengths, *, scale, schedule=None):
     return reference.sparse_attention(q, k, v, ids, q_lengths=q_lengths, kv_lengths=kv_lengths,
                                       scale=float(scale), return_lse=True)
 
@@ -49,10 +49,49 @@ def _cuda_kernel_takes(q, k, v, ids, *rest, implementation, **params) -> bool:
             and q.shape[0] * k.shape[2] <= 65535)
 
 
+def _cuda_only(name):
+    def reference(*args, **params):
+        raise NotImplementedError(f"{name} has no reference: it exists only on CUDA")
+    return reference
+
+
+# The forward on CUDA has two schedules (cuda_kernels.h), hidden primitives
+# bound only inside the lowering of _fwd_p:
+#   "query": query-outer tiles walk the union of their tokens' blocks: fast
+#            when neighbouring tokens share their blocks (window-like ids);
+#   "block": KV-outer, each selected block once for all rows that chose it,
+#            per-block partials merged by lse (workspaces as extra results):
+#            its cost does not depend on the sharing.
+_fwd_query_p = define_primitive("sparse_attention_fwd_query", abstract_eval=forward_abstract,
+                                reference=_cuda_only("jax_msa_sparse_attention_fwd_query"),
+                                ffi_attributes=("scale",))
+
+
+def _fwd_by_block_abstract(q, k, v, ids, *rest, scale):
+    b, sq, hq, d = q.shape
+    index, partial = _ffi.sparse_fwd_by_block_workspace(b, sq, k.shape[1], hq, k.shape[2], d, ids.shape[3])
+    return [*forward_abstract(q, k, v), ShapedArray((index,), jnp.int32), ShapedArray((partial,), jnp.uint8)]
+
+
+_fwd_by_block_p = define_primitive("sparse_attention_fwd_by_block", abstract_eval=_fwd_by_block_abstract,
+                                   reference=_cuda_only("jax_msa_sparse_attention_fwd_by_block"),
+                                   ffi_attributes=("scale",))
+
+
+def _fwd_on_cuda(*args, scale, schedule, implementation):
+    if schedule == "block":
+        return _fwd_by_block_p.bind(*args, scale=scale, implementation=implementation)[:2]
+    return _fwd_query_p.bind(*args, scale=scale, implementation=implementation)
+
+
+SCHEDULES = ("auto", "query", "block")
+
 _fwd_p = define_primitive("sparse_attention_fwd", abstract_eval=forward_abstract,
                           reference=_reference_forward, ffi_attributes=("scale",),
                           sharding="bqhd,bkgd,bkgd,bqgt,b,b->bqhd,bqh",
-                          kernel_takes={"cuda": _cuda_kernel_takes})
+                          kernel_takes={"cuda": _cuda_kernel_takes},
+                          kernel_lowering={"cuda": _fwd_on_cuda}
+                          if _ffi.has_kernel("jax_msa_sparse_attention_fwd_query", "cuda") else None)
 # The backward on CUDA: one call that runs prepare (row terms, block index),
 # the KV-outer dK/dV kernel and the query-outer dQ kernel, with its three
 # workspaces as extra (discarded) results so that the handler allocates
@@ -64,12 +103,8 @@ def _bwd_cuda_abstract(q, k, v, ids, *rest, scale):
     return [*backward_abstract(q, k, v, ids, *rest, scale=scale), *workspaces]
 
 
-def _bwd_cuda_reference(*args, scale):
-    raise NotImplementedError("jax_msa_sparse_attention_bwd_cuda has no reference: it exists only on CUDA")
-
-
 _bwd_cuda_p = define_primitive("sparse_attention_bwd_cuda", abstract_eval=_bwd_cuda_abstract,
-                               reference=_bwd_cuda_reference, ffi_attributes=("scale",))
+                               reference=_cuda_only("jax_msa_sparse_attention_bwd_cuda"), ffi_attributes=("scale",))
 
 
 def _bwd_on_cuda(*args, scale, implementation):
@@ -84,18 +119,19 @@ _bwd_p = define_primitive("sparse_attention_bwd", abstract_eval=backward_abstrac
                           if _ffi.has_kernel("jax_msa_sparse_attention_bwd_cuda", "cuda") else None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _sparse_attention(q, k, v, ids, q_lengths, kv_lengths, scale, implementation):
-    out, lse = _fwd_p.bind(q, k, v, ids, q_lengths, kv_lengths, scale=scale, implementation=implementation)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _sparse_attention(q, k, v, ids, q_lengths, kv_lengths, scale, implementation, schedule):
+    out, lse = _fwd_p.bind(q, k, v, ids, q_lengths, kv_lengths, scale=scale, schedule=schedule,
+                           implementation=implementation)
     return out, lse
 
 
-def _sparse_attention_fwd(q, k, v, ids, q_lengths, kv_lengths, scale, implementation):
-    out, lse = _sparse_attention(q, k, v, ids, q_lengths, kv_lengths, scale, implementation)
+def _sparse_attention_fwd(q, k, v, ids, q_lengths, kv_lengths, scale, implementation, schedule):
+    out, lse = _sparse_attention(q, k, v, ids, q_lengths, kv_lengths, scale, implementation, schedule)
     return (out, lse), (q, k, v, ids, q_lengths, kv_lengths, out, lse)
 
 
-def _sparse_attention_bwd(scale, implementation, residuals, cotangents):
+def _sparse_attention_bwd(scale, implementation, schedule, residuals, cotangents):
     q, k, v, ids, q_lengths, kv_lengths, out, lse = residuals
     dout, dlse = cotangents
     dq, dk, dv = _bwd_p.bind(q, k, v, ids, out, lse, dout.astype(q.dtype), dlse.astype(jnp.float32),
@@ -117,6 +153,7 @@ def sparse_attention(
     scale: float | None = None,
     return_lse: bool = False,
     implementation: str = "auto",
+    schedule: str = "auto",
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Attention over the selected 128-key blocks of each query (spec §3.4).
 
@@ -130,11 +167,19 @@ def sparse_attention(
       scale: default D**-0.5.
       return_lse: also return lse [B, Sq, Hq] float32 (-inf for empty rows).
       implementation: "auto" | "kernel" | "reference".
+      schedule: how the CUDA forward walks the selection: "query" (tiles of
+        neighbouring tokens over the union of their blocks; best when they
+        share blocks), "block" (each selected block once for every row that
+        chose it, partials merged by lse; cost independent of the sharing), or
+        "auto" (for now "query": the choice per call awaits GPU measurements).
+        Same results up to rounding; ignored elsewhere.
     Returns:
       out [B, Sq, Hq, D] in q's dtype (zeros for padded rows), and lse if asked.
     Differentiable in q, k, v.
     """
     checks.check_implementation(implementation)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     q_lengths, kv_lengths, scale = check_attention_inputs(q, k, v, q_lengths, kv_lengths, scale)
     b, sq, _, _ = q.shape
     checks.check_rank(ids, 4, "ids", "[B, Sq, Hkv, topk]")
@@ -146,5 +191,6 @@ def sparse_attention(
     if implementation == "reference":
         return reference.sparse_attention(q, k, v, ids, q_lengths=q_lengths, kv_lengths=kv_lengths, scale=scale,
                                           return_lse=return_lse)
-    out, lse = _sparse_attention(q, k, v, ids, q_lengths, kv_lengths, np.float32(scale), implementation)
+    out, lse = _sparse_attention(q, k, v, ids, q_lengths, kv_lengths, np.float32(scale), implementation,
+                                 "block" if schedule == "block" else "query")
     return (out, lse) if return_lse else out

@@ -65,7 +65,7 @@ def test_cuda_lowering_falls_back_to_reference_without_kernels():
         _lower_for_cuda(lambda: jax_msa.dot_product_attention(Q, K, V, implementation="kernel"))
 
 
-@pytest.mark.skipif(not _ffi.has_kernel("jax_msa_sparse_attention_fwd", "cuda"),
+@pytest.mark.skipif(not _ffi.has_kernel("jax_msa_sparse_attention_fwd_query", "cuda"),
                     reason="needs a build with the CUDA kernels (no GPU needed: lowering only)")
 def test_cuda_sparse_kernels_are_opt_in_and_cover_what_they_can():
     rng = np.random.default_rng(3)
@@ -73,7 +73,9 @@ def test_cuda_sparse_kernels_are_opt_in_and_cover_what_they_can():
     ids = jnp.asarray(rng.integers(-1, 3, (2, 300, 1, 4)), jnp.int32)
     kernel = lambda q, k, v: jax_msa.sparse_attention(q, k, v, ids, implementation="kernel")
     assert "jax_msa_sparse_attention_fwd" not in _lower_for_cuda(lambda: jax_msa.sparse_attention(q, k, v, ids))
-    assert "jax_msa_sparse_attention_fwd" in _lower_for_cuda(lambda: kernel(q, k, v))
+    assert "jax_msa_sparse_attention_fwd_query" in _lower_for_cuda(lambda: kernel(q, k, v))
+    by_block = lambda: jax_msa.sparse_attention(q, k, v, ids, implementation="kernel", schedule="block")
+    assert "jax_msa_sparse_attention_fwd_by_block" in _lower_for_cuda(by_block)
     # The backward: one call with its workspaces as extra results.
     grad = jax.grad(lambda q, k, v: jnp.sum(kernel(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
     assert "jax_msa_sparse_attention_bwd_cuda" in _lower_for_cuda(lambda: grad(q, k, v))
@@ -97,6 +99,14 @@ def test_cuda_indexer_lowers_to_its_kernels_where_they_apply():
     assert "jax_msa_" not in _lower_for_cuda(lambda: jax_msa.indexer(*f32, topk=4))  # the reference
     with pytest.raises(jax_msa.NoKernelError, match="these inputs"):
         _lower_for_cuda(lambda: jax_msa.block_scores(*f32, implementation="kernel"))
+
+
+def test_sparse_schedules_agree_and_are_checked():
+    base = jax_msa.sparse_attention(Q, K, V, IDS)
+    for schedule in ("query", "block"):
+        np.testing.assert_array_equal(jax_msa.sparse_attention(Q, K, V, IDS, schedule=schedule), base)
+    with pytest.raises(ValueError, match="schedule"):
+        jax_msa.sparse_attention(Q, K, V, IDS, schedule="fast")
 
 
 @pytest.mark.parametrize("implementation", ["auto", "reference"])

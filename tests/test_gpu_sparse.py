@@ -78,20 +78,21 @@ def _reference(a, scale=None):
                                           kv_lengths=a["kv_lengths"], scale=scale, return_lse=True)
 
 
-def _kernel_forward(a, scale=None):
+def _kernel_forward(a, scale=None, schedule="auto"):
     return jax.jit(lambda q, k, v, ids, ql, kl: jax_msa.sparse_attention(
-        q, k, v, ids, q_lengths=ql, kv_lengths=kl, scale=scale, return_lse=True, implementation="kernel"))(
-            a["q"], a["k"], a["v"], a["ids"], a["q_lengths"], a["kv_lengths"])
+        q, k, v, ids, q_lengths=ql, kv_lengths=kl, scale=scale, return_lse=True, implementation="kernel",
+        schedule=schedule))(a["q"], a["k"], a["v"], a["ids"], a["q_lengths"], a["kv_lengths"])
 
 
 CASES = [(shape, "hostile") for shape in SHAPES] + [(SHAPES[0], "window"), (SHAPES[2], "window"),
                                                      (SHAPES[1], "indexer")]
 
 
+@pytest.mark.parametrize("schedule", ["query", "block"])
 @pytest.mark.parametrize("shape,pattern", CASES)
-def test_forward_matches_reference(shape, pattern):
+def test_forward_matches_reference(shape, pattern, schedule):
     a = jax.device_put(_inputs(zlib.crc32(repr((shape, pattern)).encode()), shape, jnp.bfloat16, pattern), GPU)
-    out, lse = _kernel_forward(a)
+    out, lse = _kernel_forward(a, schedule=schedule)
     ref_out, ref_lse = _reference(a)
     rtol, atol = TOLERANCES[jnp.bfloat16]
     assert out.dtype == jnp.bfloat16
@@ -103,9 +104,10 @@ def test_forward_matches_reference(shape, pattern):
         assert np.all(np.isneginf(np.asarray(lse[b, ql[b]:])))
 
 
-def test_forward_fp16_negative_scale():
+@pytest.mark.parametrize("schedule", ["query", "block"])
+def test_forward_fp16_negative_scale(schedule):
     a = jax.device_put(_inputs(5, (1, 900, 900, 16, 1, 16), jnp.float16, "indexer"), GPU)
-    out, lse = _kernel_forward(a, scale=-0.05)
+    out, lse = _kernel_forward(a, scale=-0.05, schedule=schedule)
     ref_out, ref_lse = _reference(a, scale=-0.05)
     assert rel_err(out, ref_out) <= 1e-2
     assert_lse_close(lse, ref_lse, 2e-3)
@@ -120,8 +122,9 @@ def test_forward_duplicate_and_huge_ids_stay_safe():
     ids[:, 1::5, :, 2] = 2**31 - 1
     ids[:, 2::5, :, 3] = -(2**31)
     a["ids"] = jnp.asarray(ids)
-    out, lse = _kernel_forward(jax.device_put(a, GPU))
-    assert np.isfinite(np.asarray(out, np.float32)).all()
+    for schedule in ("query", "block"):
+        out, lse = _kernel_forward(jax.device_put(a, GPU), schedule=schedule)
+        assert np.isfinite(np.asarray(out, np.float32)).all()
 
 
 def test_kernel_is_the_custom_call_and_float32_falls_back():

@@ -52,6 +52,15 @@ NB_MODULE(_jax_msa, m) {
       },
       "Workspace element counts (delta floats, index ints, partial floats) of the CUDA sparse "
       "attention backward.");
+  m.def(
+      "sparse_fwd_by_block_workspace",
+      [](int64_t B, int64_t Sq, int64_t Sk, int64_t Hq, int64_t Hkv, int64_t D, int64_t topk) {
+        jax_msa::cuda::SparseAttentionArgs a{};
+        a.B = B, a.Sq = Sq, a.Sk = Sk, a.Hq = Hq, a.Hkv = Hkv, a.D = D, a.topk = topk;
+        const auto w = jax_msa::cuda::sparse_attention_fwd_by_block_workspace(a);
+        return nb::make_tuple(w.index_ints, w.partial_bytes);
+      },
+      "Workspace sizes (index ints, partial bytes) of the CUDA KV-outer sparse attention forward.");
 #else
   m.attr("with_cuda") = false;
 #endif

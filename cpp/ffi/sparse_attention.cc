@@ -100,6 +100,46 @@ ffi::Error SparseAttentionFwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::An
   return ffi::Error::Success();
 }
 
+// The KV-outer forward: out, lse plus its two workspaces (sized by
+// cuda::sparse_attention_fwd_by_block_workspace, asked for by the Python side).
+ffi::Error SparseAttentionFwdByBlockCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                                         ffi::AnyBuffer v, ffi::AnyBuffer ids,
+                                         ffi::AnyBuffer q_lengths, ffi::AnyBuffer kv_lengths,
+                                         ffi::Result<ffi::AnyBuffer> out,
+                                         ffi::Result<ffi::AnyBuffer> lse,
+                                         ffi::Result<ffi::AnyBuffer> index,
+                                         ffi::Result<ffi::AnyBuffer> partial, float scale) {
+  cpu::AttentionProblem p;
+  DType dtype;
+  cuda::SparseAttentionArgs args;
+  if (auto e = DecodeAttentionInputs(q, k, v, q_lengths, kv_lengths, scale, &p, &dtype);
+      e.failure()) {
+    return e;
+  }
+  if (auto e = FirstError({CheckIds(p, ids), CheckForwardOutputs(p, *out, *lse)}); e.failure()) {
+    return e;
+  }
+  if (auto e = CudaArgs(p, dtype, q, k, v, ids, q_lengths, kv_lengths, &args); e.failure()) {
+    return e;
+  }
+  const cuda::SparseFwdByBlockWorkspace need = cuda::sparse_attention_fwd_by_block_workspace(args);
+  if (auto e = FirstError({CheckShape(*index, {need.index_ints}, "index workspace"),
+                           CheckShape(*partial, {need.partial_bytes}, "partial workspace"),
+                           CheckType(*index, ffi::DataType::S32, "index workspace"),
+                           CheckType(*partial, ffi::DataType::U8, "partial workspace")});
+      e.failure()) {
+    return e;
+  }
+  const cudaError_t status = cuda::sparse_attention_fwd_by_block(
+      dtype, args, DataOf<int32_t>(index), partial->untyped_data(), out->untyped_data(),
+      DataOf<float>(lse), stream);
+  if (status != cudaSuccess) {
+    return ffi::Error::Internal(std::string("jax_msa sparse_attention_fwd_by_block: ") +
+                                cudaGetErrorString(status));
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error CudaFailure(const char* step, cudaError_t status) {
   return ffi::Error::Internal(std::string("jax_msa sparse_attention_bwd (") + step +
                               "): " + cudaGetErrorString(status));
@@ -214,6 +254,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kSparseAttentionFwdCuda, SparseAttentionFwdCuda,
                                   .Ret<ffi::AnyBuffer>()  // lse
                                   .Attr<float>("scale"));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kSparseAttentionFwdByBlockCuda, SparseAttentionFwdByBlockCuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // q
+                                  .Arg<ffi::AnyBuffer>()  // k
+                                  .Arg<ffi::AnyBuffer>()  // v
+                                  .Arg<ffi::AnyBuffer>()  // ids
+                                  .Arg<ffi::AnyBuffer>()  // q_lengths
+                                  .Arg<ffi::AnyBuffer>()  // kv_lengths
+                                  .Ret<ffi::AnyBuffer>()  // out
+                                  .Ret<ffi::AnyBuffer>()  // lse
+                                  .Ret<ffi::AnyBuffer>()  // index workspace
+                                  .Ret<ffi::AnyBuffer>()  // partial workspace
+                                  .Attr<float>("scale"));
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kSparseAttentionBwdCuda, SparseAttentionBwdCuda,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
@@ -240,7 +295,8 @@ void AddSparseAttentionTargets(TargetTable& table) {
   table.cpu.emplace_back("jax_msa_sparse_attention_fwd", kSparseAttentionFwdCpu);
   table.cpu.emplace_back("jax_msa_sparse_attention_bwd", kSparseAttentionBwdCpu);
 #ifdef JAX_MSA_WITH_CUDA
-  table.cuda.emplace_back("jax_msa_sparse_attention_fwd", kSparseAttentionFwdCuda);
+  table.cuda.emplace_back("jax_msa_sparse_attention_fwd_query", kSparseAttentionFwdCuda);
+  table.cuda.emplace_back("jax_msa_sparse_attention_fwd_by_block", kSparseAttentionFwdByBlockCuda);
   table.cuda.emplace_back("jax_msa_sparse_attention_bwd_cuda", kSparseAttentionBwdCuda);
 #endif
 }
