@@ -32,6 +32,16 @@ nb::dict ToDict(const std::vector<std::pair<std::string, XLA_FFI_Handler*>>& tar
   return d;
 }
 
+#ifdef JAX_MSA_WITH_CUDA
+// The shape of a sparse-attention problem (no data): what workspace sizes depend on.
+jax_msa::cuda::SparseAttentionArgs SparseProblem(int64_t B, int64_t Sq, int64_t Sk, int64_t Hq,
+                                                 int64_t Hkv, int64_t D, int64_t topk) {
+  jax_msa::cuda::SparseAttentionArgs a{};
+  a.B = B, a.Sq = Sq, a.Sk = Sk, a.Hq = Hq, a.Hkv = Hkv, a.D = D, a.topk = topk;
+  return a;
+}
+#endif
+
 }  // namespace
 
 NB_MODULE(_jax_msa, m) {
@@ -45,9 +55,8 @@ NB_MODULE(_jax_msa, m) {
   m.def(
       "sparse_bwd_workspace",
       [](int64_t B, int64_t Sq, int64_t Sk, int64_t Hq, int64_t Hkv, int64_t D, int64_t topk) {
-        jax_msa::cuda::SparseAttentionArgs a{};
-        a.B = B, a.Sq = Sq, a.Sk = Sk, a.Hq = Hq, a.Hkv = Hkv, a.D = D, a.topk = topk;
-        const auto w = jax_msa::cuda::sparse_attention_bwd_workspace(a);
+        const auto w = jax_msa::cuda::sparse_attention_bwd_workspace(
+            SparseProblem(B, Sq, Sk, Hq, Hkv, D, topk));
         return nb::make_tuple(w.delta_floats, w.index_ints, w.partial_floats);
       },
       "Workspace element counts (delta floats, index ints, partial floats) of the CUDA sparse "
@@ -55,9 +64,8 @@ NB_MODULE(_jax_msa, m) {
   m.def(
       "sparse_fwd_by_block_workspace",
       [](int64_t B, int64_t Sq, int64_t Sk, int64_t Hq, int64_t Hkv, int64_t D, int64_t topk) {
-        jax_msa::cuda::SparseAttentionArgs a{};
-        a.B = B, a.Sq = Sq, a.Sk = Sk, a.Hq = Hq, a.Hkv = Hkv, a.D = D, a.topk = topk;
-        const auto w = jax_msa::cuda::sparse_attention_fwd_by_block_workspace(a);
+        const auto w = jax_msa::cuda::sparse_attention_fwd_by_block_workspace(
+            SparseProblem(B, Sq, Sk, Hq, Hkv, D, topk));
         return nb::make_tuple(w.index_ints, w.partial_bytes);
       },
       "Workspace sizes (index ints, partial bytes) of the CUDA KV-outer sparse attention forward.");

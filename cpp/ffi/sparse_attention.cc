@@ -74,6 +74,30 @@ ffi::Error CudaArgs(const cpu::AttentionProblem& p, DType dtype, const ffi::AnyB
   return ffi::Error::Success();
 }
 
+// Decodes and checks what every CUDA handler takes: q, k, v, ids, lengths and
+// (out, lse): the forward's results, or in the backward its saved ones.
+ffi::Error DecodeCudaProblem(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
+                             const ffi::AnyBuffer& v, const ffi::AnyBuffer& ids,
+                             const ffi::AnyBuffer& q_lengths, const ffi::AnyBuffer& kv_lengths,
+                             const ffi::AnyBuffer& out, const ffi::AnyBuffer& lse, float scale,
+                             cpu::AttentionProblem* p, DType* dtype,
+                             cuda::SparseAttentionArgs* args) {
+  if (auto e = DecodeAttentionInputs(q, k, v, q_lengths, kv_lengths, scale, p, dtype);
+      e.failure()) {
+    return e;
+  }
+  if (auto e = FirstError({CheckIds(*p, ids), CheckForwardOutputs(*p, out, lse)}); e.failure()) {
+    return e;
+  }
+  return CudaArgs(*p, *dtype, q, k, v, ids, q_lengths, kv_lengths, args);
+}
+
+// A launch status as an FFI error naming the step.
+ffi::Error CudaStatus(const char* step, cudaError_t status) {
+  if (status == cudaSuccess) return ffi::Error::Success();
+  return ffi::Error::Internal(std::string("jax_msa ") + step + ": " + cudaGetErrorString(status));
+}
+
 ffi::Error SparseAttentionFwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
                                   ffi::AnyBuffer v, ffi::AnyBuffer ids, ffi::AnyBuffer q_lengths,
                                   ffi::AnyBuffer kv_lengths, ffi::Result<ffi::AnyBuffer> out,
@@ -81,23 +105,14 @@ ffi::Error SparseAttentionFwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::An
   cpu::AttentionProblem p;
   DType dtype;
   cuda::SparseAttentionArgs args;
-  if (auto e = DecodeAttentionInputs(q, k, v, q_lengths, kv_lengths, scale, &p, &dtype);
+  if (auto e = DecodeCudaProblem(q, k, v, ids, q_lengths, kv_lengths, *out, *lse, scale, &p, &dtype,
+                                 &args);
       e.failure()) {
     return e;
   }
-  if (auto e = FirstError({CheckIds(p, ids), CheckForwardOutputs(p, *out, *lse)}); e.failure()) {
-    return e;
-  }
-  if (auto e = CudaArgs(p, dtype, q, k, v, ids, q_lengths, kv_lengths, &args); e.failure()) {
-    return e;
-  }
-  const cudaError_t status =
-      cuda::sparse_attention_fwd(dtype, args, out->untyped_data(), DataOf<float>(lse), stream);
-  if (status != cudaSuccess) {
-    return ffi::Error::Internal(std::string("jax_msa sparse_attention_fwd: ") +
-                                cudaGetErrorString(status));
-  }
-  return ffi::Error::Success();
+  return CudaStatus("sparse_attention_fwd", cuda::sparse_attention_fwd(dtype, args,
+                                                                        out->untyped_data(),
+                                                                        DataOf<float>(lse), stream));
 }
 
 // The KV-outer forward: out, lse plus its two workspaces (sized by
@@ -112,14 +127,9 @@ ffi::Error SparseAttentionFwdByBlockCuda(cudaStream_t stream, ffi::AnyBuffer q, 
   cpu::AttentionProblem p;
   DType dtype;
   cuda::SparseAttentionArgs args;
-  if (auto e = DecodeAttentionInputs(q, k, v, q_lengths, kv_lengths, scale, &p, &dtype);
+  if (auto e = DecodeCudaProblem(q, k, v, ids, q_lengths, kv_lengths, *out, *lse, scale, &p, &dtype,
+                                 &args);
       e.failure()) {
-    return e;
-  }
-  if (auto e = FirstError({CheckIds(p, ids), CheckForwardOutputs(p, *out, *lse)}); e.failure()) {
-    return e;
-  }
-  if (auto e = CudaArgs(p, dtype, q, k, v, ids, q_lengths, kv_lengths, &args); e.failure()) {
     return e;
   }
   const cuda::SparseFwdByBlockWorkspace need = cuda::sparse_attention_fwd_by_block_workspace(args);
@@ -130,19 +140,11 @@ ffi::Error SparseAttentionFwdByBlockCuda(cudaStream_t stream, ffi::AnyBuffer q, 
       e.failure()) {
     return e;
   }
-  const cudaError_t status = cuda::sparse_attention_fwd_by_block(
-      dtype, args, DataOf<int32_t>(index), partial->untyped_data(), out->untyped_data(),
-      DataOf<float>(lse), stream);
-  if (status != cudaSuccess) {
-    return ffi::Error::Internal(std::string("jax_msa sparse_attention_fwd_by_block: ") +
-                                cudaGetErrorString(status));
-  }
-  return ffi::Error::Success();
-}
-
-ffi::Error CudaFailure(const char* step, cudaError_t status) {
-  return ffi::Error::Internal(std::string("jax_msa sparse_attention_bwd (") + step +
-                              "): " + cudaGetErrorString(status));
+  return CudaStatus("sparse_attention_fwd_by_block",
+                    cuda::sparse_attention_fwd_by_block(dtype, args, DataOf<int32_t>(index),
+                                                        partial->untyped_data(),
+                                                        out->untyped_data(), DataOf<float>(lse),
+                                                        stream));
 }
 
 // The backward on CUDA: dq, dk, dv plus three workspaces (sized by
@@ -161,21 +163,18 @@ ffi::Error SparseAttentionBwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::An
   cpu::AttentionProblem p;
   DType dtype;
   cuda::SparseAttentionArgs args;
-  if (auto e = DecodeAttentionInputs(q, k, v, q_lengths, kv_lengths, scale, &p, &dtype);
+  if (auto e = DecodeCudaProblem(q, k, v, ids, q_lengths, kv_lengths, out, lse, scale, &p, &dtype,
+                                 &args);
       e.failure()) {
     return e;
   }
-  if (auto e = FirstError({CheckIds(p, ids), CheckForwardOutputs(p, out, lse),
-                           CheckForwardOutputs(p, dout, dlse), CheckGradients(p, *dq, *dk, *dv),
+  if (auto e = FirstError({CheckForwardOutputs(p, dout, dlse), CheckGradients(p, *dq, *dk, *dv),
                            CheckType(out, q.element_type(), "out"),
                            CheckType(dout, q.element_type(), "dout"),
                            CheckType(*delta, ffi::DataType::F32, "delta workspace"),
                            CheckType(*index, ffi::DataType::S32, "index workspace"),
                            CheckType(*partial, ffi::DataType::F32, "partial workspace")});
       e.failure()) {
-    return e;
-  }
-  if (auto e = CudaArgs(p, dtype, q, k, v, ids, q_lengths, kv_lengths, &args); e.failure()) {
     return e;
   }
   const cuda::SparseBwdWorkspace need = cuda::sparse_attention_bwd_workspace(args);
@@ -185,27 +184,26 @@ ffi::Error SparseAttentionBwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::An
       e.failure()) {
     return e;
   }
-  if (auto status = cuda::sparse_attention_bwd_prepare(dtype, args, out.untyped_data(),
-                                                       dout.untyped_data(), DataOf<float>(dlse),
-                                                       DataOf<float>(delta), DataOf<int32_t>(index),
-                                                       stream);
-      status != cudaSuccess) {
-    return CudaFailure("prepare", status);
+  if (auto e = CudaStatus("sparse_attention_bwd (prepare)",
+                          cuda::sparse_attention_bwd_prepare(
+                              dtype, args, out.untyped_data(), dout.untyped_data(),
+                              DataOf<float>(dlse), DataOf<float>(delta), DataOf<int32_t>(index),
+                              stream));
+      e.failure()) {
+    return e;
   }
-  if (auto status = cuda::sparse_attention_bwd_dkdv(
-          dtype, args, DataOf<float>(lse), dout.untyped_data(), DataOf<float>(delta),
-          DataOf<int32_t>(index), DataOf<float>(partial), dk->untyped_data(), dv->untyped_data(),
-          stream);
-      status != cudaSuccess) {
-    return CudaFailure("dk, dv", status);
+  if (auto e = CudaStatus("sparse_attention_bwd (dk, dv)",
+                          cuda::sparse_attention_bwd_dkdv(
+                              dtype, args, DataOf<float>(lse), dout.untyped_data(),
+                              DataOf<float>(delta), DataOf<int32_t>(index), DataOf<float>(partial),
+                              dk->untyped_data(), dv->untyped_data(), stream));
+      e.failure()) {
+    return e;
   }
-  if (auto status = cuda::sparse_attention_bwd_dq(dtype, args, DataOf<float>(lse),
+  return CudaStatus("sparse_attention_bwd (dq)",
+                    cuda::sparse_attention_bwd_dq(dtype, args, DataOf<float>(lse),
                                                   dout.untyped_data(), DataOf<float>(delta),
-                                                  dq->untyped_data(), stream);
-      status != cudaSuccess) {
-    return CudaFailure("dq", status);
-  }
-  return ffi::Error::Success();
+                                                  dq->untyped_data(), stream));
 }
 #endif
 

@@ -95,11 +95,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   Tensor accdP_rc = make_tensor(accdP.data(), rowcol_layout(accdP.layout()));
   Tensor accdQ_rc = make_tensor(accdQ.data(), rowcol_layout(accdQ.layout()));
   constexpr int kRowsPerThread = decltype(size<0>(accS_rc))::value;
-  // Fragment coordinates (see rowmax_epilogue.hpp): rows 16 warp + lane / 4 + 8 r,
-  // columns 8 (j / 2) + 2 (lane % 4) + j % 2.
-  const int row_base = 16 * (tid / 32) + (tid % 32) / 4;
-  const int col_base = 2 * (tid % 4);
-  auto column = [&](int j) { return 8 * (j / 2) + col_base + j % 2; };
+  TileRows<kRowsPerThread> rows(tid);
   cutlass::NumericArrayConverter<Element, float, 2> to_pair;
 
   auto issue = [&](auto& acc, const auto& a_frag, int slot) {
@@ -120,25 +116,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     const SparseTile tile(index, s.B, s.Hkv, s.chunks, s.tokens);
     const int64_t q_len = s.q_lengths[tile.b];
     const int64_t kv_len = s.kv_lengths[tile.b];
-    const int64_t offset = kv_len - q_len;
-    const int used = s.tokens * static_cast<int>(s.group);
-
-    int token_of[kRowsPerThread];  // token index in the tile; -1: no such row
-    int last_key[kRowsPerThread];  // min(position, kv_len - 1)
+    rows.start(s, tile, q_len, kv_len);
     float lse_log2[kRowsPerThread], delta[kRowsPerThread];
-    int64_t out_row[kRowsPerThread];
     CUTE_UNROLL
     for (int r = 0; r < kRowsPerThread; ++r) {
-      const int row = row_base + 8 * r;
-      const int t = row / static_cast<int>(s.group);
-      const int64_t token = tile.token0 + t;
-      const bool exists = row < used && token < s.Sq;
-      token_of[r] = exists ? t : -1;
-      last_key[r] = static_cast<int>(std::min(offset + token, kv_len - 1));
-      out_row[r] = (tile.b * s.Sq + token) * s.Hq + tile.g * s.group + row % s.group;
-      const bool live = exists && token < q_len;
-      lse_log2[r] = live ? p.lse[out_row[r]] * kLog2e : -INFINITY;
-      delta[r] = live ? p.delta[out_row[r]] : 0.0f;
+      const bool live = rows.token_of[r] >= 0 && tile.token0 + rows.token_of[r] < q_len;
+      lse_log2[r] = live ? p.lse[rows.out_row[r]] * kLog2e : -INFINITY;
+      delta[r] = live ? p.delta[rows.out_row[r]] : 0.0f;
     }
     clear(accdQ);
 
@@ -160,16 +144,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       warpgroup_wait<1>();
       warpgroup_fence_operand(accS);
       const int64_t key0 = c * Traits::kKeys;
-      const bool partial = key0 + Traits::kKeys - 1 > offset + tile.token0 ||
-                           key0 + Traits::kKeys > kv_len;
+      const bool partial = rows.partial(key0, Traits::kKeys);
       CUTE_UNROLL
       for (int r = 0; r < kRowsPerThread; ++r) {
-        const bool member = token_of[r] >= 0 && ((tokens >> token_of[r]) & 1) &&
-                            lse_log2[r] != -INFINITY;
-        const int limit = last_key[r] - static_cast<int>(key0);
+        const bool member = rows.member(r, tokens) && lse_log2[r] != -INFINITY;
+        const int limit = rows.last_key[r] - static_cast<int>(key0);
         CUTE_UNROLL
         for (int j = 0; j < size<1>(accS_rc); ++j) {
-          const bool seen = member && (!partial || column(j) <= limit);
+          const bool seen = member && (!partial || rows.column(j) <= limit);
           accS_rc(r, j) = seen ? exp2f(fmaf(accS_rc(r, j), p.scale_log2, -lse_log2[r])) : 0.0f;
         }
       }
@@ -210,13 +192,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     // dq = scale * dQ; padded rows get zeros.
     CUTE_UNROLL
     for (int r = 0; r < kRowsPerThread; ++r) {
-      if (token_of[r] < 0) continue;
-      Element* dst = p.dq + out_row[r] * Traits::kD;
+      if (rows.token_of[r] < 0) continue;
+      Element* dst = p.dq + rows.out_row[r] * Traits::kD;
       CUTE_UNROLL
       for (int j = 0; j < size<1>(accdQ_rc); j += 2) {
         auto pair = to_pair(
             cutlass::Array<float, 2>{accdQ_rc(r, j) * p.scale, accdQ_rc(r, j + 1) * p.scale});
-        *reinterpret_cast<cutlass::Array<Element, 2>*>(dst + column(j)) = pair;
+        *reinterpret_cast<cutlass::Array<Element, 2>*>(dst + rows.column(j)) = pair;
       }
     }
   }

@@ -86,13 +86,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   static_assert(decltype(size(tOrP))::value == decltype(size(accS))::value);
   Tensor accS_rc = make_tensor(accS.data(), rowcol_layout(accS.layout()));
   Tensor accO_rc = make_tensor(accO.data(), rowcol_layout(accO.layout()));
-  // Accumulator (row, column) of rowcol entry (r, j), as rowmax_epilogue.hpp
-  // describes the SM90 fragment: rows 16 * warp + lane / 4 + 8 r, columns
-  // 8 (j / 2) + 2 (lane % 4) + j % 2.
-  const int row_base = 16 * (tid / 32) + (tid % 32) / 4;
-  const int col_base = 2 * (tid % 4);
-  auto column = [&](int j) { return 8 * (j / 2) + col_base + j % 2; };
   constexpr int kRowsPerThread = decltype(size<0>(accS_rc))::value;
+  TileRows<kRowsPerThread> rows(tid);
   cutlass::NumericArrayConverter<Element, float, 2> to_pair;
 
   uint32_t seq = 0;
@@ -101,19 +96,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     const SparseTile tile(index, s.B, s.Hkv, s.chunks, s.tokens);
     const int64_t q_len = s.q_lengths[tile.b];
     const int64_t kv_len = s.kv_lengths[tile.b];
-    const int64_t offset = kv_len - q_len;
-    const int used = s.tokens * static_cast<int>(s.group);
-
-    int token_of[kRowsPerThread];  // token index in the tile; -1: no such row
-    int last_key[kRowsPerThread];  // last key the row may see: min(position, kv_len - 1)
+    rows.start(s, tile, q_len, kv_len);
     float row_max[kRowsPerThread], row_sum[kRowsPerThread];
     CUTE_UNROLL
     for (int r = 0; r < kRowsPerThread; ++r) {
-      const int row = row_base + 8 * r;
-      const int t = row / static_cast<int>(s.group);
-      const bool exists = row < used && tile.token0 + t < s.Sq;
-      token_of[r] = exists ? t : -1;
-      last_key[r] = static_cast<int>(std::min(offset + tile.token0 + t, kv_len - 1));
       row_max[r] = -INFINITY;
       row_sum[r] = 0.0f;
     }
@@ -159,17 +145,16 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     float correction[kRowsPerThread];
     auto softmax = [&](int64_t c, uint64_t tokens) {
       const int64_t key0 = c * Traits::kKeys;
-      const bool partial = key0 + Traits::kKeys - 1 > offset + tile.token0 ||
-                           key0 + Traits::kKeys > kv_len;
+      const bool partial = rows.partial(key0, Traits::kKeys);
       CUTE_UNROLL
       for (int r = 0; r < kRowsPerThread; ++r) {
-        const bool member = token_of[r] >= 0 && ((tokens >> token_of[r]) & 1);
-        const int limit = last_key[r] - static_cast<int>(key0);  // last visible column
+        const bool member = rows.member(r, tokens);
+        const int limit = rows.last_key[r] - static_cast<int>(key0);  // last visible column
         float m = row_max[r];
         CUTE_UNROLL
         for (int j = 0; j < size<1>(accS_rc); ++j) {
           float x = accS_rc(r, j) * p.scale_log2;
-          if (!member || (partial && column(j) > limit)) x = -INFINITY;
+          if (!member || (partial && rows.column(j) > limit)) x = -INFINITY;
           accS_rc(r, j) = x;
           m = fmaxf(m, x);
         }
@@ -238,16 +223,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     CUTE_UNROLL
     for (int r = 0; r < kRowsPerThread; ++r) {
       const float total = quad_sum(row_sum[r]);  // the whole warp: before any lane leaves
-      if (token_of[r] < 0) continue;
+      if (rows.token_of[r] < 0) continue;
       const float inv = total > 0.0f ? 1.0f / total : 0.0f;
-      const int row = row_base + 8 * r;
-      const int64_t head = tile.g * s.group + row % s.group;
-      const int64_t out_row = (tile.b * s.Sq + tile.token0 + token_of[r]) * s.Hq + head;
+      const int64_t out_row = rows.out_row[r];
       Element* dst = p.out + out_row * Traits::kD;
       CUTE_UNROLL
       for (int j = 0; j < size<1>(accO_rc); j += 2) {
         auto pair = to_pair(cutlass::Array<float, 2>{accO_rc(r, j) * inv, accO_rc(r, j + 1) * inv});
-        *reinterpret_cast<cutlass::Array<Element, 2>*>(dst + column(j)) = pair;
+        *reinterpret_cast<cutlass::Array<Element, 2>*>(dst + rows.column(j)) = pair;
       }
       if (tid % 4 == 0) {
         p.lse[out_row] = total > 0.0f ? (row_max[r] + log2f(total)) * 0.6931471805599453f

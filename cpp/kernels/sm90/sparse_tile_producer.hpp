@@ -49,6 +49,50 @@ struct SparseShape {
   int64_t tiles;   // B * Hkv * chunks
 };
 
+// The rows a consumer thread holds in an SM90 accumulator fragment of the
+// tile (rowmax_epilogue.hpp: rows 16 warp + lane / 4 + 8 r, columns
+// 8 (j / 2) + 2 (lane % 4) + j % 2; `tid` counts the consumer threads), and
+// where they sit in the causal picture of the current tile.
+template <int kRowsPerThread>
+struct TileRows {
+  int row_base, col_base;
+  int token_of[kRowsPerThread];      // token index in the tile; -1: no such row
+  int last_key[kRowsPerThread];      // last key the row may see: min(position, kv_len - 1)
+  int64_t out_row[kRowsPerThread];   // row of q / out viewed as [B * Sq * Hq, D]
+  int64_t first_position, kv_len;
+
+  __device__ explicit TileRows(int tid)
+      : row_base(16 * (tid / 32) + (tid % 32) / 4), col_base(2 * (tid % 4)) {}
+
+  __device__ int column(int j) const { return 8 * (j / 2) + col_base + j % 2; }
+
+  __device__ void start(const SparseShape& s, const SparseTile& tile, int64_t q_len,
+                        int64_t kv_len_) {
+    kv_len = kv_len_;
+    first_position = kv_len - q_len + tile.token0;
+    const int used = s.tokens * static_cast<int>(s.group);
+    CUTE_UNROLL
+    for (int r = 0; r < kRowsPerThread; ++r) {
+      const int row = row_base + 8 * r;
+      const int t = row / static_cast<int>(s.group);
+      const int64_t token = tile.token0 + t;
+      token_of[r] = row < used && token < s.Sq ? t : -1;
+      last_key[r] = static_cast<int>(std::min(first_position + t, kv_len - 1));
+      out_row[r] = (tile.b * s.Sq + token) * s.Hq + tile.g * s.group + row % s.group;
+    }
+  }
+
+  // Whether some row sees only part of the block starting at key0 (causal or length cut).
+  __device__ bool partial(int64_t key0, int keys) const {
+    return key0 + keys - 1 > first_position || key0 + keys > kv_len;
+  }
+
+  // Whether row r's token selected the block (bit t of `tokens`).
+  __device__ bool member(int r, uint64_t tokens) const {
+    return token_of[r] >= 0 && ((tokens >> token_of[r]) & 1);
+  }
+};
+
 // The tiling of problem `a` for kernel traits `Traits`.
 template <class Traits>
 SparseShape make_sparse_shape(const cuda::SparseAttentionArgs& a) {
