@@ -56,6 +56,7 @@
 #include <cutlass/cutlass.h>
 
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/sm90/kv_outer_gather.hpp"
 #include "kernels/sm90/rowmax_epilogue.hpp"
 #include "kernels/sm90/sparse_block_index.hpp"
 #include "kernels/sm90/sparse_bwd_traits.hpp"
@@ -75,6 +76,16 @@ using block_index::IndexView;
 using block_index::kBlock;     // keys per block (spec §2)
 using block_index::kTileRows;  // (token, head) rows per tile
 using block_index::SegmentWalker;
+// The pieces shared with the by-block forward (kv_outer_gather.hpp).
+using kv_outer::Bucket;
+using kv_outer::cp_async_16z;
+using kv_outer::cp_async_4z;
+using kv_outer::fast_exp2;
+using kv_outer::gemm_overwrite;
+using kv_outer::pack2;
+using kv_outer::row_source;
+using kv_outer::RowGather;
+using kv_outer::tile_share;
 
 constexpr int kHeadDim = 128;       // the only head dim
 constexpr int kMaxCtas = 132;       // dK/dV CTAs at most (one wave on H100 / H200)
@@ -171,38 +182,6 @@ __device__ constexpr auto acc_to_operand_a(AccLayout acc) {
                      coalesce(make_layout(v_hi, get<2>(acc))));
 }
 
-template <class Element>
-__device__ __forceinline__ uint32_t pack2(float a, float b) {
-  if constexpr (std::is_same_v<Element, cutlass::bfloat16_t>) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&h);
-  } else {
-    __half2 h = __floats2half2_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-}
-
-// 2^x (ex2.approx.ftz: 2 ulp, subnormal results flushed; 2^-inf = 0).
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
-  const uint32_t dst = cute::cast_smem_ptr_to_uint(smem);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
-               "r"(valid ? 16 : 0)
-               : "memory");
-}
-
-__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem, bool valid) {
-  const uint32_t dst = cute::cast_smem_ptr_to_uint(smem);
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(gmem),
-               "r"(valid ? 4 : 0)
-               : "memory");
-}
-
 // Consumer schedule: a warpgroup queues the next tile's S^T product behind
 // the current tile's dV / dK products (and its dP^T right after them), so
 // that its own softmax step is the only time it leaves the tensor cores idle.
@@ -223,17 +202,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const IndexView ix(const_cast<int32_t*>(p.index), geo);
   const int64_t total = ix.header[0];
   if (total == 0) return;
-  const int64_t chunk = (total + p.ctas - 1) / p.ctas;
+  const int64_t chunk = tile_share(total, p.ctas);
   const int64_t T0 = blockIdx.x * chunk;
   if (T0 >= total) return;
   const int64_t T1 = min(T0 + chunk, total);
-  // First bucket: the last k with tile_start[k] <= T0.
-  int64_t lo = 0, hi = geo.nbkt;
-  while (hi - lo > 1) {
-    const int64_t mid = (lo + hi) / 2;
-    if (ix.tile_start[mid] <= T0) lo = mid; else hi = mid;
-  }
-  SegmentWalker walker{ix.tile_start, T0, T1, T0, lo, 0, 0, false};
+  SegmentWalker walker = kv_outer::make_walker(ix, geo.nbkt, T0, T1);
 
   const int warpgroup = threadIdx.x / 128;
   if (threadIdx.x == 0) {
@@ -254,10 +227,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     // ---------------- producer ----------------
     cutlass::arch::warpgroup_reg_dealloc<40>();
     const int t = threadIdx.x;
-    const int row = t >> 1;  // tile row gathered by this thread
-    const int half = t & 1;  // its 16-byte chunks: half, half + 2, ..., half + 14
-    const int slot = static_cast<int>(row / G);
-    const int64_t head = row - slot * G;
+    const RowGather gather(t, G);
+    const int row = gather.row;
+    const int slot = gather.slot;
     Tensor sQ = make_tensor(make_smem_ptr(ss.q), typename Traits::SmemLayoutQ{});
     Tensor sO = make_tensor(make_smem_ptr(ss.dout), typename Traits::SmemLayoutQ{});
     if (t == 0) {
@@ -268,10 +240,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     int seg = 0;
     while (walker.next()) {
       const int64_t k = walker.bucket;
-      const int64_t bg = k / geo.nb;
-      const int64_t c = k - bg * geo.nb;
-      const int64_t b = bg / geo.Hkv;
-      const int64_t g = bg - b * geo.Hkv;
+      const auto [b, g, c] = Bucket(geo, k);
       if (t == 0) {
         if (seg > 0) ClusterBarrier::wait(&ss.kv_empty, (seg - 1) & 1);
         Tensor sK = make_tensor(make_smem_ptr(ss.k), typename Traits::SmemLayoutKV{});
@@ -296,20 +265,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         const int64_t entry = tile * tpt + slot;
         const bool valid = slot < tpt && entry < count;
         const int64_t token = valid ? bucket[entry] : 0;
-        const int64_t qrow = ((b * geo.Sq + token) * geo.Hq + g * G + head);
-        const Element* src_q = p.q + qrow * kHeadDim;
-        const Element* src_o = p.dout + qrow * kHeadDim;
-        CUTE_UNROLL
-        for (int j = 0; j < 8; ++j) {
-          const int col = (half + 2 * j) * 8;
-          cp_async_16(&sQ(row, col, stage), src_q + col, valid);
-          cp_async_16(&sO(row, col, stage), src_o + col, valid);
-        }
-        if (half == 0) {
-          cp_async_4(&ss.lse[stage][row], p.lse + qrow, valid);
-          cp_async_4(&ss.token[stage][row], bucket + (valid ? entry : 0), valid);
+        const int64_t qrow = (b * geo.Sq + token) * geo.Hq + g * G + gather.head;
+        gather.copy(stage, valid, row_source(sQ, p.q + qrow * kHeadDim),
+                    row_source(sO, p.dout + qrow * kHeadDim));
+        if (gather.half == 0) {
+          cp_async_4z(&ss.lse[stage][row], p.lse + qrow, valid);
+          cp_async_4z(&ss.token[stage][row], bucket + (valid ? entry : 0), valid);
         } else {
-          cp_async_4(&ss.delta[stage][row], p.delta + qrow, valid);
+          cp_async_4z(&ss.delta[stage][row], p.delta + qrow, valid);
         }
         cutlass::arch::cpasync_barrier_arrive_noinc(&ss.full[stage]);
       }
@@ -365,22 +328,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   int64_t it = 0;
   int seg = 0;
 
-  auto gemm_s = [&](int stage) {
-    mma_s.accumulate_ = GMMA::ScaleOut::Zero;
-    CUTE_UNROLL
-    for (int kb = 0; kb < size<2>(tSrK); ++kb) {
-      cute::gemm(mma_s, tSrK(_, _, kb), tSrQ(_, _, kb, stage), accS);
-      mma_s.accumulate_ = GMMA::ScaleOut::One;
-    }
-  };
-  auto gemm_dp = [&](int stage) {
-    mma_s.accumulate_ = GMMA::ScaleOut::Zero;
-    CUTE_UNROLL
-    for (int kb = 0; kb < size<2>(tSrV); ++kb) {
-      cute::gemm(mma_s, tSrV(_, _, kb), tSrO(_, _, kb, stage), accP);
-      mma_s.accumulate_ = GMMA::ScaleOut::One;
-    }
-  };
+  auto gemm_s = [&](int stage) { gemm_overwrite(mma_s, tSrK, tSrQ(_, _, _, stage), accS); };
+  auto gemm_dp = [&](int stage) { gemm_overwrite(mma_s, tSrV, tSrO(_, _, _, stage), accP); };
   auto issue_sdp = [&](int stage) {
     warpgroup_fence_operand(accS);
     warpgroup_fence_operand(accP);
@@ -439,10 +388,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
   while (walker.next()) {
     const int64_t k = walker.bucket;
-    const int64_t bg = k / geo.nb;
-    const int64_t c = k - bg * geo.nb;
-    const int64_t b = bg / geo.Hkv;
-    const int64_t g = bg - b * geo.Hkv;
+    const auto [b, g, c] = Bucket(geo, k);
     const int64_t q_len = clamp_len(p.q_lengths, b, geo.Sq);
     const int64_t kv_len = clamp_len(p.kv_lengths, b, geo.Sk);
     const int64_t count = ix.count[k];
@@ -567,15 +513,12 @@ __global__ void __launch_bounds__(256) finish_kernel(const int32_t* index, const
                                                      int ctas) {
   const IndexView ix(const_cast<int32_t*>(index), geo);
   const int64_t k = blockIdx.x;
-  const int64_t bg = k / geo.nb;
-  const int64_t c = k - bg * geo.nb;
-  const int64_t b = bg / geo.Hkv;
-  const int64_t g = bg - b * geo.Hkv;
+  const auto [b, g, c] = Bucket(geo, k);
   const int64_t ts0 = ix.tile_start[k], ts1 = ix.tile_start[k + 1];
   int64_t s0 = 0, s1 = -1, chunk = 1;
   if (ts1 > ts0) {
     const int64_t total = ix.header[0];
-    chunk = (total + ctas - 1) / ctas;
+    chunk = tile_share(total, ctas);
     s0 = ts0 / chunk;
     s1 = (ts1 - 1) / chunk;
     if (s0 == s1) return;  // whole: written by its CTA

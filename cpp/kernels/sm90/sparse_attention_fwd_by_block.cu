@@ -52,6 +52,7 @@
 #include <cutlass/numeric_conversion.h>
 
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/sm90/kv_outer_gather.hpp"
 #include "kernels/sm90/rowmax_epilogue.hpp"
 #include "kernels/sm90/sparse_block_index.hpp"
 #include "kernels/sm90/sparse_fwd_by_block.hpp"
@@ -62,12 +63,20 @@ namespace jax_msa::sm90::fwd_by_block {
 namespace {
 
 using namespace cute;
-using block_index::bucket_of_tile;
 using block_index::clamp_len;
 using block_index::Geometry;
 using block_index::IndexView;
 using block_index::kBlock;
 using block_index::SegmentWalker;
+// The pieces shared with the dK/dV backward (kv_outer_gather.hpp).
+using kv_outer::Bucket;
+using kv_outer::cp_async_4z;
+using kv_outer::fast_exp2;
+using kv_outer::gemm_overwrite;
+using kv_outer::pack2;
+using kv_outer::row_source;
+using kv_outer::RowGather;
+using kv_outer::tile_share;
 using cutlass::arch::ClusterBarrier;
 using cutlass::arch::ClusterTransactionBarrier;
 
@@ -93,45 +102,12 @@ struct MainParams {
 };
 
 template <class Element>
-__device__ __forceinline__ uint32_t pack2(float a, float b) {
-  if constexpr (std::is_same_v<Element, cutlass::bfloat16_t>) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&h);
-  } else {
-    __half2 h = __floats2half2_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-}
-
-template <class Element>
 __device__ __forceinline__ float2 unpack2(uint32_t x) {
   if constexpr (std::is_same_v<Element, cutlass::bfloat16_t>) {
     return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&x));
   } else {
     return __half22float2(*reinterpret_cast<__half2*>(&x));
   }
-}
-
-// 2^x (ex2.approx.ftz: 2 ulp, subnormal results flushed; 2^-inf = 0).
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// cp.async of 16 / 4 bytes, zero-filled when `valid` is false (src not read).
-__device__ __forceinline__ void cp_async_16z(void* smem, const void* gmem, bool valid) {
-  const uint32_t dst = cute::cast_smem_ptr_to_uint(smem);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
-               "r"(valid ? 16 : 0)
-               : "memory");
-}
-
-__device__ __forceinline__ void cp_async_4z(void* smem, const void* gmem, bool valid) {
-  const uint32_t dst = cute::cast_smem_ptr_to_uint(smem);
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(gmem),
-               "r"(valid ? 4 : 0)
-               : "memory");
 }
 
 // ---------------------------------------------------------------------------
@@ -154,7 +130,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   // The CTA's tiles [T0, T1) of the Ttot = header[0] tiles, share = ceil(Ttot / ctas).
   auto tile_range = [&](int64_t& T0, int64_t& T1) {
     const int64_t total = ix.header[0];
-    const int64_t share = (total + p.ctas - 1) / p.ctas;
+    const int64_t share = tile_share(total, p.ctas);
     T0 = blockIdx.x * share;
     T1 = min(T0 + share, total);
   };
@@ -168,8 +144,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   auto make_walker = [&]() {
     int64_t T0, T1;
     tile_range(T0, T1);
-    return SegmentWalker{ix.tile_start, T0, T1, T0,
-                         bucket_of_tile(ix.tile_start, geo.nbkt, T0), 0, 0, false};
+    return kv_outer::make_walker(ix, geo.nbkt, T0, T1);
   };
 
   const int warpgroup = threadIdx.x / 128;
@@ -196,10 +171,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     cutlass::arch::warpgroup_reg_dealloc<72>();
     SegmentWalker walker = make_walker();
     const int t = threadIdx.x;
-    const int row = t >> 1;  // tile row gathered by this thread
-    const int half = t & 1;  // its 16-byte chunks: half, half + 2, ..., half + 14
-    const int slot = static_cast<int>(row / G);  // entry of the tile
-    const int64_t head = row - slot * G;         // head in the group
+    const RowGather gather(t, G);
+    const int row = gather.row;
+    const int slot = gather.slot;  // entry of the tile
     Tensor sQ = make_tensor(make_smem_ptr(ss.q), typename Traits::SmemLayoutQ{});
     if (t == 0) {
       cute::prefetch_tma_descriptor(p.tma_k.get_tma_descriptor());
@@ -209,10 +183,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     int seg = 0;
     while (walker.next()) {
       const int64_t k = walker.bucket;
-      const int64_t bg = k / geo.nb;
-      const int64_t c = k - bg * geo.nb;
-      const int64_t b = bg / geo.Hkv;
-      const int64_t g = bg - b * geo.Hkv;
+      const auto [b, g, c] = Bucket(geo, k);
       const int kv = seg % kKvSlots;
       if (t == 0) {
         // The slot's previous block (segment seg - kKvSlots) is no longer read.
@@ -237,7 +208,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       }
       const int64_t count = ix.count[k];
       const int32_t* bucket = ix.entries + ix.entry_start[k];
-      const int64_t head_row = g * G + head;
+      const int64_t head_row = gather.head_row(g, G);
       for (int64_t tile = walker.tile_begin; tile < walker.tile_end; ++tile, ++it) {
         const int stage = static_cast<int>(it % kStages);
         const int64_t entry = tile * tpt + slot;
@@ -245,13 +216,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         // Loaded before the wait: its latency hides behind it.
         const int64_t token = valid ? bucket[entry] : 0;
         ClusterBarrier::wait(&ss.empty[stage], static_cast<uint32_t>(((it / kStages) & 1) ^ 1));
-        const Element* src = p.q + ((b * geo.Sq + token) * geo.Hq + head_row) * kHeadDim;
-        CUTE_UNROLL
-        for (int j = 0; j < 8; ++j) {
-          const int col = (half + 2 * j) * 8;
-          cp_async_16z(&sQ(row, col, stage), src + col, valid);
-        }
-        if (half == 0) cp_async_4z(&ss.token[stage][row], bucket + (valid ? entry : 0), valid);
+        gather.copy(stage, valid, row_source(sQ, p.q + gather.qrow(geo, b, token, head_row) * kHeadDim));
+        if (gather.half == 0) cp_async_4z(&ss.token[stage][row], bucket + (valid ? entry : 0), valid);
         cutlass::arch::cpasync_barrier_arrive_noinc(&ss.full[stage]);
       }
       ++seg;
@@ -305,9 +271,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
   while (walker.next()) {
     const int64_t k = walker.bucket;
-    const int64_t bg = k / geo.nb;
-    const int64_t c = k - bg * geo.nb;
-    const int64_t b = bg / geo.Hkv;
+    const auto [b, g, c] = Bucket(geo, k);
     const int64_t q_len = clamp_len(p.q_lengths, b, geo.Sq);
     const int64_t kv_len = clamp_len(p.kv_lengths, b, geo.Sk);
     const int64_t count = ix.count[k];
@@ -330,12 +294,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       // S = Q K^T.
       warpgroup_fence_operand(accS);
       warpgroup_arrive();
-      mma_s.accumulate_ = GMMA::ScaleOut::Zero;
-      CUTE_UNROLL
-      for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
-        cute::gemm(mma_s, tSrQ(_, _, kb, stage), tSrK(_, _, kb, kv), accS);
-        mma_s.accumulate_ = GMMA::ScaleOut::One;
-      }
+      gemm_overwrite(mma_s, tSrQ(_, _, _, stage), tSrK(_, _, _, kv), accS);
       warpgroup_commit_batch();
 
       // Meanwhile: the rows' last visible columns (-1: no such row).
@@ -387,12 +346,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       warpgroup_fence_operand(tOrP);
       warpgroup_fence_operand(accO);
       warpgroup_arrive();
-      mma_o.accumulate_ = GMMA::ScaleOut::Zero;
-      CUTE_UNROLL
-      for (int kb = 0; kb < size<2>(tOrP); ++kb) {
-        cute::gemm(mma_o, tOrP(_, _, kb), tOrV(_, _, kb, kv), accO);
-        mma_o.accumulate_ = GMMA::ScaleOut::One;
-      }
+      gemm_overwrite(mma_o, tOrP, tOrV(_, _, _, kv), accO);
       warpgroup_commit_batch();
       warpgroup_wait<0>();
       warpgroup_fence_operand(accO);

@@ -28,27 +28,22 @@
 #include <cute/tensor.hpp>
 #include <cutlass/numeric_types.h>
 
+#include "kernels/sm90/kv_outer_gather.hpp"
+
 namespace jax_msa::sm90 {
 
 using namespace cute;
 
 template <class Element_>
-struct SparseBwdTraits {
-  using Element = Element_;
-  static constexpr int kD = 128;     // head dim (the only one supported)
-  static constexpr int kKeys = 128;  // keys per block (spec §2)
-  static constexpr int kRows = 64;   // (token, head) rows per tile
-  static constexpr int kConsumerWarpgroups = 2;
-  static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);
-  static constexpr int kStages = 3;  // Q / dO tiles in flight
+struct SparseBwdTraits : kv_outer::TileShape<Element_, 3> {  // 3 Q / dO tiles in flight
+  using Base = kv_outer::TileShape<Element_, 3>;
+  using typename Base::Element;
+  using typename Base::SmemLayoutKV;
+  using typename Base::SmemLayoutQ;
+  using Base::kD;
+  using Base::kRows;
+  using Base::kStages;
 
-  // K-major tiles with the 128-byte swizzle that TMA, cp.async and wgmma share.
-  using SmemAtom = decltype(GMMA::Layout_K_SW128_Atom<Element>{});
-  using SmemLayoutKV = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kKeys>, Int<kD>>{}));
-  using TileKV = Shape<Int<kKeys>, Int<kD>>;
-  // Q and dO tiles: (row, dim, stage).
-  using SmemLayoutQ =
-      decltype(tile_to_shape(SmemAtom{}, Shape<Int<kRows>, Int<kD>, Int<kStages>>{}));
   // The same memory seen as (dim, row, stage): the MN-major B operand of the
   // dK / dV products.
   using SmemLayoutQt = decltype(composition(
@@ -64,8 +59,6 @@ struct SparseBwdTraits {
       GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kD>, Int<kRows>>,
                            GMMA::Major::K, GMMA::Major::MN>(),
       Layout<Shape<_1, _1, _1>>{}));
-
-  static constexpr uint32_t kBytesKV = kKeys * kD * sizeof(Element);
 
   struct SharedStorage {
     alignas(1024) Element k[cosize_v<SmemLayoutKV>];

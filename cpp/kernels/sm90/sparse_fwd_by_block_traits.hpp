@@ -26,35 +26,32 @@
 #include <cute/tensor.hpp>
 #include <cutlass/numeric_types.h>
 
+#include "kernels/sm90/kv_outer_gather.hpp"
+
 namespace jax_msa::sm90 {
 
 using namespace cute;
 
 template <class Element_>
-struct SparseFwdByBlockTraits {
-  using Element = Element_;
-  static constexpr int kD = 128;     // head dim (the only one supported)
-  static constexpr int kKeys = 128;  // keys per block (spec §2)
-  static constexpr int kRows = 64;   // (token, head) rows per tile
-  static constexpr int kConsumerWarpgroups = 2;
-  static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);
-  static constexpr int kStages = 4;   // Q tiles in flight
+struct SparseFwdByBlockTraits : kv_outer::TileShape<Element_, 4> {  // 4 Q tiles in flight
+  using Base = kv_outer::TileShape<Element_, 4>;
+  using typename Base::Element;
+  using typename Base::SmemAtom;
+  using typename Base::SmemLayoutQ;
+  using Base::kConsumerWarpgroups;
+  using Base::kD;
+  using Base::kKeys;
+  using Base::kRows;
+  using Base::kStages;
   static constexpr int kKvSlots = 2;  // K/V blocks in flight
 
-  // K-major tiles with the 128-byte swizzle that TMA, cp.async and wgmma share.
-  using SmemAtom = decltype(GMMA::Layout_K_SW128_Atom<Element>{});
-  // One K or V block (the TMA box) and the slots: (key, dim, slot).
-  using SmemLayoutKV = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kKeys>, Int<kD>>{}));
-  using TileKV = Shape<Int<kKeys>, Int<kD>>;
+  // The K and V slots: (key, dim, slot), each slot one TMA box (SmemLayoutKV).
   using SmemLayoutKVSlots =
       decltype(tile_to_shape(SmemAtom{}, Shape<Int<kKeys>, Int<kD>, Int<kKvSlots>>{}));
   // The same memory seen as (dim, key, slot): V as the MN-major B operand of P V.
   using SmemLayoutVtSlots = decltype(composition(
       SmemLayoutKVSlots{}, make_layout(Shape<Int<kD>, Int<kKeys>, Int<kKvSlots>>{},
                                        Stride<Int<kKeys>, _1, Int<kKeys * kD>>{})));
-  // Q tiles: (row, dim, stage).
-  using SmemLayoutQ =
-      decltype(tile_to_shape(SmemAtom{}, Shape<Int<kRows>, Int<kD>, Int<kStages>>{}));
 
   // S = Q K^T: (rows, keys, dim), one warpgroup.
   using MmaS = decltype(make_tiled_mma(
@@ -66,7 +63,6 @@ struct SparseFwdByBlockTraits {
                            GMMA::Major::K, GMMA::Major::MN>(),
       Layout<Shape<_1, _1, _1>>{}));
 
-  static constexpr uint32_t kBytesKV = kKeys * kD * sizeof(Element);
   // The O staging tile of one warpgroup: kRows rows of kD elements as 16-byte
   // chunks, chunk j of row r stored at chunk j ^ (r % 8) of the row.
   static constexpr int kChunksPerRow = kD * sizeof(Element) / 16;  // 16
