@@ -11,6 +11,8 @@
 #include <cstdint>
 
 #include <cute/tensor.hpp>
+#include <cutlass/array.h>
+#include <cutlass/numeric_conversion.h>
 
 #include "kernels/sm90/tile_geometry.hpp"
 
@@ -24,6 +26,22 @@ __device__ auto rowcol_layout(Layout l) {
   static_assert(decltype(rank<0>(l))::value == 3, "SM90 wgmma accumulator layout");
   return make_layout(make_layout(get<0, 1>(l), get<1>(l)),
                      make_layout(get<0, 0>(l), get<0, 2>(l), get<2>(l)));
+}
+
+// Rounds an fp32 accumulator of a 64 x K wgmma into the register A operand
+// of a following rs wgmma over the same (row, K) tile (e.g. P for O += P V):
+// the two fragments hold the same values in the same register order.
+template <class Acc, class Operand>
+__device__ void acc_to_operand(const Acc& acc, Operand& operand) {
+  static_assert(decltype(size(acc))::value == decltype(size(operand))::value);
+  using Element = typename Operand::value_type;
+  cutlass::NumericArrayConverter<Element, float, 2> to_pair;
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc); i += 2) {
+    const auto pair = to_pair(cutlass::Array<float, 2>{acc(i), acc(i + 1)});
+    operand(i) = pair[0];
+    operand(i + 1) = pair[1];
+  }
 }
 
 // Per-thread state for the rows this thread holds (kRowsPerThread of them).

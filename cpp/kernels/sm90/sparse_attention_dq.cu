@@ -89,8 +89,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   Tensor accS = partition_fragment_C(mma_s, TileS{});
   Tensor accdP = partition_fragment_C(mma_s, TileS{});
   Tensor accdQ = partition_fragment_C(mma_q, TileQ{});
-  Tensor tQrdS = make_tensor<Element>(partition_shape_A(mma_q, TileS{}));
-  static_assert(decltype(size(tQrdS))::value == decltype(size(accS))::value);
+  Tensor tQrdS = make_tensor<Element>(partition_shape_A(mma_q, TileS{}));  // dS as dQ's A operand
   Tensor accS_rc = make_tensor(accS.data(), rowcol_layout(accS.layout()));
   Tensor accdP_rc = make_tensor(accdP.data(), rowcol_layout(accdP.layout()));
   Tensor accdQ_rc = make_tensor(accdQ.data(), rowcol_layout(accdQ.layout()));
@@ -170,12 +169,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
           accS_rc(r, j) = prob != 0.0f ? prob * (accdP_rc(r, j) - delta[r]) : 0.0f;
         }
       }
-      CUTE_UNROLL
-      for (int i = 0; i < size(accS); i += 2) {
-        auto pair = to_pair(cutlass::Array<float, 2>{accS(i), accS(i + 1)});
-        tQrdS(i) = pair[0];
-        tQrdS(i + 1) = pair[1];
-      }
+      acc_to_operand(accS, tQrdS);
       warpgroup_fence_operand(tQrdS);
       warpgroup_fence_operand(accdQ);
       warpgroup_arrive();

@@ -80,10 +80,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   using TileO = Shape<Int<Traits::kRows>, Int<Traits::kD>>;
   Tensor accS = partition_fragment_C(mma_s, TileS{});
   Tensor accO = partition_fragment_C(mma_o, TileO{});
-  // P in the register layout of O's A operand; the accumulator of S holds the
-  // same (row, key) values in the same register order.
-  Tensor tOrP = make_tensor<Element>(partition_shape_A(mma_o, TileS{}));
-  static_assert(decltype(size(tOrP))::value == decltype(size(accS))::value);
+  Tensor tOrP = make_tensor<Element>(partition_shape_A(mma_o, TileS{}));  // P as O's A operand
   Tensor accS_rc = make_tensor(accS.data(), rowcol_layout(accS.layout()));
   Tensor accO_rc = make_tensor(accO.data(), rowcol_layout(accO.layout()));
   constexpr int kRowsPerThread = decltype(size<0>(accS_rc))::value;
@@ -178,12 +175,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         CUTE_UNROLL
         for (int j = 0; j < size<1>(accO_rc); ++j) accO_rc(r, j) *= correction[r];
       }
-      CUTE_UNROLL
-      for (int i = 0; i < size(accS); i += 2) {
-        auto pair = to_pair(cutlass::Array<float, 2>{accS(i), accS(i + 1)});
-        tOrP(i) = pair[0];
-        tOrP(i + 1) = pair[1];
-      }
+      acc_to_operand(accS, tOrP);
     };
 
     // Ring order K_0, K_1, V_0, K_2, V_1, ..., V_last (see produce_tiles):

@@ -247,10 +247,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   using TileO = Shape<Int<kRows>, Int<kHeadDim>>;
   Tensor accS = partition_fragment_C(mma_s, TileS{});
   Tensor accO = partition_fragment_C(mma_o, TileO{});
-  // P in the register layout of O's A operand: the accumulator of S holds the
-  // same (row, key) values in the same register order.
-  Tensor tOrP = make_tensor<Element>(partition_shape_A(mma_o, TileS{}));
-  static_assert(decltype(size(tOrP))::value == decltype(size(accS))::value);
+  Tensor tOrP = make_tensor<Element>(partition_shape_A(mma_o, TileS{}));  // P as O's A operand
   Tensor accS_rc = make_tensor(accS.data(), rowcol_layout(accS.layout()));
   Tensor accO_rc = make_tensor(accO.data(), rowcol_layout(accO.layout()));
   // (row, column) of every accumulator entry, from cute's own partitioning.
@@ -263,7 +260,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   static_assert(decltype(size<0>(accO_rc))::value == kRowsPerThread);
   static_assert(decltype(size<1>(accO_rc))::value % 2 == 0);
 
-  cutlass::NumericArrayConverter<Element, float, 2> to_pair;
   uint32_t* stage_o = reinterpret_cast<uint32_t*>(ss.o[w]);  // [row][64 words], swizzled
   const uint4* stage_o4 = ss.o[w];
   int64_t it = 0;
@@ -335,12 +331,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         row_m[r] = m;
         row_l[r] = quad_sum(l);
       }
-      CUTE_UNROLL
-      for (int e = 0; e < size(accS); e += 2) {
-        auto pair = to_pair(cutlass::Array<float, 2>{accS(e), accS(e + 1)});
-        tOrP(e) = pair[0];
-        tOrP(e + 1) = pair[1];
-      }
+      acc_to_operand(accS, tOrP);
 
       // O = P V.
       warpgroup_fence_operand(tOrP);

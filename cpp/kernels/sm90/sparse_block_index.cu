@@ -23,19 +23,32 @@ namespace {
 
 using namespace cute;
 
+// The queries [tok0, tok1) of index chunk q of (b, kv head) bg, clipped to the
+// window and to q_len, and what decides which of their ids are attended.
+struct ChunkWindow {
+  int64_t b, offset, blocks_valid, tok0, tok1;
+
+  __device__ ChunkWindow(const Geometry& geo, int64_t bg, int64_t q, const int32_t* q_lengths,
+                         const int32_t* kv_lengths)
+      : b(bg / geo.Hkv) {
+    const int64_t q_len = clamp_len(q_lengths, b, geo.Sq);
+    const int64_t kv_len = clamp_len(kv_lengths, b, geo.Sk);
+    offset = kv_len - q_len;
+    blocks_valid = (kv_len + kBlock - 1) / kBlock;
+    tok0 = geo.tok_begin + q * geo.chunk_tokens;
+    tok1 = min(min(tok0 + geo.chunk_tokens, geo.tok_begin + geo.tok_count), q_len);
+  }
+};
+
 // hist[bg, chunk, c] += 1 for every attended (query in chunk, block c).
 __global__ void hist_kernel(const int32_t* __restrict__ ids, const int32_t* __restrict__ q_lengths,
                             const int32_t* __restrict__ kv_lengths, int32_t* __restrict__ hist,
                             Geometry geo) {
   const int64_t bg = blockIdx.y;
-  const int64_t b = bg / geo.Hkv;
   const int64_t q = blockIdx.x;
-  const int64_t q_len = clamp_len(q_lengths, b, geo.Sq);
-  const int64_t kv_len = clamp_len(kv_lengths, b, geo.Sk);
-  const int64_t offset = kv_len - q_len;
-  const int64_t blocks_valid = (kv_len + kBlock - 1) / kBlock;
-  const int64_t tok0 = geo.tok_begin + q * geo.chunk_tokens;
-  const int64_t tok1 = min(min(tok0 + geo.chunk_tokens, geo.tok_begin + geo.tok_count), q_len);
+  const ChunkWindow win(geo, bg, q, q_lengths, kv_lengths);
+  const int64_t b = win.b, offset = win.offset, blocks_valid = win.blocks_valid;
+  const int64_t tok0 = win.tok0, tok1 = win.tok1;
   if (tok0 >= tok1) return;
   int32_t* h = hist + (bg * geo.nchunks + q) * geo.nb;
   const int64_t n = (tok1 - tok0) * geo.topk;
@@ -164,16 +177,12 @@ __global__ void __launch_bounds__(32) scatter_kernel(const int32_t* __restrict__
   extern __shared__ int64_t smem_positions[];
   IndexView ix(index, geo);
   const int64_t bg = blockIdx.y;
-  const int64_t b = bg / geo.Hkv;
   const int64_t g = bg % geo.Hkv;
   const int64_t q = blockIdx.x;
   const int lane = threadIdx.x;
-  const int64_t q_len = clamp_len(q_lengths, b, geo.Sq);
-  const int64_t kv_len = clamp_len(kv_lengths, b, geo.Sk);
-  const int64_t offset = kv_len - q_len;
-  const int64_t blocks_valid = (kv_len + kBlock - 1) / kBlock;
-  const int64_t tok0 = geo.tok_begin + q * geo.chunk_tokens;
-  const int64_t tok1 = min(min(tok0 + geo.chunk_tokens, geo.tok_begin + geo.tok_count), q_len);
+  const ChunkWindow win(geo, bg, q, q_lengths, kv_lengths);
+  const int64_t b = win.b, offset = win.offset, blocks_valid = win.blocks_valid;
+  const int64_t tok0 = win.tok0, tok1 = win.tok1;
   if (tok0 >= tok1) return;
 
   int32_t* hrow = ix.hist + (bg * geo.nchunks + q) * geo.nb;
