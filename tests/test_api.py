@@ -67,19 +67,24 @@ def test_cuda_lowering_falls_back_to_reference_without_kernels():
 
 @pytest.mark.skipif(not _ffi.has_kernel("jax_msa_sparse_attention_fwd_query", "cuda"),
                     reason="needs a build with the CUDA kernels (no GPU needed: lowering only)")
-def test_cuda_sparse_kernels_are_opt_in_and_cover_what_they_can():
+def test_cuda_sparse_kernels_serve_auto_and_cover_what_they_can():
     rng = np.random.default_rng(3)
     q, k, v = (normal(rng, (2, 300, h, 128), jnp.bfloat16) for h in (16, 1, 1))
     ids = jnp.asarray(rng.integers(-1, 3, (2, 300, 1, 4)), jnp.int32)
     kernel = lambda q, k, v: jax_msa.sparse_attention(q, k, v, ids, implementation="kernel")
-    assert "jax_msa_sparse_attention_fwd" not in _lower_for_cuda(lambda: jax_msa.sparse_attention(q, k, v, ids))
-    assert "jax_msa_sparse_attention_fwd_query" in _lower_for_cuda(lambda: kernel(q, k, v))
-    by_block = lambda: jax_msa.sparse_attention(q, k, v, ids, implementation="kernel", schedule="block")
-    assert "jax_msa_sparse_attention_fwd_by_block" in _lower_for_cuda(by_block)
+    # "auto" takes the kernels, with the KV-outer schedule unless told otherwise.
+    assert "jax_msa_sparse_attention_fwd_by_block" in _lower_for_cuda(lambda: jax_msa.sparse_attention(q, k, v, ids))
+    query = lambda: jax_msa.sparse_attention(q, k, v, ids, implementation="kernel", schedule="query")
+    text = _lower_for_cuda(query)
+    assert "jax_msa_sparse_attention_fwd_query" in text and "fwd_by_block" not in text
+    reference = _lower_for_cuda(lambda: jax_msa.sparse_attention(q, k, v, ids, implementation="reference"))
+    assert "jax_msa_sparse_attention" not in reference
     # The backward: one call with its workspaces as extra results.
     grad = jax.grad(lambda q, k, v: jnp.sum(kernel(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
     assert "jax_msa_sparse_attention_bwd_cuda" in _lower_for_cuda(lambda: grad(q, k, v))
-    # Inputs the kernels do not take: float32, head dim 64.
+    # Inputs the kernels do not take: float32, head dim 64 (under "auto": the reference).
+    assert "jax_msa_sparse" not in _lower_for_cuda(
+        lambda: jax_msa.sparse_attention(*(x.astype(jnp.float32) for x in (q, k, v)), ids))
     with pytest.raises(jax_msa.NoKernelError, match="these inputs"):
         _lower_for_cuda(lambda: kernel(*(x.astype(jnp.float32) for x in (q, k, v))))
     with pytest.raises(jax_msa.NoKernelError, match="these inputs"):
