@@ -34,8 +34,8 @@ def built_with_cuda() -> bool:
     return bool(_jax_msa.with_cuda)
 
 
-def sparse_bwd_workspace(B: int, Sq: int, Sk: int, Hq: int, Hkv: int, D: int, topk: int) -> tuple[int, int, int]:
-    """Element counts (delta floats, index ints, partial floats) of the CUDA sparse backward's workspaces."""
+def sparse_bwd_workspace(B: int, Sq: int, Sk: int, Hq: int, Hkv: int, D: int, topk: int) -> tuple[int, ...]:
+    """Element counts (delta floats, index ints, partial floats, dq_accum floats) of the CUDA sparse backward's workspaces."""
     return tuple(int(n) for n in _jax_msa.sparse_bwd_workspace(B, Sq, Sk, Hq, Hkv, D, topk))
 
 

@@ -2,11 +2,11 @@
 
 Primitives:
   jax_msa_sparse_attention_fwd(q, k, v, ids, q_lengths, kv_lengths; scale) -> out, lse
-  jax_msa_sparse_attention_bwd(q, k, v, ids, out, lse, dout, dlse, q_lengths, kv_lengths; scale)
-      -> dq, dk, dv
+  jax_msa_sparse_attention_bwd(q, k, v, ids, out, lse, dout, dlse, q_lengths, kv_lengths; scale,
+      deterministic) -> dq, dk, dv
 joined by a custom_vjp; `ids` and the lengths carry no gradient. On CUDA the
 backward lowers to the hidden jax_msa_sparse_attention_bwd_cuda (dq, dk, dv and
-three workspaces as results; see _bwd_cuda_abstract).
+four workspaces as results; see _bwd_cuda_abstract).
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ def _reference_forward(q, k, v, ids, q_lengths, kv_lengths, *, scale, schedule=N
                                       scale=float(scale), return_lse=True)
 
 
-def _reference_backward(q, k, v, ids, out, lse, dout, dlse, q_lengths, kv_lengths, *, scale):
+def _reference_backward(q, k, v, ids, out, lse, dout, dlse, q_lengths, kv_lengths, *, scale,
+                        deterministic=False):
     fn = lambda q, k, v: _reference_forward(q, k, v, ids, q_lengths, kv_lengths, scale=scale)
     return reference_vjp(fn, q, k, v, out, lse, dout, dlse)
 
@@ -88,23 +89,28 @@ _fwd_p = define_primitive("sparse_attention_fwd", abstract_eval=forward_abstract
                           kernel_takes={"cuda": _cuda_kernel_takes},
                           kernel_lowering={"cuda": _fwd_on_cuda}
                           if _ffi.has_kernel("jax_msa_sparse_attention_fwd_query", "cuda") else None)
-# The backward on CUDA: one call that runs prepare (row terms, block index),
-# the KV-outer dK/dV kernel and the query-outer dQ kernel, with its three
-# workspaces as extra (discarded) results so that the handler allocates
+# The backward on CUDA: one call that runs prepare (row terms, block index)
+# and the KV-outer dK/dV kernel, which also computes dQ (float32 atomic sums
+# into the dq_accum workspace, [B, Sq, Hq, D]) unless `deterministic`, where
+# the query-outer dQ kernel runs instead (dq_accum then has 0 elements). Its
+# four workspaces are extra (discarded) results so that the handler allocates
 # nothing. A hidden primitive, bound only inside the lowering of _bwd_p.
-def _bwd_cuda_abstract(q, k, v, ids, *rest, scale):
+def _bwd_cuda_abstract(q, k, v, ids, *rest, scale, deterministic):
     b, sq, hq, d = q.shape
-    sizes = _ffi.sparse_bwd_workspace(b, sq, k.shape[1], hq, k.shape[2], d, ids.shape[3])
-    workspaces = [ShapedArray((n,), t) for n, t in zip(sizes, (jnp.float32, jnp.int32, jnp.float32))]
-    return [*backward_abstract(q, k, v, ids, *rest, scale=scale), *workspaces]
+    delta, index, partial, dq_accum = _ffi.sparse_bwd_workspace(b, sq, k.shape[1], hq, k.shape[2], d, ids.shape[3])
+    sizes = (delta, index, partial, 0 if deterministic else dq_accum)
+    workspaces = [ShapedArray((n,), t) for n, t in zip(sizes, (jnp.float32, jnp.int32, jnp.float32, jnp.float32))]
+    return [*backward_abstract(q, k, v, ids, *rest), *workspaces]
 
 
 _bwd_cuda_p = define_primitive("sparse_attention_bwd_cuda", abstract_eval=_bwd_cuda_abstract,
-                               reference=_cuda_only("jax_msa_sparse_attention_bwd_cuda"), ffi_attributes=("scale",))
+                               reference=_cuda_only("jax_msa_sparse_attention_bwd_cuda"),
+                               ffi_attributes=("scale", "deterministic"))
 
 
-def _bwd_on_cuda(*args, scale, implementation):
-    return _bwd_cuda_p.bind(*args, scale=scale, implementation=implementation)[:3]
+def _bwd_on_cuda(*args, scale, deterministic, implementation):
+    return _bwd_cuda_p.bind(*args, scale=scale, deterministic=bool(deterministic),
+                            implementation=implementation)[:3]
 
 
 _bwd_p = define_primitive("sparse_attention_bwd", abstract_eval=backward_abstract,
@@ -115,23 +121,25 @@ _bwd_p = define_primitive("sparse_attention_bwd", abstract_eval=backward_abstrac
                           if _ffi.has_kernel("jax_msa_sparse_attention_bwd_cuda", "cuda") else None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _sparse_attention(q, k, v, ids, q_lengths, kv_lengths, scale, implementation, schedule):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _sparse_attention(q, k, v, ids, q_lengths, kv_lengths, scale, implementation, schedule, deterministic):
     out, lse = _fwd_p.bind(q, k, v, ids, q_lengths, kv_lengths, scale=scale, schedule=schedule,
                            implementation=implementation)
     return out, lse
 
 
-def _sparse_attention_fwd(q, k, v, ids, q_lengths, kv_lengths, scale, implementation, schedule):
-    out, lse = _sparse_attention(q, k, v, ids, q_lengths, kv_lengths, scale, implementation, schedule)
+def _sparse_attention_fwd(q, k, v, ids, q_lengths, kv_lengths, scale, implementation, schedule, deterministic):
+    out, lse = _sparse_attention(q, k, v, ids, q_lengths, kv_lengths, scale, implementation, schedule,
+                                 deterministic)
     return (out, lse), (q, k, v, ids, q_lengths, kv_lengths, out, lse)
 
 
-def _sparse_attention_bwd(scale, implementation, schedule, residuals, cotangents):
+def _sparse_attention_bwd(scale, implementation, schedule, deterministic, residuals, cotangents):
     q, k, v, ids, q_lengths, kv_lengths, out, lse = residuals
     dout, dlse = cotangents
     dq, dk, dv = _bwd_p.bind(q, k, v, ids, out, lse, dout.astype(q.dtype), dlse.astype(jnp.float32),
-                             q_lengths, kv_lengths, scale=scale, implementation=implementation)
+                             q_lengths, kv_lengths, scale=scale, deterministic=deterministic,
+                             implementation=implementation)
     return dq, dk, dv, None, None, None
 
 
@@ -150,6 +158,7 @@ def sparse_attention(
     return_lse: bool = False,
     implementation: str = "auto",
     schedule: str = "auto",
+    deterministic: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Attention over the selected 128-key blocks of each query (spec §3.4).
 
@@ -170,6 +179,10 @@ def sparse_attention(
         "auto" ("block": on an H100 at T = 128K it is 1.8x to 3x faster than
         "query" on indexer-like ids and 0.75x on window ids, see
         benchmarks/RESULTS.md). Same results up to rounding; ignored elsewhere.
+      deterministic: make the CUDA backward bitwise reproducible (on one
+        device): dq from a separate query-outer pass instead of float32 atomic
+        sums inside the KV-outer dK/dV pass (the default, faster, most of all
+        when neighbouring tokens select different blocks). Ignored elsewhere.
     Returns:
       out [B, Sq, Hq, D] in q's dtype (zeros for padded rows), and lse if asked.
     Differentiable in q, k, v.
@@ -189,5 +202,5 @@ def sparse_attention(
         return reference.sparse_attention(q, k, v, ids, q_lengths=q_lengths, kv_lengths=kv_lengths, scale=scale,
                                           return_lse=return_lse)
     out, lse = _sparse_attention(q, k, v, ids, q_lengths, kv_lengths, np.float32(scale), implementation,
-                                 "query" if schedule == "query" else "block")
+                                 "query" if schedule == "query" else "block", bool(deterministic))
     return (out, lse) if return_lse else out

@@ -147,10 +147,13 @@ ffi::Error SparseAttentionFwdByBlockCuda(cudaStream_t stream, ffi::AnyBuffer q, 
                                                         stream));
 }
 
-// The backward on CUDA: dq, dk, dv plus three workspaces (sized by
+// The backward on CUDA: dq, dk, dv plus four workspaces (sized by
 // cuda::sparse_attention_bwd_workspace; the Python side asks for them as
-// results, so nothing is allocated here): prepare (delta, block index), the
-// KV-outer dK / dV kernel, the query-outer dQ kernel.
+// results, so nothing is allocated here): prepare (delta, block index), then
+// either the KV-outer dK / dV kernel with dQ fused (float32 atomic sums into
+// the dq_accum workspace; the default) or, with `deterministic`, the dK / dV
+// kernel and the query-outer dQ kernel (bitwise reproducible on a device;
+// dq_accum is then empty).
 ffi::Error SparseAttentionBwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
                                   ffi::AnyBuffer v, ffi::AnyBuffer ids, ffi::AnyBuffer out,
                                   ffi::AnyBuffer lse, ffi::AnyBuffer dout, ffi::AnyBuffer dlse,
@@ -159,7 +162,9 @@ ffi::Error SparseAttentionBwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::An
                                   ffi::Result<ffi::AnyBuffer> dv,
                                   ffi::Result<ffi::AnyBuffer> delta,
                                   ffi::Result<ffi::AnyBuffer> index,
-                                  ffi::Result<ffi::AnyBuffer> partial, float scale) {
+                                  ffi::Result<ffi::AnyBuffer> partial,
+                                  ffi::Result<ffi::AnyBuffer> dq_accum, float scale,
+                                  bool deterministic) {
   cpu::AttentionProblem p;
   DType dtype;
   cuda::SparseAttentionArgs args;
@@ -173,14 +178,17 @@ ffi::Error SparseAttentionBwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::An
                            CheckType(dout, q.element_type(), "dout"),
                            CheckType(*delta, ffi::DataType::F32, "delta workspace"),
                            CheckType(*index, ffi::DataType::S32, "index workspace"),
-                           CheckType(*partial, ffi::DataType::F32, "partial workspace")});
+                           CheckType(*partial, ffi::DataType::F32, "partial workspace"),
+                           CheckType(*dq_accum, ffi::DataType::F32, "dq_accum workspace")});
       e.failure()) {
     return e;
   }
   const cuda::SparseBwdWorkspace need = cuda::sparse_attention_bwd_workspace(args);
   if (auto e = FirstError({CheckShape(*delta, {need.delta_floats}, "delta workspace"),
                            CheckShape(*index, {need.index_ints}, "index workspace"),
-                           CheckShape(*partial, {need.partial_floats}, "partial workspace")});
+                           CheckShape(*partial, {need.partial_floats}, "partial workspace"),
+                           CheckShape(*dq_accum, {deterministic ? 0 : need.dq_accum_floats},
+                                      "dq_accum workspace")});
       e.failure()) {
     return e;
   }
@@ -196,10 +204,12 @@ ffi::Error SparseAttentionBwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::An
                           cuda::sparse_attention_bwd_dkdv(
                               dtype, args, DataOf<float>(lse), dout.untyped_data(),
                               DataOf<float>(delta), DataOf<int32_t>(index), DataOf<float>(partial),
-                              dk->untyped_data(), dv->untyped_data(), stream));
+                              deterministic ? nullptr : DataOf<float>(dq_accum),
+                              dq->untyped_data(), dk->untyped_data(), dv->untyped_data(), stream));
       e.failure()) {
     return e;
   }
+  if (!deterministic) return ffi::Error::Success();
   return CudaStatus("sparse_attention_bwd (dq)",
                     cuda::sparse_attention_bwd_dq(dtype, args, DataOf<float>(lse),
                                                   dout.untyped_data(), DataOf<float>(delta),
@@ -286,7 +296,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kSparseAttentionBwdCuda, SparseAttentionBwdCuda,
                                   .Ret<ffi::AnyBuffer>()  // delta workspace
                                   .Ret<ffi::AnyBuffer>()  // index workspace
                                   .Ret<ffi::AnyBuffer>()  // partial workspace
-                                  .Attr<float>("scale"));
+                                  .Ret<ffi::AnyBuffer>()  // dq_accum workspace
+                                  .Attr<float>("scale")
+                                  .Attr<bool>("deterministic"));
 #endif
 
 void AddSparseAttentionTargets(TargetTable& table) {

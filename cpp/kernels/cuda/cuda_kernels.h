@@ -104,6 +104,7 @@ struct SparseBwdWorkspace {
   int64_t delta_floats;    // float32: the row terms rowsum(dout * out) - dlse
   int64_t index_ints;      // int32: the block -> queries index
   int64_t partial_floats;  // float32: split partial dK/dV sums (may be 0)
+  int64_t dq_accum_floats;  // float32 [B, Sq, Hq, D]: fused dQ sums (non-deterministic path only)
 };
 SparseBwdWorkspace sparse_attention_bwd_workspace(const SparseAttentionArgs& a);
 
@@ -115,13 +116,17 @@ cudaError_t sparse_attention_bwd_prepare(DType dtype, const SparseAttentionArgs&
                                          float* delta, int32_t* index, cudaStream_t stream);
 
 // Backward step 2: dk, dv [B, Sk, Hkv, D] (dtype of k), summed over the query
-// heads of each group, zero for keys no query attends. Deterministic.
+// heads of each group, zero for keys no query attends; deterministic. With
+// dq_accum (dq_accum_floats, 16-byte aligned, zeroed here) it also computes dq
+// [B, Sq, Hq, D] in the same pass (float32 atomic sums: not bitwise
+// reproducible, but no second walk over the selection); with dq_accum null,
+// dq is left to step 3.
 cudaError_t sparse_attention_bwd_dkdv(DType dtype, const SparseAttentionArgs& a,
                                       const float* lse, const void* dout, const float* delta,
-                                      const int32_t* index, float* partial, void* dk, void* dv,
-                                      cudaStream_t stream);
+                                      const int32_t* index, float* partial, float* dq_accum,
+                                      void* dq, void* dk, void* dv, cudaStream_t stream);
 
-// Backward step 3: dq [B, Sq, Hq, D] (dtype of q). Deterministic.
+// Backward step 3 (deterministic path): dq [B, Sq, Hq, D] (dtype of q), query-outer. Deterministic.
 cudaError_t sparse_attention_bwd_dq(DType dtype, const SparseAttentionArgs& a, const float* lse,
                                     const void* dout, const float* delta, void* dq,
                                     cudaStream_t stream);

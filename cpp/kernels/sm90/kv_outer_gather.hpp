@@ -15,6 +15,7 @@
 #include <cute/tensor.hpp>
 #include <cutlass/numeric_types.h>
 
+#include "kernels/sm90/rowmax_epilogue.hpp"
 #include "kernels/sm90/sparse_block_index.hpp"
 
 namespace jax_msa::sm90::kv_outer {
@@ -156,11 +157,6 @@ __device__ __forceinline__ uint32_t pack2(float a, float b) {
   }
 }
 
-// 2^x (ex2.approx.ftz: 2 ulp, subnormal results flushed; 2^-inf = 0).
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
+using sm90::fast_exp2;  // rowmax_epilogue.hpp
 
 }  // namespace jax_msa::sm90::kv_outer

@@ -51,6 +51,14 @@ struct RowState {
   int64_t out_row[kRowsPerThread];   // flattened global row (b*Sq*Hi + ...), -1 if missing
 };
 
+// 2^x (ex2.approx.ftz: 2 ulp, subnormal results flushed; 2^-inf = 0): one
+// MUFU.EX2, where exp2f adds a range test and two multiplies per element.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ inline float quad_max(float v) {
   v = fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, 1));
   return fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, 2));

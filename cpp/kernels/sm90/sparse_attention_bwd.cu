@@ -1,6 +1,12 @@
 // Backward of block-sparse attention (spec §3.4) on SM90: the row terms
-// delta, the block -> queries index and dK / dV (KV-outer). dQ is the
-// query-outer sparse_attention_bwd_dq (another file).
+// delta, the block -> queries index and dK / dV (KV-outer). dQ: by default
+// fused into the dK / dV kernel (dQ_tile = dS K_c per tile, float32
+// red.global.add into a zeroed dq_accum workspace, then dq_convert_kernel):
+// each selected block is visited once whatever the pattern, whereas the
+// query-outer sparse_attention_bwd_dq (another file; the `deterministic`
+// path, bitwise reproducible) walks the union of a tile's blocks and wastes
+// most of its work on indexer-like ids. Only dq's summation order varies in
+// the fused path; dK / dV stay deterministic.
 //
 // sparse_attention_bwd_prepare (all on `stream`, no host sync):
 //  1. delta [B, Sq, Hq] = sum_d dout * out - dlse (0 for padded rows);
@@ -162,6 +168,7 @@ struct DkdvParams {
   const int32_t* kv_lengths;
   const int32_t* index;
   float* partial;
+  float* dq_accum;  // fused dQ: float32 [B, Sq, Hq, D], zeroed, unscaled sums
   Element* dk;
   Element* dv;
   Geometry geo;
@@ -188,7 +195,19 @@ __device__ constexpr auto acc_to_operand_a(AccLayout acc) {
 // The two consumer warpgroups take turns to issue their products (two named
 // barriers), so that one's softmax runs while the other's products run
 // instead of both waiting on the tensor cores together.
-template <class Traits>
+// red.global.add of two consecutive floats (sm_90 vector reduction).
+__device__ __forceinline__ void red_add_v2(float* addr, float a, float b) {
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(addr), "f"(a), "f"(b) : "memory");
+}
+
+// kFusedDq: also dQ (see sparse_bwd_traits.hpp). Warpgroup 1 (the second in
+// every turn) issues the dQ of tile t in its turn t, warpgroup 0 in its turn
+// t + 1 (when warpgroup 1's half of dS(t) is in shared memory), or, for the
+// last tile of a segment (K_c is replaced after it), in its last turn after a
+// named barrier on warpgroup 1's dS. Three dS buffers: buffer t % 3 is
+// rewritten (tile t + 3) only after both warpgroups have taken a turn past
+// the ones that read it, i.e. after their waits on those dQ products.
+template <class Traits, bool kFusedDq>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     dkdv_kernel(const __grid_constant__ DkdvParams<Traits> p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -225,7 +244,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
   if (warpgroup == 0) {
     // ---------------- producer ----------------
-    cutlass::arch::warpgroup_reg_dealloc<40>();
+    cutlass::arch::warpgroup_reg_dealloc<kFusedDq ? 24 : 40>();
     const int t = threadIdx.x;
     const RowGather gather(t, G);
     const int row = gather.row;
@@ -283,7 +302,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   }
 
   // ---------------- consumers ----------------
-  cutlass::arch::warpgroup_reg_alloc<232>();
+  cutlass::arch::warpgroup_reg_alloc<kFusedDq ? 240 : 232>();
   const int w = warpgroup - 1;  // keys [64w, 64w + 64) of the block
   const int tid = threadIdx.x % 128;
   typename Traits::MmaSdP mma_s;
@@ -323,6 +342,35 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   using OperandLayout = decltype(acc_to_operand_a(accS.layout()));
   Tensor rP = make_tensor<Element>(OperandLayout{});
   Tensor rdS = make_tensor<Element>(OperandLayout{});
+
+  // Fused dQ: dS (row, key, buffer) in shared memory, this warpgroup's dims
+  // [64w, 64w + 64) of dQ = dS K_c.
+  typename Traits::MmaDq mma_dq;
+  auto thr_dq = mma_dq.get_thread_slice(tid);
+  Tensor sDs = make_tensor(make_smem_ptr(ss.ds), typename Traits::SmemLayoutDs{});
+  Tensor sKt = make_tensor(make_smem_ptr(ss.k), typename Traits::SmemLayoutKt{});
+  Tensor sKtw = local_tile(sKt, Shape<_64, Int<kBlock>>{}, make_coord(w, _0{}));
+  Tensor tQrDs = thr_dq.partition_fragment_A(sDs);  // (MMA, 1, keys/16, buffer)
+  Tensor tQrKt = thr_dq.partition_fragment_B(sKtw);  // (MMA, 1, keys/16)
+  // dK += dS^T Q with dS^T from the dS buffer (keys [64w, 64w + 64)).
+  typename Traits::MmaKVss mma_kss;
+  mma_kss.accumulate_ = GMMA::ScaleOut::One;
+  auto thr_kss = mma_kss.get_thread_slice(tid);
+  Tensor sDsT = make_tensor(make_smem_ptr(ss.ds), typename Traits::SmemLayoutDsT{});
+  Tensor sDsTw = local_tile(sDsT, Shape<_64, Int<kTileRows>, Int<Traits::kDsBufs>>{},
+                            make_coord(w, _0{}, _0{}));  // (64 keys, rows, buffer)
+  Tensor tKsDsT = thr_kss.partition_fragment_A(sDsTw);  // (MMA, 1, rows/16, buffer)
+  Tensor tKsQt = thr_kss.partition_fragment_B(sQt);    // (MMA, 1, rows/16, stage)
+  using TileDq = Shape<Int<kTileRows>, _64>;
+  Tensor accQ = partition_fragment_C(mma_dq, TileDq{});
+  Tensor accQ_rc = make_tensor(accQ.data(), rowcol_layout(accQ.layout()));
+  Tensor cQ = thr_dq.partition_C(make_identity_tensor(TileDq{}));
+  Tensor cQ_rc = make_tensor(cQ.data(), rowcol_layout(cQ.layout()));
+  constexpr int kQRows = decltype(size<0>(accQ_rc))::value;  // 2
+  constexpr int kQCols = decltype(size<1>(accQ_rc))::value;  // 16
+  constexpr int kDsReady = 2;  // named barrier: warpgroup 1's dS of a segment's last tile
+  int32_t tok_cur[kQRows], tok_prev[kQRows];  // query of this thread's dQ rows (-1: none)
+  int64_t head_row[kQRows];                  // their head among the Hq heads
 
   const float scale_log2 = p.scale * kLog2e;
   int64_t it = 0;
@@ -374,6 +422,49 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     warpgroup_fence_operand(rP);
     warpgroup_fence_operand(rdS);
   };
+  // dV, dK of `stage` and dQ of dS buffer `buf`, one commit group.
+  // (dS^T of this tile in buffer `own`.)
+  auto issue_kv_dq = [&](int stage, int own, int buf) {
+    warpgroup_fence_operand(rP);
+    warpgroup_fence_operand(accV);
+    warpgroup_fence_operand(accK);
+    warpgroup_fence_operand(accQ);
+    warpgroup_arrive();
+    CUTE_UNROLL
+    for (int kb = 0; kb < size<2>(rP); ++kb) {
+      cute::gemm(mma_kv, rP(_, _, kb), tKrOt(_, _, kb, stage), accV);
+    }
+    CUTE_UNROLL
+    for (int kb = 0; kb < size<2>(tKsDsT); ++kb) {
+      cute::gemm(mma_kss, tKsDsT(_, _, kb, own), tKsQt(_, _, kb, stage), accK);
+    }
+    gemm_overwrite(mma_dq, tQrDs(_, _, _, buf), tQrKt, accQ);
+    warpgroup_commit_batch();
+    warpgroup_fence_operand(accV);
+    warpgroup_fence_operand(accK);
+    warpgroup_fence_operand(accQ);
+    warpgroup_fence_operand(rP);
+  };
+  auto issue_dq = [&](int buf) {
+    warpgroup_fence_operand(accQ);
+    warpgroup_arrive();
+    gemm_overwrite(mma_dq, tQrDs(_, _, _, buf), tQrKt, accQ);
+    warpgroup_commit_batch();
+    warpgroup_fence_operand(accQ);
+  };
+  // dq_accum[row] += dQ_w for this thread's rows (skipping rows without a query).
+  auto reduce_dq = [&](const int64_t b, const int32_t (&tok)[kQRows]) {
+    CUTE_UNROLL
+    for (int r = 0; r < kQRows; ++r) {
+      if (tok[r] >= 0) {
+        float* dst = p.dq_accum + ((b * geo.Sq + tok[r]) * geo.Hq + head_row[r]) * kHeadDim + 64 * w;
+        CUTE_UNROLL
+        for (int j = 0; j < kQCols; j += 2) {
+          red_add_v2(dst + get<1>(cQ_rc(r, j)), accQ_rc(r, j), accQ_rc(r, j + 1));
+        }
+      }
+    }
+  };
   auto wait_full = [&](int64_t i) {
     ClusterBarrier::wait(&ss.full[i % kStages], static_cast<uint32_t>((i / kStages) & 1));
     cutlass::arch::fence_view_async_shared();  // cp.async (generic proxy) -> wgmma
@@ -392,6 +483,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     const int64_t q_len = clamp_len(p.q_lengths, b, geo.Sq);
     const int64_t kv_len = clamp_len(p.kv_lengths, b, geo.Sk);
     const int64_t count = ix.count[k];
+    const int64_t b_row = b;  // (lambdas cannot capture structured bindings in C++17)
     // Key j of this thread's row r is visible to query i iff j <= offset + i,
     // i.e. key_rel[r] <= i with key_rel = j - offset.
     int key_rel[kKeyRows];
@@ -401,6 +493,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     }
     clear(accV);
     clear(accK);
+    if constexpr (kFusedDq) {
+      CUTE_UNROLL
+      for (int r = 0; r < kQRows; ++r) head_row[r] = g * G + get<0>(cQ_rc(r, 0)) % G;
+    }
     ClusterBarrier::wait(&ss.kv_full, seg & 1);
 
     auto softmax_grad = [&](int64_t tile, int stage) {
@@ -425,7 +521,28 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       CUTE_UNROLL
       for (int e = 0; e < size(accS); ++e) {
         rP.data()[e] = static_cast<Element>(accS.data()[e]);
-        rdS.data()[e] = static_cast<Element>(accP.data()[e]);
+        if constexpr (!kFusedDq) rdS.data()[e] = static_cast<Element>(accP.data()[e]);
+      }
+      if constexpr (kFusedDq) {
+        // dS^T -> dS buffer `it % 3` (keys [64w, 64w + 64)); pairs of rows are
+        // adjacent (the swizzle moves 16-byte units).
+        const int buf = static_cast<int>(it % Traits::kDsBufs);
+        CUTE_UNROLL
+        for (int r = 0; r < kKeyRows; ++r) {
+          const int key = 64 * w + get<0>(cS_rc(r, 0));
+          CUTE_UNROLL
+          for (int j = 0; j < kCols; j += 2) {
+            const int n = get<1>(cS_rc(0, j));
+            *reinterpret_cast<uint32_t*>(&sDs(n, key, buf)) =
+                pack2<Element>(accP_rc(r, j), accP_rc(r, j + 1));
+          }
+        }
+        cutlass::arch::fence_view_async_shared();  // generic stores -> wgmma reads
+        CUTE_UNROLL
+        for (int r = 0; r < kQRows; ++r) {
+          const int n = get<0>(cQ_rc(r, 0));
+          tok_cur[r] = n < rows_valid ? ss.token[stage][n] : -1;
+        }
       }
     };
 
@@ -437,28 +554,74 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     issue_sdp(static_cast<int>(it % kStages));
     pass_turn(false);
     warpgroup_wait<0>();
+    // Fused dQ, branch free around the products (a wgmma in a divergent path
+    // serialises them all): every turn issues one dQ, of dS buffer `buf`;
+    // warpgroup 0's first one in a segment has no tile and is dropped (its
+    // tokens are -1), as is warpgroup 1's extra one at the segment's end.
+    if constexpr (kFusedDq) {
+      CUTE_UNROLL
+      for (int r = 0; r < kQRows; ++r) tok_prev[r] = -1;
+    }
+    const int lag = 1 - w;  // warpgroup 0 issues the dQ of the previous tile
+    auto dq_buf = [&](int64_t i) { return static_cast<int>((i + Traits::kDsBufs) % Traits::kDsBufs); };
+    auto issue_turn = [&](int stage) {
+      if constexpr (kFusedDq) {
+        issue_kv_dq(stage, dq_buf(it), dq_buf(it - lag));
+      } else {
+        issue_kv(stage);
+      }
+    };
+    // The dQ rows of this turn's dQ (warpgroup 1: this tile, 0: the previous one).
+    auto reduce_turn = [&]() {
+      if constexpr (kFusedDq) {
+        int32_t tok[kQRows];
+        CUTE_UNROLL
+        for (int r = 0; r < kQRows; ++r) tok[r] = w == 1 ? tok_cur[r] : tok_prev[r];
+        reduce_dq(b_row, tok);
+        CUTE_UNROLL
+        for (int r = 0; r < kQRows; ++r) tok_prev[r] = tok_cur[r];
+      }
+    };
     int64_t tile = walker.tile_begin;
     for (; tile + 1 < walker.tile_end; ++tile, ++it) {
       const int stage = static_cast<int>(it % kStages);
       const int next = static_cast<int>((it + 1) % kStages);
       softmax_grad(tile, stage);
       take_turn();
-      issue_kv(stage);
+      issue_turn(stage);
       wait_full(it + 1);
       issue_s(next);
-      warpgroup_wait<1>();  // dV / dK of this tile done
+      warpgroup_wait<1>();  // dV / dK (and dQ) of this turn done
       ClusterBarrier::arrive(&ss.empty[stage]);
+      reduce_turn();
       issue_dp(next);
       pass_turn(false);
       warpgroup_wait<0>();
     }
     const int stage = static_cast<int>(it % kStages);
     softmax_grad(tile, stage);
+    if constexpr (kFusedDq) {
+      if (w == 1) cutlass::arch::NamedBarrier::arrive(256, kDsReady);
+    }
     take_turn();
-    issue_kv(stage);
+    issue_turn(stage);
+    if constexpr (kFusedDq) {
+      // Warpgroup 0: the dQ of the last tile once warpgroup 1's dS is in
+      // (warpgroup 1: a dropped one).
+      warpgroup_wait<0>();
+      reduce_turn();
+      if (w == 0) cutlass::arch::NamedBarrier::sync(256, kDsReady);
+      issue_dq(dq_buf(it));
+    }
     pass_turn(walker.T >= walker.T1);  // the CTA's last turn: nobody takes the next
     warpgroup_wait<0>();
     ClusterBarrier::arrive(&ss.empty[stage]);
+    if constexpr (kFusedDq) {
+      int32_t tok[kQRows];
+      CUTE_UNROLL
+      for (int r = 0; r < kQRows; ++r) tok[r] = w == 0 ? tok_cur[r] : -1;
+      reduce_dq(b_row, tok);
+    }
     ++it;
     ClusterBarrier::arrive(&ss.kv_empty);  // K_c, V_c no longer read
 
@@ -542,6 +705,29 @@ __global__ void __launch_bounds__(256) finish_kernel(const int32_t* index, const
   }
 }
 
+// Fused dQ: dq = scale * dq_accum in q's dtype, zeros for rows past q_len.
+// 8 elements per thread.
+template <class Element>
+__global__ void __launch_bounds__(256) dq_convert_kernel(const float* __restrict__ acc,
+                                                         const int32_t* __restrict__ q_lengths,
+                                                         Element* __restrict__ dq, int64_t n8,
+                                                         int64_t Sq, int64_t Hq, float scale) {
+  for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < n8;
+       e += gridDim.x * int64_t{blockDim.x}) {
+    const int64_t row = e / (kHeadDim / 8);
+    const int64_t b = row / (Sq * Hq);
+    const int64_t i = (row / Hq) % Sq;
+    uint4 out = make_uint4(0u, 0u, 0u, 0u);
+    if (i < clamp_len(q_lengths, b, Sq)) {
+      const float4 x = reinterpret_cast<const float4*>(acc)[2 * e];
+      const float4 y = reinterpret_cast<const float4*>(acc)[2 * e + 1];
+      out = make_uint4(pack2<Element>(x.x * scale, x.y * scale), pack2<Element>(x.z * scale, x.w * scale),
+                       pack2<Element>(y.x * scale, y.y * scale), pack2<Element>(y.z * scale, y.w * scale));
+    }
+    reinterpret_cast<uint4*>(dq)[e] = out;
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Host side.
 
@@ -590,11 +776,24 @@ cudaError_t prepare(const cuda::SparseAttentionArgs& a, const void* out, const v
 
 template <class Element>
 cudaError_t dkdv(const cuda::SparseAttentionArgs& a, const float* lse, const void* dout,
-                 const float* delta, const int32_t* index, float* partial, void* dk, void* dv,
-                 cudaStream_t stream) {
+                 const float* delta, const int32_t* index, float* partial, float* dq_accum,
+                 void* dq, void* dk, void* dv, cudaStream_t stream) {
   using Traits = SparseBwdTraits<Element>;
   const Geometry geo(a);
-  if (geo.nbkt == 0) return cudaSuccess;
+  const int64_t dq_elems = a.B * a.Sq * a.Hq * kHeadDim;
+  if (dq_accum != nullptr && dq_elems > 0) {
+    cudaError_t st = cudaMemsetAsync(dq_accum, 0, dq_elems * sizeof(float), stream);
+    if (st != cudaSuccess) return st;
+  }
+  auto convert = [&]() -> cudaError_t {
+    if (dq_accum == nullptr || dq_elems == 0) return cudaSuccess;
+    const int64_t n8 = dq_elems / 8;
+    const int64_t grid = std::min<int64_t>((n8 + 255) / 256, 132 * 8);
+    dq_convert_kernel<Element><<<static_cast<unsigned>(grid), 256, 0, stream>>>(
+        dq_accum, a.q_lengths, static_cast<Element*>(dq), n8, a.Sq, a.Hq, a.scale);
+    return cudaGetLastError();
+  };
+  if (geo.nbkt == 0) return convert();
   const int ctas = dkdv_ctas(geo);
   if (ctas > 0) {
     DkdvParams<Traits> p{
@@ -610,12 +809,13 @@ cudaError_t dkdv(const cuda::SparseAttentionArgs& a, const float* lse, const voi
         a.kv_lengths,
         index,
         partial,
+        dq_accum,
         static_cast<Element*>(dk),
         static_cast<Element*>(dv),
         geo,
         a.scale,
         ctas};
-    auto kernel = dkdv_kernel<Traits>;
+    auto kernel = dq_accum != nullptr ? dkdv_kernel<Traits, true> : dkdv_kernel<Traits, false>;
     cudaError_t st = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           Traits::kSmemBytes);
     if (st != cudaSuccess) return st;
@@ -625,7 +825,9 @@ cudaError_t dkdv(const cuda::SparseAttentionArgs& a, const float* lse, const voi
   }
   finish_kernel<Element><<<static_cast<unsigned>(geo.nbkt), 256, 0, stream>>>(
       index, partial, static_cast<Element*>(dk), static_cast<Element*>(dv), geo, ctas);
-  return cudaGetLastError();
+  cudaError_t st = cudaGetLastError();
+  if (st != cudaSuccess) return st;
+  return convert();
 }
 
 }  // namespace sparse_bwd
@@ -641,6 +843,7 @@ SparseBwdWorkspace sparse_attention_bwd_workspace(const SparseAttentionArgs& a) 
   const int64_t slots =
       2 * std::min<int64_t>(sm90::sparse_bwd::kMaxCtas, geo.nbkt > 0 ? geo.tiles_bound : 0);
   ws.partial_floats = slots * sm90::sparse_bwd::kSlotFloats;
+  ws.dq_accum_floats = a.B * a.Sq * a.Hq * a.D;
   return ws;
 }
 
@@ -658,14 +861,19 @@ cudaError_t sparse_attention_bwd_prepare(DType dtype, const SparseAttentionArgs&
 
 cudaError_t sparse_attention_bwd_dkdv(DType dtype, const SparseAttentionArgs& a, const float* lse,
                                       const void* dout, const float* delta, const int32_t* index,
-                                      float* partial, void* dk, void* dv, cudaStream_t stream) {
+                                      float* partial, float* dq_accum, void* dq, void* dk,
+                                      void* dv, cudaStream_t stream) {
   if (!sm90::sparse_bwd::args_ok(dtype, a)) return cudaErrorInvalidValue;
   if (reinterpret_cast<uintptr_t>(index) % 8 != 0) return cudaErrorInvalidValue;
+  if (dq_accum != nullptr && (reinterpret_cast<uintptr_t>(dq_accum) % 16 != 0 ||
+                              reinterpret_cast<uintptr_t>(dq) % 16 != 0)) {
+    return cudaErrorInvalidValue;
+  }
   return dtype == DType::kBF16
              ? sm90::sparse_bwd::dkdv<cutlass::bfloat16_t>(a, lse, dout, delta, index, partial,
-                                                           dk, dv, stream)
-             : sm90::sparse_bwd::dkdv<cutlass::half_t>(a, lse, dout, delta, index, partial, dk,
-                                                       dv, stream);
+                                                           dq_accum, dq, dk, dv, stream)
+             : sm90::sparse_bwd::dkdv<cutlass::half_t>(a, lse, dout, delta, index, partial,
+                                                       dq_accum, dq, dk, dv, stream);
 }
 
 }  // namespace jax_msa::cuda

@@ -151,7 +151,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         CUTE_UNROLL
         for (int j = 0; j < size<1>(accS_rc); ++j) {
           const bool seen = member && (!partial || rows.column(j) <= limit);
-          accS_rc(r, j) = seen ? exp2f(fmaf(accS_rc(r, j), p.scale_log2, -lse_log2[r])) : 0.0f;
+          accS_rc(r, j) = seen ? fast_exp2(fmaf(accS_rc(r, j), p.scale_log2, -lse_log2[r])) : 0.0f;
         }
       }
       warpgroup_wait<0>();

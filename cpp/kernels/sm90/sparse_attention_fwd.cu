@@ -143,26 +143,41 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     auto softmax = [&](int64_t c, uint64_t tokens) {
       const int64_t key0 = c * Traits::kKeys;
       const bool partial = rows.partial(key0, Traits::kKeys);
+      bool members = true;
+      CUTE_UNROLL
+      for (int r = 0; r < kRowsPerThread; ++r) members = members && rows.member(r, tokens);
+      // Most blocks need no mask for any row of the warp (every token chose
+      // the block, every key is visible): skip the per-element tests then.
+      // The vote keeps the branch uniform over the warp (quad_max follows).
+      const bool masked = __any_sync(0xFFFFFFFFu, partial || !members);
       CUTE_UNROLL
       for (int r = 0; r < kRowsPerThread; ++r) {
-        const bool member = rows.member(r, tokens);
-        const int limit = rows.last_key[r] - static_cast<int>(key0);  // last visible column
         float m = row_max[r];
-        CUTE_UNROLL
-        for (int j = 0; j < size<1>(accS_rc); ++j) {
-          float x = accS_rc(r, j) * p.scale_log2;
-          if (!member || (partial && rows.column(j) > limit)) x = -INFINITY;
-          accS_rc(r, j) = x;
-          m = fmaxf(m, x);
+        if (masked) {
+          const bool member = rows.member(r, tokens);
+          const int limit = rows.last_key[r] - static_cast<int>(key0);  // last visible column
+          CUTE_UNROLL
+          for (int j = 0; j < size<1>(accS_rc); ++j) {
+            float x = accS_rc(r, j) * p.scale_log2;
+            if (!member || (partial && rows.column(j) > limit)) x = -INFINITY;
+            accS_rc(r, j) = x;
+            m = fmaxf(m, x);
+          }
+        } else {
+          CUTE_UNROLL
+          for (int j = 0; j < size<1>(accS_rc); ++j) {
+            accS_rc(r, j) *= p.scale_log2;
+            m = fmaxf(m, accS_rc(r, j));
+          }
         }
         m = quad_max(m);
         const float base = m == -INFINITY ? 0.0f : m;
-        correction[r] = exp2f(row_max[r] - base);
+        correction[r] = fast_exp2(row_max[r] - base);
         row_max[r] = m;
         float sum = 0.0f;
         CUTE_UNROLL
         for (int j = 0; j < size<1>(accS_rc); ++j) {
-          const float e = exp2f(accS_rc(r, j) - base);
+          const float e = fast_exp2(accS_rc(r, j) - base);
           accS_rc(r, j) = e;
           sum += e;
         }

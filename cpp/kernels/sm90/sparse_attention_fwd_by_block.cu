@@ -310,14 +310,28 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
       // Softmax of the block (log2 domain): P = exp2(x - m), l = sum P.
       float row_m[kRowsPerThread], row_l[kRowsPerThread];
+      // Most tiles see all keys of the block in every row: no per-element
+      // test then (a warp vote: the branch stays uniform for quad_max).
+      bool whole = true;
+      CUTE_UNROLL
+      for (int r = 0; r < kRowsPerThread; ++r) whole = whole && limit[r] == kBlock - 1;
+      const bool masked = __any_sync(0xFFFFFFFFu, !whole);
       CUTE_UNROLL
       for (int r = 0; r < kRowsPerThread; ++r) {
         float m = -INFINITY;
-        CUTE_UNROLL
-        for (int j = 0; j < kCols; ++j) {
-          const float x = get<1>(cS_rc(r, j)) <= limit[r] ? accS_rc(r, j) * p.scale_log2 : -INFINITY;
-          accS_rc(r, j) = x;
-          m = fmaxf(m, x);
+        if (masked) {
+          CUTE_UNROLL
+          for (int j = 0; j < kCols; ++j) {
+            const float x = get<1>(cS_rc(r, j)) <= limit[r] ? accS_rc(r, j) * p.scale_log2 : -INFINITY;
+            accS_rc(r, j) = x;
+            m = fmaxf(m, x);
+          }
+        } else {
+          CUTE_UNROLL
+          for (int j = 0; j < kCols; ++j) {
+            accS_rc(r, j) *= p.scale_log2;
+            m = fmaxf(m, accS_rc(r, j));
+          }
         }
         m = quad_max(m);  // every lane of the warp: no lane has left
         const float base = m == -INFINITY ? 0.0f : m;

@@ -21,6 +21,11 @@
 //   dS^T = P^T * (dP^T - delta)
 //   dV_w += P^T dO      (64 x 128 x 64, A from registers, B = dO^T view: MN-major smem)
 //   dK_w += dS^T Q      (64 x 128 x 64, A from registers, B = Q^T view: MN-major smem)
+// With the fused dQ (the default, non-deterministic backward) each warpgroup
+// also stores its dS^T into a shared (row, key) tile of the block (kDsBufs
+// ring) and computes dims [64w, 64w + 64) of the tile's dQ over all 128 keys:
+//   dQ_w = dS K_c[:, w]  (64 x 64 x 128, A = dS MN-major smem, B = K^T view: MN-major smem)
+// reduced into a float32 accumulator in global memory (red.global.add).
 #pragma once
 
 #include <cstdint>
@@ -50,6 +55,32 @@ struct SparseBwdTraits : kv_outer::TileShape<Element_, 3> {  // 3 Q / dO tiles i
       SmemLayoutQ{}, make_layout(Shape<Int<kD>, Int<kRows>, Int<kStages>>{},
                                  Stride<Int<kRows>, _1, Int<kRows * kD>>{})));
 
+  // dS of a tile, (row, key, buffer), rows contiguous: written from the dS^T
+  // accumulators (keys along M), read as the MN-major A operand of dQ.
+  static constexpr int kDsBufs = 3;
+  using SmemLayoutDs = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{},
+                                              Shape<Int<kRows>, Int<Base::kKeys>, Int<kDsBufs>>{}));
+  // K_c seen as (dim, key): the MN-major B operand of dQ = dS K_c.
+  using SmemLayoutKt = decltype(composition(
+      SmemLayoutKV{}, make_layout(Shape<Int<kD>, Int<Base::kKeys>>{},
+                                  Stride<Int<Base::kKeys>, _1>{})));
+  // (rows, dim half, keys) product dQ_w = dS K_c[:, w] of one warpgroup.
+  using MmaDq = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kRows>, _64, Int<Base::kKeys>>,
+                           GMMA::Major::MN, GMMA::Major::MN>(),
+      Layout<Shape<_1, _1, _1>>{}));
+
+  // The dS buffers seen as (key, row, buffer): rows contiguous, i.e. the
+  // K-major A operand of dK += dS^T Q (fused dQ: dS^T is read from shared
+  // memory instead of registers, which the dQ accumulator needs).
+  using SmemLayoutDsT = decltype(composition(
+      SmemLayoutDs{}, make_layout(Shape<Int<Base::kKeys>, Int<kRows>, Int<kDsBufs>>{},
+                                  Stride<Int<kRows>, _1, Int<kRows * Base::kKeys>>{})));
+  using MmaKVss = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kD>, Int<kRows>>,
+                           GMMA::Major::K, GMMA::Major::MN>(),
+      Layout<Shape<_1, _1, _1>>{}));
+
   // (keys, rows, dim) products S^T and dP^T of one warpgroup.
   using MmaSdP = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kRows>, Int<kD>>>(),
@@ -65,6 +96,7 @@ struct SparseBwdTraits : kv_outer::TileShape<Element_, 3> {  // 3 Q / dO tiles i
     alignas(1024) Element v[cosize_v<SmemLayoutKV>];
     alignas(1024) Element q[cosize_v<SmemLayoutQ>];
     alignas(1024) Element dout[cosize_v<SmemLayoutQ>];
+    alignas(1024) Element ds[cosize_v<SmemLayoutDs>];
     alignas(16) float lse[kStages][kRows];    // lse of each tile row
     alignas(16) float delta[kStages][kRows];  // delta of each tile row
     alignas(16) int32_t token[kStages][kRows];  // query index i of each tile row
