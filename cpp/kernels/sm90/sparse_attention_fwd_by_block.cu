@@ -396,7 +396,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 }
 
 // ---------------------------------------------------------------------------
-// Step 3: the combine. 16 lanes per (b, token, head) row, 8 elements each.
+// Step 3: the combine. 16 lanes (a half-warp) per (b, token, head) row, 8
+// elements each. Memory-bound (2 x 260 bytes per row and slot): lane l first
+// fetches the entry and lse of slots l, l + 16, ..; then 16 partial rows at a
+// time are loaded before any is used, so that many loads are in flight.
 
 template <class Element>
 struct CombineParams {
@@ -409,12 +412,16 @@ struct CombineParams {
   int64_t B, Sq, Hq, Hkv, G, topk, tok_begin, tok_count;
 };
 
+constexpr int kSlotGroups = 4;  // topk <= 64 = 4 groups of 16 lanes
+
 template <class Element>
 __global__ void __launch_bounds__(256) combine_kernel(const CombineParams<Element> p) {
   const int lane16 = threadIdx.x % 16;
+  // The half-warp's lanes: the two halves take different rows and may part
+  // ways (the last row), so every shuffle names only its own half.
+  const unsigned half = 0xFFFFu << (threadIdx.x & 16);
   const int64_t rows = p.B * p.tok_count * p.Hq;
   const int64_t step = int64_t{gridDim.x} * (blockDim.x / 16);
-  // No warp-collective operation below: the two half-warps may diverge freely.
   for (int64_t row = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / 16; row < rows;
        row += step) {
     const int64_t h = row % p.Hq;
@@ -426,32 +433,53 @@ __global__ void __launch_bounds__(256) combine_kernel(const CombineParams<Elemen
     CUTE_UNROLL
     for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
     float lse = -INFINITY;
-    if (token < clamp_len(p.q_lengths, b, p.Sq)) {
+    if (token < clamp_len(p.q_lengths, b, p.Sq)) {  // uniform over the half-warp
       const int64_t g = h / p.G;
       const int64_t hh = h - g * p.G;
       const int32_t* rv = p.rev + ((b * p.tok_count + i) * p.Hkv + g) * p.topk;
+      int64_t prow[kSlotGroups];  // partial row of slot lane16 + 16 s, -1: none
+      float w[kSlotGroups];
       float m = -INFINITY;
-      for (int64_t k = 0; k < p.topk; ++k) {
-        const int32_t e = rv[k];
-        if (e >= 0) m = fmaxf(m, p.part_lse[e * p.G + hh]);
+      CUTE_UNROLL
+      for (int s = 0; s < kSlotGroups; ++s) {
+        const int k = lane16 + 16 * s;
+        const int32_t e = k < p.topk ? rv[k] : -1;
+        prow[s] = e >= 0 ? e * p.G + hh : -1;
+        w[s] = e >= 0 ? p.part_lse[prow[s]] : -INFINITY;
+        m = fmaxf(m, w[s]);
       }
+      CUTE_UNROLL
+      for (int o = 8; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(half, m, o, 16));
       if (m > -INFINITY) {
         float sum = 0.0f;
-#pragma unroll 4
-        for (int64_t k = 0; k < p.topk; ++k) {
-          const int32_t e = rv[k];
-          if (e >= 0) {
-            const int64_t prow = e * p.G + hh;
-            const float wgt = exp2f((p.part_lse[prow] - m) * kLog2e);
-            const uint4 v = __ldcs(reinterpret_cast<const uint4*>(p.part_o + prow * kHeadDim) + lane16);
-            const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+        CUTE_UNROLL
+        for (int s = 0; s < kSlotGroups; ++s) {
+          w[s] = prow[s] >= 0 ? exp2f((w[s] - m) * kLog2e) : 0.0f;
+          sum += w[s];
+        }
+        CUTE_UNROLL
+        for (int o = 8; o > 0; o >>= 1) sum += __shfl_xor_sync(half, sum, o, 16);
+        // In slot order (a fixed order: deterministic).
+        CUTE_UNROLL
+        for (int s = 0; s < kSlotGroups; ++s) {
+          if (16 * s >= p.topk) break;
+          uint4 v[16];
+          CUTE_UNROLL
+          for (int j = 0; j < 16; ++j) {
+            const int64_t r = __shfl_sync(half, prow[s], j, 16);
+            v[j] = r >= 0 ? __ldcs(reinterpret_cast<const uint4*>(p.part_o + r * kHeadDim) + lane16)
+                          : make_uint4(0, 0, 0, 0);
+          }
+          CUTE_UNROLL
+          for (int j = 0; j < 16; ++j) {
+            const float wgt = __shfl_sync(half, w[s], j, 16);  // 0 for a missing slot
+            const uint32_t words[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
             CUTE_UNROLL
             for (int q = 0; q < 4; ++q) {
               const float2 f = unpack2<Element>(words[q]);
               acc[2 * q] = fmaf(wgt, f.x, acc[2 * q]);
               acc[2 * q + 1] = fmaf(wgt, f.y, acc[2 * q + 1]);
             }
-            sum += wgt;
           }
         }
         const float inv = 1.0f / sum;  // sum >= 1: the maximal slot contributes exp(0)
