@@ -73,12 +73,17 @@ def _fwd_by_block_abstract(q, k, v, ids, *rest, scale):
 _fwd_by_block_p = define_primitive("sparse_attention_fwd_by_block", abstract_eval=_fwd_by_block_abstract,
                                    reference=_cuda_only("jax_msa_sparse_attention_fwd_by_block"),
                                    ffi_attributes=("scale",))
+# "auto": both schedules enqueued, the device picks one from the ids (a cost
+# estimate over the query-outer tiles; cuda_kernels.h). The by-block
+# workspaces; the last 4 ints of `index` hold the two cost sums.
+_fwd_auto_p = define_primitive("sparse_attention_fwd_auto", abstract_eval=_fwd_by_block_abstract,
+                               reference=_cuda_only("jax_msa_sparse_attention_fwd_auto"),
+                               ffi_attributes=("scale",))
+_FWD_ON_CUDA = {"query": _fwd_query_p, "block": _fwd_by_block_p, "auto": _fwd_auto_p}
 
 
 def _fwd_on_cuda(*args, scale, schedule, implementation):
-    if schedule == "block":
-        return _fwd_by_block_p.bind(*args, scale=scale, implementation=implementation)[:2]
-    return _fwd_query_p.bind(*args, scale=scale, implementation=implementation)
+    return _FWD_ON_CUDA[schedule].bind(*args, scale=scale, implementation=implementation)[:2]
 
 
 SCHEDULES = ("auto", "query", "block")
@@ -176,8 +181,9 @@ def sparse_attention(
         neighbouring tokens over the union of their blocks; best when they
         share blocks), "block" (each selected block once for every row that
         chose it, partials merged by lse; cost independent of the sharing), or
-        "auto" ("block": on an H100 at T = 128K it is 1.8x to 3x faster than
-        "query" on indexer-like ids and 0.75x on window ids, see
+        "auto" (the device picks one per call from the ids, with a cost
+        estimate: on an H100 at T = 128K "query" is 1.6x faster on window ids,
+        "block" 1.6x to 2.8x faster on clustered and indexer ids, see
         benchmarks/RESULTS.md). Same results up to rounding; ignored elsewhere.
       deterministic: make the CUDA backward bitwise reproducible (on one
         device): dq from a separate query-outer pass instead of float32 atomic
@@ -202,5 +208,5 @@ def sparse_attention(
         return reference.sparse_attention(q, k, v, ids, q_lengths=q_lengths, kv_lengths=kv_lengths, scale=scale,
                                           return_lse=return_lse)
     out, lse = _sparse_attention(q, k, v, ids, q_lengths, kv_lengths, np.float32(scale), implementation,
-                                 "query" if schedule == "query" else "block", bool(deterministic))
+                                 schedule, bool(deterministic))
     return (out, lse) if return_lse else out

@@ -72,11 +72,11 @@ def test_cuda_sparse_kernels_serve_auto_and_cover_what_they_can():
     q, k, v = (normal(rng, (2, 300, h, 128), jnp.bfloat16) for h in (16, 1, 1))
     ids = jnp.asarray(rng.integers(-1, 3, (2, 300, 1, 4)), jnp.int32)
     kernel = lambda q, k, v: jax_msa.sparse_attention(q, k, v, ids, implementation="kernel")
-    # "auto" takes the kernels, with the KV-outer schedule unless told otherwise.
-    assert "jax_msa_sparse_attention_fwd_by_block" in _lower_for_cuda(lambda: jax_msa.sparse_attention(q, k, v, ids))
-    query = lambda: jax_msa.sparse_attention(q, k, v, ids, implementation="kernel", schedule="query")
-    text = _lower_for_cuda(query)
-    assert "jax_msa_sparse_attention_fwd_query" in text and "fwd_by_block" not in text
+    # "auto" takes the kernels, with the schedule picked on the device.
+    assert "jax_msa_sparse_attention_fwd_auto" in _lower_for_cuda(lambda: jax_msa.sparse_attention(q, k, v, ids))
+    for schedule, target in (("query", "fwd_query"), ("block", "fwd_by_block")):
+        text = _lower_for_cuda(lambda: jax_msa.sparse_attention(q, k, v, ids, schedule=schedule))
+        assert f"jax_msa_sparse_attention_{target}" in text and "fwd_auto" not in text
     reference = _lower_for_cuda(lambda: jax_msa.sparse_attention(q, k, v, ids, implementation="reference"))
     assert "jax_msa_sparse_attention" not in reference
     # The backward: one call with its workspaces as extra results.

@@ -88,7 +88,7 @@ CASES = [(shape, "hostile") for shape in SHAPES] + [(SHAPES[0], "window"), (SHAP
                                                      (SHAPES[1], "indexer")]
 
 
-@pytest.mark.parametrize("schedule", ["query", "block"])
+@pytest.mark.parametrize("schedule", ["query", "block", "auto"])
 @pytest.mark.parametrize("shape,pattern", CASES)
 def test_forward_matches_reference(shape, pattern, schedule):
     a = jax.device_put(_inputs(zlib.crc32(repr((shape, pattern)).encode()), shape, jnp.bfloat16, pattern), GPU)
@@ -125,6 +125,24 @@ def test_forward_duplicate_and_huge_ids_stay_safe():
     for schedule in ("query", "block"):
         out, lse = _kernel_forward(jax.device_put(a, GPU), schedule=schedule)
         assert np.isfinite(np.asarray(out, np.float32)).all()
+
+
+@pytest.mark.parametrize("pattern,query_wins", [("window", True), ("indexer", False)])
+def test_auto_schedule_picks_one_schedule_from_the_ids(pattern, query_wins):
+    """schedule="auto" enqueues both forwards; the cost sums (the last 4 ints of
+    its index workspace) pick the query-outer one on window ids and the
+    by-block one on indexer ids (schedule_gate.hpp), and only that one writes
+    the output: bitwise the result of the picked schedule run alone."""
+    from jax_msa.sparse_attention import _fwd_auto_p
+    a = jax.device_put(_inputs(8, (1, 8192, 8192, 16, 1, 16), jnp.bfloat16, pattern), GPU)
+    args = [a[n] for n in ("q", "k", "v", "ids", "q_lengths", "kv_lengths")]
+    out, lse, index, _ = jax.jit(lambda *x: _fwd_auto_p.bind(*x, scale=np.float32(128**-0.5),
+                                                             implementation="kernel"))(*args)
+    union_blocks, attended = np.asarray(index[-4:]).view(np.uint64)
+    assert attended > 0 and (76 * union_blocks < 16 * attended) == query_wins
+    picked_out, picked_lse = _kernel_forward(a, schedule="query" if query_wins else "block")
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(picked_out, np.float32))
+    np.testing.assert_array_equal(np.asarray(lse), np.asarray(picked_lse))
 
 
 def test_kernel_is_the_custom_call_and_float32_falls_back():

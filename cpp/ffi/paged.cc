@@ -5,9 +5,6 @@
 
 #include "ffi/ffi_common.h"
 #include "kernels/cpu/cpu_kernels.h"
-#ifdef JAX_MSA_WITH_CUDA
-#include "kernels/cuda/cuda_kernels.h"
-#endif
 
 namespace jax_msa {
 namespace {
@@ -152,72 +149,6 @@ ffi::Error PagedIndexerCpu(ffi::AnyBuffer ki_cache, ffi::AnyBuffer ki_scale, ffi
   return ffi::Error::Success();
 }
 
-#ifdef JAX_MSA_WITH_CUDA
-// The SM90 kernels (cuda::paged_attention): bfloat16 q and out, bfloat16 or
-// e4m3 caches, D = 128. Results: out, lse and the split workspace (float32,
-// cuda::paged_attention_workspace_floats elements; 0 when splits == 1), which
-// the Python side asks XLA for so that nothing is allocated here.
-ffi::Error PagedAttentionCuda(cudaStream_t stream, ffi::AnyBuffer k_cache, ffi::AnyBuffer v_cache,
-                              ffi::AnyBuffer k_scale, ffi::AnyBuffer v_scale, ffi::AnyBuffer q,
-                              ffi::AnyBuffer page_table, ffi::AnyBuffer q_lengths,
-                              ffi::AnyBuffer kv_lengths, ffi::RemainingArgs rest,
-                              ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
-                              ffi::Result<ffi::AnyBuffer> workspace, float scale, int64_t splits) {
-  cpu::PagedCache k, v;
-  DType q_dtype;
-  if (auto e = FirstError({DecodeCache(k_cache, k_scale, true, "k_cache", "k_scale", &k),
-                           DecodeCache(v_cache, v_scale, true, "v_cache", "v_scale", &v),
-                           DecodeRequests(q, page_table, q_lengths, kv_lengths, "q", &q_dtype)});
-      e.failure()) {
-    return e;
-  }
-  auto qd = q.dimensions();
-  const cpu::PagedProblem p{qd[0], qd[1], qd[2], k.heads, qd[3], page_table.dimensions()[1], scale};
-  if (p.Hkv == 0 || p.Hq % p.Hkv != 0) {
-    return ffi::Error::InvalidArgument("jax_msa: q heads must be a multiple of the cache's kv heads");
-  }
-  auto out_dtype = ToDType(out->element_type());
-  if (!out_dtype) return ffi::Error::InvalidArgument("jax_msa: out must be float32, bfloat16 or float16");
-  const int32_t* ids;
-  int64_t topk;
-  if (auto e = FirstError({CheckShape(k_cache, {k.num_pages, p.Hkv, cpu::kBlock, p.D}, "k_cache"),
-                           CheckShape(v_cache, {k.num_pages, p.Hkv, cpu::kBlock, p.D}, "v_cache"),
-                           CheckShape(*out, {p.B, p.Q, p.Hq, p.D}, "out"),
-                           CheckShape(*lse, {p.B, p.Q, p.Hq}, "lse"),
-                           CheckType(*lse, ffi::DataType::F32, "lse"),
-                           CheckType(*workspace, ffi::DataType::F32, "workspace"),
-                           DecodeIds(rest, p, &ids, &topk)});
-      e.failure()) {
-    return e;
-  }
-  const bool fp8 = k.type == cpu::CacheType::kE4M3FN;
-  if (k.type != v.type || !(fp8 || k.type == cpu::CacheType::kBF16)) {
-    return ffi::Error::InvalidArgument(
-        "jax_msa: the CUDA paged-attention kernels take k_cache and v_cache both bfloat16 or both "
-        "float8_e4m3fn");
-  }
-  const cuda::PagedAttentionArgs args{k_cache.untyped_data(), v_cache.untyped_data(),
-                                      DataOf<float>(k_scale), DataOf<float>(v_scale),
-                                      q.untyped_data(), DataOf<int32_t>(page_table),
-                                      DataOf<int32_t>(q_lengths), DataOf<int32_t>(kv_lengths), ids,
-                                      k.num_pages, p.B, p.Q, p.Hq, p.Hkv, p.D, p.max_pages, topk,
-                                      scale, splits};
-  if (!cuda::paged_attention_args_valid(q_dtype, *out_dtype, args)) {
-    return ffi::Error::InvalidArgument(
-        "jax_msa: the CUDA paged-attention kernels take bfloat16 q and out, head dim 128, at most "
-        "128 query heads per kv head, topk <= 128 and at least one cache page");
-  }
-  if (auto e = CheckShape(*workspace, {cuda::paged_attention_workspace_floats(args)}, "workspace");
-      e.failure()) {
-    return e;
-  }
-  const cudaError_t status = cuda::paged_attention(fp8, args, DataOf<float>(*workspace),
-                                                   out->untyped_data(), DataOf<float>(*lse), stream);
-  if (status == cudaSuccess) return ffi::Error::Success();
-  return ffi::Error::Internal(std::string("jax_msa paged_attention: ") + cudaGetErrorString(status));
-}
-#endif
-
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kPagedAttentionCpu, PagedAttentionCpu,
@@ -247,32 +178,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kPagedIndexerCpu, PagedIndexerCpu,
                                   .Attr<int64_t>("topk")
                                   .Attr<float>("scale"));
 
-#ifdef JAX_MSA_WITH_CUDA
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kPagedAttentionCuda, PagedAttentionCuda,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // k_cache
-                                  .Arg<ffi::AnyBuffer>()  // v_cache
-                                  .Arg<ffi::AnyBuffer>()  // k_scale
-                                  .Arg<ffi::AnyBuffer>()  // v_scale
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // page_table
-                                  .Arg<ffi::AnyBuffer>()  // q_lengths
-                                  .Arg<ffi::AnyBuffer>()  // kv_lengths
-                                  .RemainingArgs()        // ids (sparse) or none (dense)
-                                  .Ret<ffi::AnyBuffer>()  // out
-                                  .Ret<ffi::AnyBuffer>()  // lse
-                                  .Ret<ffi::AnyBuffer>()  // split workspace
-                                  .Attr<float>("scale")
-                                  .Attr<int64_t>("splits"));
-#endif
-
 void AddPagedTargets(TargetTable& table) {
   table.cpu.emplace_back("jax_msa_paged_attention", kPagedAttentionCpu);
   table.cpu.emplace_back("jax_msa_paged_indexer", kPagedIndexerCpu);
-#ifdef JAX_MSA_WITH_CUDA
-  table.cuda.emplace_back("jax_msa_paged_attention_cuda", kPagedAttentionCuda);
-#endif
 }
 
 }  // namespace jax_msa

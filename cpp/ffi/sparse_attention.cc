@@ -115,8 +115,10 @@ ffi::Error SparseAttentionFwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::An
                                                                         DataOf<float>(lse), stream));
 }
 
-// The KV-outer forward: out, lse plus its two workspaces (sized by
+// The KV-outer forward (kAuto: or the query-outer one, picked on the device):
+// out, lse plus two workspaces (sized by
 // cuda::sparse_attention_fwd_by_block_workspace, asked for by the Python side).
+template <bool kAuto>
 ffi::Error SparseAttentionFwdByBlockCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
                                          ffi::AnyBuffer v, ffi::AnyBuffer ids,
                                          ffi::AnyBuffer q_lengths, ffi::AnyBuffer kv_lengths,
@@ -140,11 +142,10 @@ ffi::Error SparseAttentionFwdByBlockCuda(cudaStream_t stream, ffi::AnyBuffer q, 
       e.failure()) {
     return e;
   }
-  return CudaStatus("sparse_attention_fwd_by_block",
-                    cuda::sparse_attention_fwd_by_block(dtype, args, DataOf<int32_t>(index),
-                                                        partial->untyped_data(),
-                                                        out->untyped_data(), DataOf<float>(lse),
-                                                        stream));
+  const auto run = kAuto ? cuda::sparse_attention_fwd_auto : cuda::sparse_attention_fwd_by_block;
+  return CudaStatus(kAuto ? "sparse_attention_fwd_auto" : "sparse_attention_fwd_by_block",
+                    run(dtype, args, DataOf<int32_t>(index), partial->untyped_data(),
+                        out->untyped_data(), DataOf<float>(lse), stream));
 }
 
 // The backward on CUDA: dq, dk, dv plus four workspaces (sized by
@@ -262,20 +263,27 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kSparseAttentionFwdCuda, SparseAttentionFwdCuda,
                                   .Ret<ffi::AnyBuffer>()  // lse
                                   .Attr<float>("scale"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kSparseAttentionFwdByBlockCuda, SparseAttentionFwdByBlockCuda,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Arg<ffi::AnyBuffer>()  // ids
-                                  .Arg<ffi::AnyBuffer>()  // q_lengths
-                                  .Arg<ffi::AnyBuffer>()  // kv_lengths
-                                  .Ret<ffi::AnyBuffer>()  // out
-                                  .Ret<ffi::AnyBuffer>()  // lse
-                                  .Ret<ffi::AnyBuffer>()  // index workspace
-                                  .Ret<ffi::AnyBuffer>()  // partial workspace
-                                  .Attr<float>("scale"));
+// Both forwards with workspaces share one signature.
+auto FwdWithWorkspacesBinding() {
+  return ffi::Ffi::Bind()
+             .Ctx<ffi::PlatformStream<cudaStream_t>>()
+             .Arg<ffi::AnyBuffer>()  // q
+             .Arg<ffi::AnyBuffer>()  // k
+             .Arg<ffi::AnyBuffer>()  // v
+             .Arg<ffi::AnyBuffer>()  // ids
+             .Arg<ffi::AnyBuffer>()  // q_lengths
+             .Arg<ffi::AnyBuffer>()  // kv_lengths
+             .Ret<ffi::AnyBuffer>()  // out
+             .Ret<ffi::AnyBuffer>()  // lse
+             .Ret<ffi::AnyBuffer>()  // index workspace
+             .Ret<ffi::AnyBuffer>()  // partial workspace
+             .Attr<float>("scale");
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kSparseAttentionFwdByBlockCuda, SparseAttentionFwdByBlockCuda<false>,
+                              FwdWithWorkspacesBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kSparseAttentionFwdAutoCuda, SparseAttentionFwdByBlockCuda<true>,
+                              FwdWithWorkspacesBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kSparseAttentionBwdCuda, SparseAttentionBwdCuda,
                               ffi::Ffi::Bind()
@@ -307,6 +315,7 @@ void AddSparseAttentionTargets(TargetTable& table) {
 #ifdef JAX_MSA_WITH_CUDA
   table.cuda.emplace_back("jax_msa_sparse_attention_fwd_query", kSparseAttentionFwdCuda);
   table.cuda.emplace_back("jax_msa_sparse_attention_fwd_by_block", kSparseAttentionFwdByBlockCuda);
+  table.cuda.emplace_back("jax_msa_sparse_attention_fwd_auto", kSparseAttentionFwdAutoCuda);
   table.cuda.emplace_back("jax_msa_sparse_attention_bwd_cuda", kSparseAttentionBwdCuda);
 #endif
 }

@@ -156,36 +156,12 @@ cudaError_t sparse_attention_fwd_by_block(DType dtype, const SparseAttentionArgs
                                           int32_t* index, void* partial, void* out, float* lse,
                                           cudaStream_t stream);
 
-// ---- Paged attention (spec §3.7) -------------------------------------------
-// Decode / MTP attention over paged caches on SM90 (sm90/paged_attention.cu):
-// k_cache, v_cache [num_pages, Hkv, 128, D] bfloat16 or float8_e4m3fn (both
-// the same type) with float32 device scalars k_scale, v_scale; q [B, Q, Hq, D]
-// bfloat16; page_table [B, max_pages]; ids [B, Q, Hkv, topk] logical pages
-// (null: dense). Page-table entries outside [0, num_pages) and ids outside
-// [0, local page] are skipped, never read. `splits` > 1 splits each
-// (request, kv head) over that many CTAs whose partial results (workspace:
-// paged_attention_workspace_floats floats, 16-byte aligned, not zeroed) an
-// lse-weighted combine merges.
-struct PagedAttentionArgs {
-  const void* k_cache;
-  const void* v_cache;
-  const float* k_scale;
-  const float* v_scale;
-  const void* q;
-  const int32_t* page_table;
-  const int32_t* q_lengths;
-  const int32_t* kv_lengths;
-  const int32_t* ids;  // null: dense
-  int64_t num_pages, B, Q, Hq, Hkv, D, max_pages, topk;  // topk 0: dense
-  float scale;
-  int64_t splits;
-};
-
-// Whether the kernels serve these inputs (cache_fp8: e4m3 caches, else bfloat16).
-bool paged_attention_args_valid(DType q_dtype, DType out_dtype, const PagedAttentionArgs& a);
-int64_t paged_attention_workspace_floats(const PagedAttentionArgs& a);
-// out [B, Q, Hq, D] bfloat16, lse [B, Q, Hq] float32. Asynchronous, no allocation.
-cudaError_t paged_attention(bool cache_fp8, const PagedAttentionArgs& a, float* workspace,
-                            void* out, float* lse, cudaStream_t stream);
+// schedule="auto": the query-outer forward or the by-block one, picked on the
+// device from the ids (sm90/schedule_gate.hpp): both are enqueued and the
+// kernels of the one not picked return at once. Same workspace as
+// sparse_attention_fwd_by_block (its last 4 ints hold the two cost sums);
+// asynchronous, no allocation, no host sync.
+cudaError_t sparse_attention_fwd_auto(DType dtype, const SparseAttentionArgs& a, int32_t* index,
+                                      void* partial, void* out, float* lse, cudaStream_t stream);
 
 }  // namespace jax_msa::cuda

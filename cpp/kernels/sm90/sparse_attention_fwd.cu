@@ -20,7 +20,9 @@
 
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/sm90/rowmax_epilogue.hpp"
+#include "kernels/sm90/schedule_gate.hpp"
 #include "kernels/sm90/sparse_attention_traits.hpp"
+#include "kernels/sm90/sparse_fwd_by_block.hpp"
 #include "kernels/sm90/sparse_tile_producer.hpp"
 
 namespace jax_msa::sm90 {
@@ -36,6 +38,7 @@ struct FwdParams {
   typename Traits::Element* out;
   float* lse;
   float scale_log2;  // scale * log2(e)
+  ScheduleGate gate;
 };
 
 template <class Traits>
@@ -48,6 +51,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   extern __shared__ char smem_raw[];
   SharedStorage& ss = *reinterpret_cast<SharedStorage*>(smem_raw);
   const SparseShape& s = p.shape;
+  if (p.gate.closed()) return;
 
   init_tile_barriers<Traits>(ss);
 
@@ -248,9 +252,31 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 #endif
 }
 
+// schedule="auto": per query-outer tile (one warp each), the blocks of its
+// union and its attended (token, slot) pairs, summed into `costs` (zeroed
+// before). Integer sums: the choice is deterministic.
+template <class Traits>
+__global__ void __launch_bounds__(256) schedule_costs_kernel(const SparseShape s,
+                                                             ScheduleCosts* costs) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = int64_t{gridDim.x} * (blockDim.x / 32);
+  unsigned long long union_blocks = 0, attended = 0;
+  for (int64_t index = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / 32; index < s.tiles;
+       index += warps) {  // uniform over the warp
+    const SparseTile tile(index, s.B, s.Hkv, s.chunks, s.tokens);
+    const TileUnion<Traits> u(s, tile, s.q_lengths[tile.b], s.kv_lengths[tile.b], lane);
+    union_blocks += u.count;
+    attended += u.attended;
+  }
+  if (lane == 0 && union_blocks + attended > 0) {
+    atomicAdd(&costs->union_blocks, union_blocks);
+    atomicAdd(&costs->attended, attended);
+  }
+}
+
 template <class Element>
 cudaError_t launch(const cuda::SparseAttentionArgs& a, void* out, float* lse,
-                   cudaStream_t stream) {
+                   cudaStream_t stream, ScheduleGate gate = {}) {
   using Traits = SparseAttentionTraits<Element, 1>;
   const FwdParams<Traits> p{
       make_tma_kv<Traits>(static_cast<const Element*>(a.k), a.Sk, a.Hkv, a.B),
@@ -259,8 +285,31 @@ cudaError_t launch(const cuda::SparseAttentionArgs& a, void* out, float* lse,
       static_cast<const Element*>(a.q),
       static_cast<Element*>(out),
       lse,
-      a.scale * 1.4426950408889634f};
+      a.scale * 1.4426950408889634f,
+      gate};
   return launch_persistent<Traits>(sparse_attention_fwd_kernel<Traits>, p, stream);
+}
+
+// Enqueues the cost sums, then both schedules behind their gates.
+template <class Element>
+cudaError_t launch_auto(const cuda::SparseAttentionArgs& a, int32_t* index, void* partial,
+                        void* out, float* lse, cudaStream_t stream) {
+  using Traits = SparseAttentionTraits<Element, 1>;
+  const fwd_by_block::Plan plan = fwd_by_block::make_plan(a, 0);
+  auto* costs = reinterpret_cast<ScheduleCosts*>(index + plan.costs_offset());
+  cudaError_t st = cudaMemsetAsync(costs, 0, sizeof(ScheduleCosts), stream);
+  if (st != cudaSuccess) return st;
+  const SparseShape shape = make_sparse_shape<Traits>(a);
+  const int64_t blocks = std::min<int64_t>((shape.tiles + 7) / 8, 1024);  // 8 warps per CTA
+  schedule_costs_kernel<Traits><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(shape, costs);
+  if ((st = cudaGetLastError()) != cudaSuccess) return st;
+  const int64_t group = a.Hq / a.Hkv;
+  if ((st = launch<Element>(a, out, lse, stream, ScheduleGate{costs, group, true})) != cudaSuccess) {
+    return st;
+  }
+  constexpr DType kDType = std::is_same_v<Element, cutlass::bfloat16_t> ? DType::kBF16 : DType::kF16;
+  return fwd_by_block::run(kDType, a, plan, index, partial, out, lse, stream,
+                           nullptr, nullptr, ScheduleGate{costs, group, false});
 }
 
 }  // namespace
@@ -287,6 +336,16 @@ cudaError_t sparse_attention_fwd(DType dtype, const SparseAttentionArgs& a, void
   if (a.B == 0 || a.Sq == 0) return cudaSuccess;
   return dtype == DType::kBF16 ? sm90::launch<cutlass::bfloat16_t>(a, out, lse, stream)
                                : sm90::launch<cutlass::half_t>(a, out, lse, stream);
+}
+
+cudaError_t sparse_attention_fwd_auto(DType dtype, const SparseAttentionArgs& a, int32_t* index,
+                                      void* partial, void* out, float* lse, cudaStream_t stream) {
+  if (!sparse_attention_args_valid(dtype, a)) return cudaErrorInvalidValue;
+  if (a.B == 0 || a.Sq == 0) return cudaSuccess;
+  if (index == nullptr || reinterpret_cast<uintptr_t>(index) % 8 != 0) return cudaErrorInvalidValue;
+  return dtype == DType::kBF16
+             ? sm90::launch_auto<cutlass::bfloat16_t>(a, index, partial, out, lse, stream)
+             : sm90::launch_auto<cutlass::half_t>(a, index, partial, out, lse, stream);
 }
 
 }  // namespace jax_msa::cuda

@@ -99,6 +99,7 @@ struct MainParams {
   Geometry geo;      // the chunk's window
   float scale_log2;  // scale * log2(e)
   int ctas;
+  ScheduleGate gate;
 };
 
 template <class Element>
@@ -124,6 +125,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   constexpr int kRows = Traits::kRows;
   extern __shared__ __align__(1024) char fbb_smem[];
   SharedStorage& ss = *reinterpret_cast<SharedStorage*>(fbb_smem);
+  if (p.gate.closed()) return;
 
   const Geometry& geo = p.geo;
   const IndexView ix(const_cast<int32_t*>(p.index), geo);
@@ -410,12 +412,14 @@ struct CombineParams {
   Element* out;             // [B, Sq, Hq, D]
   float* lse;               // [B, Sq, Hq] or null
   int64_t B, Sq, Hq, Hkv, G, topk, tok_begin, tok_count;
+  ScheduleGate gate;
 };
 
 constexpr int kSlotGroups = 4;  // topk <= 64 = 4 groups of 16 lanes
 
 template <class Element>
 __global__ void __launch_bounds__(256) combine_kernel(const CombineParams<Element> p) {
+  if (p.gate.closed()) return;
   const int lane16 = threadIdx.x % 16;
   // The half-warp's lanes: the two halves take different rows and may part
   // ways (the last row), so every shuffle names only its own half.
@@ -515,7 +519,7 @@ int sm_count() {
 template <class Element>
 cudaError_t run_typed(const cuda::SparseAttentionArgs& a, const Plan& plan, int32_t* index,
                       void* partial, void* out, float* lse, cudaStream_t stream, PhaseHook hook,
-                      void* hook_ctx) {
+                      void* hook_ctx, ScheduleGate gate) {
   using Traits = SparseFwdByBlockTraits<Element>;
   auto kernel = fwd_by_block_kernel<Traits>;
   cudaError_t st = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -538,15 +542,16 @@ cudaError_t run_typed(const cuda::SparseAttentionArgs& a, const Plan& plan, int3
       part_lse,
       Geometry(a, 0, 0),
       a.scale * kLog2e,
-      1};
+      1,
+      gate};
   CombineParams<Element> cp{a.q_lengths, rev, part_o, part_lse, static_cast<Element*>(out), lse,
-                            a.B, a.Sq, a.Hq, a.Hkv, G, a.topk, 0, 0};
+                            a.B, a.Sq, a.Hq, a.Hkv, G, a.topk, 0, 0, gate};
 
   for (int64_t n = 0; n < plan.nchunks; ++n) {
     const int64_t t0 = n * plan.chunk_tokens;
     const int64_t ntok = std::min(plan.chunk_tokens, a.Sq - t0);
     const Geometry geo(a, t0, ntok);
-    st = block_index::build_block_index(a, geo, index, rev, stream);
+    st = block_index::build_block_index(a, geo, index, rev, stream, gate);
     if (st != cudaSuccess) return st;
     if (hook != nullptr) hook(n, kPhaseIndex, hook_ctx);
 
@@ -609,7 +614,7 @@ Plan make_plan(const cuda::SparseAttentionArgs& a, int64_t chunk_tokens) {
 
 cudaError_t run(DType dtype, const cuda::SparseAttentionArgs& a, const Plan& plan,
                 int32_t* index, void* partial, void* out, float* lse, cudaStream_t stream,
-                PhaseHook hook, void* hook_ctx) {
+                PhaseHook hook, void* hook_ctx, ScheduleGate gate) {
   if (!cuda::sparse_attention_args_valid(dtype, a)) return cudaErrorInvalidValue;
   if (a.B == 0 || a.Sq == 0) return cudaSuccess;
   if (plan.chunk_tokens <= 0 || plan.nchunks != (a.Sq + plan.chunk_tokens - 1) / plan.chunk_tokens)
@@ -625,9 +630,9 @@ cudaError_t run(DType dtype, const cuda::SparseAttentionArgs& a, const Plan& pla
   }
   return dtype == DType::kBF16
              ? run_typed<cutlass::bfloat16_t>(a, plan, index, partial, out, lse, stream, hook,
-                                              hook_ctx)
+                                              hook_ctx, gate)
              : run_typed<cutlass::half_t>(a, plan, index, partial, out, lse, stream, hook,
-                                          hook_ctx);
+                                          hook_ctx, gate);
 }
 
 }  // namespace jax_msa::sm90::fwd_by_block

@@ -43,7 +43,8 @@ struct ChunkWindow {
 // hist[bg, chunk, c] += 1 for every attended (query in chunk, block c).
 __global__ void hist_kernel(const int32_t* __restrict__ ids, const int32_t* __restrict__ q_lengths,
                             const int32_t* __restrict__ kv_lengths, int32_t* __restrict__ hist,
-                            Geometry geo) {
+                            Geometry geo, ScheduleGate gate) {
+  if (gate.closed()) return;
   const int64_t bg = blockIdx.y;
   const int64_t q = blockIdx.x;
   const ChunkWindow win(geo, bg, q, q_lengths, kv_lengths);
@@ -64,7 +65,9 @@ __global__ void hist_kernel(const int32_t* __restrict__ ids, const int32_t* __re
 // Exclusive scan of each block's column over the chunks; count = column total.
 // CTA = 32 columns x 16 warps; warp w scans a contiguous range of chunks.
 __global__ void __launch_bounds__(512) colscan_kernel(int32_t* __restrict__ hist,
-                                                      int32_t* __restrict__ count, Geometry geo) {
+                                                      int32_t* __restrict__ count, Geometry geo,
+                                                      ScheduleGate gate) {
+  if (gate.closed()) return;
   __shared__ int32_t part[16][32];
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
@@ -140,7 +143,9 @@ __device__ void block_scan2(int64_t& a, int64_t& b, int64_t& total_a, int64_t& t
 }
 
 // Bucket offsets (entries and tiles) and Ttot. One CTA of 1024 threads.
-__global__ void __launch_bounds__(1024) bucket_scan_kernel(int32_t* index, Geometry geo) {
+__global__ void __launch_bounds__(1024) bucket_scan_kernel(int32_t* index, Geometry geo,
+                                                           ScheduleGate gate) {
+  if (gate.closed()) return;
   IndexView ix(index, geo);
   int64_t run_entries = 0, run_tiles = 0;
   for (int64_t base = 0; base < geo.nbkt; base += 1024) {
@@ -173,7 +178,8 @@ __global__ void __launch_bounds__(32) scatter_kernel(const int32_t* __restrict__
                                                      const int32_t* __restrict__ q_lengths,
                                                      const int32_t* __restrict__ kv_lengths,
                                                      int32_t* index, int32_t* __restrict__ rev,
-                                                     Geometry geo) {
+                                                     Geometry geo, ScheduleGate gate) {
+  if (gate.closed()) return;
   extern __shared__ int64_t smem_positions[];
   IndexView ix(index, geo);
   const int64_t bg = blockIdx.y;
@@ -267,7 +273,8 @@ __global__ void __launch_bounds__(32) scatter_kernel(const int32_t* __restrict__
 }  // namespace
 
 cudaError_t build_block_index(const cuda::SparseAttentionArgs& a, const Geometry& geo,
-                              int32_t* index, int32_t* rev, cudaStream_t stream) {
+                              int32_t* index, int32_t* rev, cudaStream_t stream,
+                              ScheduleGate gate) {
   if (geo.nbkt == 0) return cudaSuccess;
   IndexView ix(index, geo);
   const int64_t hist_ints = geo.B * geo.Hkv * geo.nchunks * geo.nb;
@@ -275,20 +282,20 @@ cudaError_t build_block_index(const cuda::SparseAttentionArgs& a, const Geometry
     cudaError_t st = cudaMemsetAsync(ix.hist, 0, hist_ints * sizeof(int32_t), stream);
     if (st != cudaSuccess) return st;
     hist_kernel<<<dim3(static_cast<unsigned>(geo.nchunks), static_cast<unsigned>(geo.B * geo.Hkv)),
-                  256, 0, stream>>>(a.ids, a.q_lengths, a.kv_lengths, ix.hist, geo);
+                  256, 0, stream>>>(a.ids, a.q_lengths, a.kv_lengths, ix.hist, geo, gate);
   }
   colscan_kernel<<<dim3(static_cast<unsigned>((geo.nb + 31) / 32),
                         static_cast<unsigned>(geo.B * geo.Hkv)),
-                   512, 0, stream>>>(ix.hist, ix.count, geo);
-  bucket_scan_kernel<<<1, 1024, 0, stream>>>(index, geo);
+                   512, 0, stream>>>(ix.hist, ix.count, geo, gate);
+  bucket_scan_kernel<<<1, 1024, 0, stream>>>(index, geo, gate);
   if (hist_ints > 0) {
     const dim3 grid(static_cast<unsigned>(geo.nchunks), static_cast<unsigned>(geo.B * geo.Hkv));
     if (geo.nb <= kMaxSmemCounters) {
       scatter_kernel<true><<<grid, 32, geo.nb * sizeof(int64_t), stream>>>(
-          a.ids, a.q_lengths, a.kv_lengths, index, rev, geo);
+          a.ids, a.q_lengths, a.kv_lengths, index, rev, geo, gate);
     } else {
       scatter_kernel<false><<<grid, 32, 0, stream>>>(a.ids, a.q_lengths, a.kv_lengths, index,
-                                                     rev, geo);
+                                                     rev, geo, gate);
     }
   }
   return cudaGetLastError();

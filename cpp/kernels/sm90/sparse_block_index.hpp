@@ -22,6 +22,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/sm90/schedule_gate.hpp"
 
 namespace jax_msa::sm90::block_index {
 
@@ -137,8 +138,10 @@ __device__ __forceinline__ int64_t bucket_of_tile(const int64_t* tile_start, int
 
 // Enqueues the index build of geo's window on `stream` (a memset and four
 // kernels; geo.nbkt > 0). `index` (8-byte aligned) holds geo.index_ints ints;
-// `rev`, when not null, B * tok_count * Hkv * topk ints. Deterministic.
+// `rev`, when not null, B * tok_count * Hkv * topk ints. Deterministic. The
+// kernels do nothing when `gate` is closed (schedule="auto").
 cudaError_t build_block_index(const cuda::SparseAttentionArgs& a, const Geometry& geo,
-                              int32_t* index, int32_t* rev, cudaStream_t stream);
+                              int32_t* index, int32_t* rev, cudaStream_t stream,
+                              ScheduleGate gate = {});
 
 }  // namespace jax_msa::sm90::block_index

@@ -11,6 +11,7 @@
 
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/dtype.h"
+#include "kernels/sm90/schedule_gate.hpp"
 
 namespace jax_msa::sm90::fwd_by_block {
 
@@ -29,7 +30,9 @@ struct Plan {
   int64_t entries = 0;       // index entries of a chunk at most: B * Hkv * Tc * topk
   int64_t o_bytes = 0;       // partial O: entries * G rows of D elements (16-bit), 256-aligned
   int64_t lse_bytes = 0;     // partial lse: entries * G floats
-  int64_t workspace_ints() const { return index_ints + rev_ints; }
+  // Then, 8-byte aligned, the ScheduleCosts of schedule="auto" (4 ints).
+  int64_t costs_offset() const { return index_ints + (rev_ints + 1) / 2 * 2; }
+  int64_t workspace_ints() const { return costs_offset() + 4; }
   int64_t workspace_bytes() const { return o_bytes + lse_bytes; }
 };
 
@@ -46,9 +49,10 @@ using PhaseHook = void (*)(int64_t chunk, int phase, void* ctx);
 
 // sparse_attention_fwd_by_block with an explicit plan (from make_plan(a, ...)):
 // index holds plan.workspace_ints() int32 (8-byte aligned), partial
-// plan.workspace_bytes() bytes (16-byte aligned).
+// plan.workspace_bytes() bytes (16-byte aligned). Every kernel does nothing
+// when `gate` is closed (schedule="auto").
 cudaError_t run(DType dtype, const cuda::SparseAttentionArgs& a, const Plan& plan,
                 int32_t* index, void* partial, void* out, float* lse, cudaStream_t stream,
-                PhaseHook hook = nullptr, void* hook_ctx = nullptr);
+                PhaseHook hook = nullptr, void* hook_ctx = nullptr, ScheduleGate gate = {});
 
 }  // namespace jax_msa::sm90::fwd_by_block

@@ -177,6 +177,66 @@ __device__ void init_tile_barriers(SharedStorage& ss) {
   __syncthreads();
 }
 
+// The union of a tile's selected blocks, built in one warp's registers (all
+// 32 lanes call it together): candidate (token t, slot k) of the tile sits in
+// lane (t * topk + k) % 32, register (t * topk + k) / 32; a candidate is an
+// attended block (valid, causal, within kv_len) or -1.
+template <class Traits>
+struct TileUnion {
+  static constexpr int kRegs = Traits::kMaxCandidates / 32;
+  int32_t cand[kRegs];
+  uint64_t tokens_of[kRegs];  // bit t: token t of the tile selected the candidate's block
+  bool first[kRegs];          // the candidate is its block's first occurrence (enters the union)
+  int count;                  // blocks in the union (the same in every lane)
+  int attended;               // candidates that are not -1 (the same in every lane)
+
+  __device__ __forceinline__ TileUnion(const SparseShape& s, const SparseTile& tile,
+                                       int64_t q_len, int64_t kv_len, int lane) {
+    constexpr uint32_t kFull = 0xFFFFFFFFu;
+    const int64_t offset = kv_len - q_len;
+    const int64_t valid_blocks = (kv_len + Traits::kKeys - 1) / Traits::kKeys;
+    const int n = s.tokens * static_cast<int>(s.topk);
+    CUTE_UNROLL
+    for (int i = 0; i < kRegs; ++i) {
+      const int idx = lane + 32 * i;
+      cand[i] = -1;
+      const int t = idx / static_cast<int>(s.topk);
+      const int64_t token = tile.token0 + t;
+      if (idx < n && token < q_len) {
+        const int32_t c =
+            s.ids[((tile.b * s.Sq + token) * s.Hkv + tile.g) * s.topk + idx % s.topk];
+        if (c >= 0 && c < valid_blocks && c <= (offset + token) / Traits::kKeys) cand[i] = c;
+      }
+      tokens_of[i] = 0;
+      first[i] = cand[i] >= 0;
+    }
+    CUTE_UNROLL
+    for (int jr = 0; jr < kRegs; ++jr) {
+      if (32 * jr >= n) break;
+      for (int src = 0; src < 32; ++src) {
+        const int j = 32 * jr + src;
+        const int32_t cj = __shfl_sync(kFull, cand[jr], src);
+        if (j >= n) break;
+        const uint64_t bit = uint64_t{1} << (j / static_cast<int>(s.topk));
+        CUTE_UNROLL
+        for (int i = 0; i < kRegs; ++i) {
+          if (cj >= 0 && cj == cand[i]) {
+            tokens_of[i] |= bit;
+            if (j < lane + 32 * i) first[i] = false;
+          }
+        }
+      }
+    }
+    count = 0;
+    attended = 0;
+    CUTE_UNROLL
+    for (int i = 0; i < kRegs; ++i) {
+      count += __popc(__ballot_sync(kFull, first[i]));
+      attended += __popc(__ballot_sync(kFull, cand[i] >= 0));
+    }
+  }
+};
+
 // The producer warp: for each tile of the CTA's sequence, builds the union of
 // its selected blocks, loads the rows (via `load_rows(tile, q_len)`, cp.async
 // by this warp) once the consumers have released the previous tile's, and
@@ -202,54 +262,9 @@ __device__ void produce_tiles(SharedStorage& ss, const SparseShape& s,
     const SparseTile tile(index, s.B, s.Hkv, s.chunks, s.tokens);
     const int64_t q_len = s.q_lengths[tile.b];
     const int64_t kv_len = s.kv_lengths[tile.b];
-    const int64_t offset = kv_len - q_len;
-    const int64_t valid_blocks = (kv_len + Traits::kKeys - 1) / Traits::kKeys;
-
-    // Candidates (token t, slot k) -> lane (t * topk + k) % 32, register (.. ) / 32.
-    constexpr int kRegs = Traits::kMaxCandidates / 32;
-    const int n = s.tokens * static_cast<int>(s.topk);
-    int32_t cand[kRegs];
-    CUTE_UNROLL
-    for (int i = 0; i < kRegs; ++i) {
-      const int idx = lane + 32 * i;
-      cand[i] = -1;
-      const int t = idx / static_cast<int>(s.topk);
-      const int64_t token = tile.token0 + t;
-      if (idx < n && token < q_len) {
-        const int32_t c =
-            s.ids[((tile.b * s.Sq + token) * s.Hkv + tile.g) * s.topk + idx % s.topk];
-        if (c >= 0 && c < valid_blocks && c <= (offset + token) / Traits::kKeys) cand[i] = c;
-      }
-    }
-    // Which tokens selected each candidate's block, and whether the candidate
-    // is the first occurrence of its block (the one that enters the union).
-    uint64_t tokens_of[kRegs];
-    bool first[kRegs];
-    CUTE_UNROLL
-    for (int i = 0; i < kRegs; ++i) {
-      tokens_of[i] = 0;
-      first[i] = cand[i] >= 0;
-    }
-    CUTE_UNROLL
-    for (int jr = 0; jr < kRegs; ++jr) {
-      if (32 * jr >= n) break;
-      for (int src = 0; src < 32; ++src) {
-        const int j = 32 * jr + src;
-        const int32_t cj = __shfl_sync(kFull, cand[jr], src);
-        if (j >= n) break;
-        const uint64_t bit = uint64_t{1} << (j / static_cast<int>(s.topk));
-        CUTE_UNROLL
-        for (int i = 0; i < kRegs; ++i) {
-          if (cj >= 0 && cj == cand[i]) {
-            tokens_of[i] |= bit;
-            if (j < lane + 32 * i) first[i] = false;
-          }
-        }
-      }
-    }
-    int count = 0;
-    CUTE_UNROLL
-    for (int i = 0; i < kRegs; ++i) count += __popc(__ballot_sync(kFull, first[i]));
+    const TileUnion<Traits> u(s, tile, q_len, kv_len, lane);
+    constexpr int kRegs = TileUnion<Traits>::kRegs;
+    const int count = u.count;
 
     // The rows, once the consumer is done with the previous tile's.
     ClusterBarrier::wait(&ss.q_empty, static_cast<uint32_t>((round & 1) ^ 1));
@@ -282,12 +297,12 @@ __device__ void produce_tiles(SharedStorage& ss, const SparseShape& s,
     int32_t pending_v = -1;
     CUTE_UNROLL
     for (int i = 0; i < kRegs; ++i) {
-      uint32_t todo = __ballot_sync(kFull, first[i]);
+      uint32_t todo = __ballot_sync(kFull, u.first[i]);
       while (todo != 0) {
         const int src = __ffs(todo) - 1;
         todo &= todo - 1;
-        const int32_t c = __shfl_sync(kFull, cand[i], src);
-        const uint64_t tokens = __shfl_sync(kFull, tokens_of[i], src);
+        const int32_t c = __shfl_sync(kFull, u.cand[i], src);
+        const uint64_t tokens = __shfl_sync(kFull, u.tokens_of[i], src);
         issue(tma_k, c, tokens, true);
         if (!kLagV) {
           issue(tma_v, c, 0, false);
