@@ -10,6 +10,8 @@ top-16 blocks of 128 keys, it times
   sparse_fwd_bwd   forward + backward: jax.vjp, then the pullback of a random
                    cotangent, returning dq, dk, dv                    (jit)
   sparse_bwd       sparse_fwd_bwd - sparse_fwd (derived, not timed alone)
+  sparse_fwd_bwd_det, sparse_bwd_det
+                   the same with deterministic=True (--deterministic-backward)
   reference_fwd    the same op with implementation="reference" (pure JAX),
                    only for T <= --reference-max
 
@@ -347,11 +349,12 @@ class Bench:
 
         impl = a.implementation
 
-        def sparse(q, k, v, ids, schedule="auto"):
-            return jax_msa.sparse_attention(q, k, v, ids, implementation=impl, schedule=schedule)
+        def sparse(q, k, v, ids, schedule="auto", deterministic=False):
+            return jax_msa.sparse_attention(q, k, v, ids, implementation=impl, schedule=schedule,
+                                            deterministic=deterministic)
 
-        def sparse_fwd_bwd(q, k, v, ids, cot):
-            _, pull = jax.vjp(lambda q, k, v: sparse(q, k, v, ids), q, k, v)
+        def sparse_fwd_bwd(q, k, v, ids, cot, deterministic=False):
+            _, pull = jax.vjp(lambda q, k, v: sparse(q, k, v, ids, deterministic=deterministic), q, k, v)
             return pull(cot)
 
         def reference(q, k, v, ids):
@@ -380,13 +383,17 @@ class Bench:
                 self._row(f"sparse_fwd_{schedule}", pattern, t, hq, hkv, ms, flop, dense.get("fwd"), stats, err)
             if backward:
                 fb_sets = [(q, k, v, ids, cot) for (q, k, v, cot), ids in zip(sets, ids_sets)]
-                fb_ms, err = self._time(fwd_bwd_fn, fb_sets)
+                variants = [("", fwd_bwd_fn)]
+                if a.deterministic_backward:
+                    variants.append(("_det", jax.jit(lambda *x: sparse_fwd_bwd(*x, deterministic=True))))
+                for suffix, fn in variants:
+                    fb_ms, err = self._time(fn, fb_sets)
+                    self._row(f"sparse_fwd_bwd{suffix}", pattern, t, hq, hkv, fb_ms, 3.5 * flop,
+                              dense.get("fwd_bwd"), stats, err)
+                    bwd = fb_ms - fwd_ms if (fb_ms and fwd_ms) else None
+                    self._row(f"sparse_bwd{suffix}", pattern, t, hq, hkv, bwd, 2.5 * flop, dense.get("bwd"), stats,
+                              None if bwd is not None else "not derived (a timing failed)")
                 del fb_sets
-                self._row("sparse_fwd_bwd", pattern, t, hq, hkv, fb_ms, 3.5 * flop, dense.get("fwd_bwd"), stats,
-                          err)
-                bwd = fb_ms - fwd_ms if (fb_ms and fwd_ms) else None
-                self._row("sparse_bwd", pattern, t, hq, hkv, bwd, 2.5 * flop, dense.get("bwd"), stats,
-                          None if bwd is not None else "not derived (a timing failed)")
             if t <= a.reference_max:
                 ms, err = self._time(ref_fn, fwd_sets)
                 self._row("reference_fwd", pattern, t, hq, hkv, ms, flop, dense.get("fwd"), stats, err)
@@ -544,6 +551,8 @@ def main(argv=None):
                         help="also time the forward with each of these schedules (sparse_fwd_<schedule>)")
     parser.add_argument("--no-cudnn", action="store_true", help="skip the cuDNN dense baseline")
     parser.add_argument("--no-backward", action="store_true", help="time forward passes only")
+    parser.add_argument("--deterministic-backward", action="store_true",
+                        help="also time the backward with deterministic=True (sparse_fwd_bwd_det, sparse_bwd_det)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write meta and rows here")
     parser.add_argument("--tsv", help="write the rows here")
