@@ -68,8 +68,6 @@ def _indexer_reference(qi, ki, q_lengths, kv_lengths, *, topk, scale, with_lse):
     return list(result) if with_lse else [result]
 
 
-
-
 # The indexer on CUDA: indexer_scores -> indexer_select -> selected_lse, three
 # kernels whose intermediates (block scores, and for the lse the per-block sums
 # of exp(s - max)) are XLA buffers, so no handler allocates. Hidden primitives.

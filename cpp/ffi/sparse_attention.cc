@@ -1,5 +1,6 @@
 // FFI handlers of block-sparse attention (spec §3.4): forward and backward.
 #include <cstdint>
+#include <utility>
 
 #include "ffi/attention_common.h"
 #ifdef JAX_MSA_WITH_CUDA
@@ -220,87 +221,75 @@ ffi::Error SparseAttentionBwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::An
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kSparseAttentionFwdCpu, SparseAttentionFwdCpu,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Arg<ffi::AnyBuffer>()  // ids
-                                  .Arg<ffi::AnyBuffer>()  // q_lengths
-                                  .Arg<ffi::AnyBuffer>()  // kv_lengths
-                                  .Ret<ffi::AnyBuffer>()  // out
-                                  .Ret<ffi::AnyBuffer>()  // lse
-                                  .Attr<float>("scale"));
+namespace {
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kSparseAttentionBwdCpu, SparseAttentionBwdCpu,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Arg<ffi::AnyBuffer>()  // ids
-                                  .Arg<ffi::AnyBuffer>()  // out
-                                  .Arg<ffi::AnyBuffer>()  // lse
-                                  .Arg<ffi::AnyBuffer>()  // dout
-                                  .Arg<ffi::AnyBuffer>()  // dlse
-                                  .Arg<ffi::AnyBuffer>()  // q_lengths
-                                  .Arg<ffi::AnyBuffer>()  // kv_lengths
-                                  .Ret<ffi::AnyBuffer>()  // dq
-                                  .Ret<ffi::AnyBuffer>()  // dk
-                                  .Ret<ffi::AnyBuffer>()  // dv
-                                  .Attr<float>("scale"));
-
-#ifdef JAX_MSA_WITH_CUDA
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kSparseAttentionFwdCuda, SparseAttentionFwdCuda,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Arg<ffi::AnyBuffer>()  // ids
-                                  .Arg<ffi::AnyBuffer>()  // q_lengths
-                                  .Arg<ffi::AnyBuffer>()  // kv_lengths
-                                  .Ret<ffi::AnyBuffer>()  // out
-                                  .Ret<ffi::AnyBuffer>()  // lse
-                                  .Attr<float>("scale"));
-
-// Both forwards with workspaces share one signature.
-auto FwdWithWorkspacesBinding() {
-  return ffi::Ffi::Bind()
-             .Ctx<ffi::PlatformStream<cudaStream_t>>()
-             .Arg<ffi::AnyBuffer>()  // q
-             .Arg<ffi::AnyBuffer>()  // k
-             .Arg<ffi::AnyBuffer>()  // v
-             .Arg<ffi::AnyBuffer>()  // ids
-             .Arg<ffi::AnyBuffer>()  // q_lengths
-             .Arg<ffi::AnyBuffer>()  // kv_lengths
-             .Ret<ffi::AnyBuffer>()  // out
-             .Ret<ffi::AnyBuffer>()  // lse
-             .Ret<ffi::AnyBuffer>()  // index workspace
-             .Ret<ffi::AnyBuffer>()  // partial workspace
-             .Attr<float>("scale");
+// The operands and results every forward handler starts with, after what
+// `binding` holds already (the CUDA stream or nothing): q, k, v, ids,
+// q_lengths, kv_lengths -> out, lse. Bind().To(handler) checks the order
+// against each handler's signature at compile time.
+template <class Binding>
+auto WithFwdOperands(Binding binding) {
+  return std::move(binding)
+      .template Arg<ffi::AnyBuffer>()   // q
+      .template Arg<ffi::AnyBuffer>()   // k
+      .template Arg<ffi::AnyBuffer>()   // v
+      .template Arg<ffi::AnyBuffer>()   // ids
+      .template Arg<ffi::AnyBuffer>()   // q_lengths
+      .template Arg<ffi::AnyBuffer>()   // kv_lengths
+      .template Ret<ffi::AnyBuffer>()   // out
+      .template Ret<ffi::AnyBuffer>();  // lse
 }
 
+// Likewise for the backward: q, k, v, ids, out, lse, dout, dlse, q_lengths,
+// kv_lengths -> dq, dk, dv.
+template <class Binding>
+auto WithBwdOperands(Binding binding) {
+  return std::move(binding)
+      .template Arg<ffi::AnyBuffer>()   // q
+      .template Arg<ffi::AnyBuffer>()   // k
+      .template Arg<ffi::AnyBuffer>()   // v
+      .template Arg<ffi::AnyBuffer>()   // ids
+      .template Arg<ffi::AnyBuffer>()   // out
+      .template Arg<ffi::AnyBuffer>()   // lse
+      .template Arg<ffi::AnyBuffer>()   // dout
+      .template Arg<ffi::AnyBuffer>()   // dlse
+      .template Arg<ffi::AnyBuffer>()   // q_lengths
+      .template Arg<ffi::AnyBuffer>()   // kv_lengths
+      .template Ret<ffi::AnyBuffer>()   // dq
+      .template Ret<ffi::AnyBuffer>()   // dk
+      .template Ret<ffi::AnyBuffer>();  // dv
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kSparseAttentionFwdCpu, SparseAttentionFwdCpu,
+                              WithFwdOperands(ffi::Ffi::Bind()).Attr<float>("scale"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kSparseAttentionBwdCpu, SparseAttentionBwdCpu,
+                              WithBwdOperands(ffi::Ffi::Bind()).Attr<float>("scale"));
+
+#ifdef JAX_MSA_WITH_CUDA
+namespace {
+
+auto CudaBind() { return ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>(); }
+
+// The by-block and auto forwards: the forward plus two workspaces.
+auto FwdWithWorkspacesBinding() {
+  return WithFwdOperands(CudaBind())
+      .Ret<ffi::AnyBuffer>()  // index workspace
+      .Ret<ffi::AnyBuffer>()  // partial workspace
+      .Attr<float>("scale");
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kSparseAttentionFwdCuda, SparseAttentionFwdCuda,
+                              WithFwdOperands(CudaBind()).Attr<float>("scale"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kSparseAttentionFwdByBlockCuda, SparseAttentionFwdByBlockCuda<false>,
                               FwdWithWorkspacesBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kSparseAttentionFwdAutoCuda, SparseAttentionFwdByBlockCuda<true>,
                               FwdWithWorkspacesBinding());
-
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kSparseAttentionBwdCuda, SparseAttentionBwdCuda,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Arg<ffi::AnyBuffer>()  // ids
-                                  .Arg<ffi::AnyBuffer>()  // out
-                                  .Arg<ffi::AnyBuffer>()  // lse
-                                  .Arg<ffi::AnyBuffer>()  // dout
-                                  .Arg<ffi::AnyBuffer>()  // dlse
-                                  .Arg<ffi::AnyBuffer>()  // q_lengths
-                                  .Arg<ffi::AnyBuffer>()  // kv_lengths
-                                  .Ret<ffi::AnyBuffer>()  // dq
-                                  .Ret<ffi::AnyBuffer>()  // dk
-                                  .Ret<ffi::AnyBuffer>()  // dv
+                              WithBwdOperands(CudaBind())
                                   .Ret<ffi::AnyBuffer>()  // delta workspace
                                   .Ret<ffi::AnyBuffer>()  // index workspace
                                   .Ret<ffi::AnyBuffer>()  // partial workspace

@@ -15,6 +15,7 @@
 #include <cute/tensor.hpp>
 #include <cutlass/numeric_types.h>
 
+#include "kernels/sm90/kv_block_tma.hpp"
 #include "kernels/sm90/rowmax_epilogue.hpp"
 #include "kernels/sm90/sparse_block_index.hpp"
 

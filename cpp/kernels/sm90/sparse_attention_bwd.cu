@@ -146,20 +146,10 @@ __global__ void delta_kernel(const Element* __restrict__ out, const Element* __r
 // dK / dV.
 
 template <class Traits>
-auto make_tma_kv(const typename Traits::Element* ptr, int Sk, int Hkv, int B) {
-  auto layout = make_layout(make_shape(Sk, Int<kHeadDim>{}, Hkv, B),
-                            make_stride(int64_t{Hkv} * kHeadDim, _1{}, int64_t{kHeadDim},
-                                        int64_t{Sk} * Hkv * kHeadDim));
-  return make_tma_copy(SM90_TMA_LOAD{}, make_tensor(make_gmem_ptr(ptr), layout),
-                       typename Traits::SmemLayoutKV{}, typename Traits::TileKV{}, _1{});
-}
-
-template <class Traits>
 struct DkdvParams {
   using Element = typename Traits::Element;
-  using TmaKV = decltype(make_tma_kv<Traits>(nullptr, 1, 1, 1));
-  TmaKV tma_k;
-  TmaKV tma_v;
+  TmaKV<Traits> tma_k;
+  TmaKV<Traits> tma_v;
   const Element* q;
   const Element* dout;
   const float* lse;
@@ -262,19 +252,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       const auto [b, g, c] = Bucket(geo, k);
       if (t == 0) {
         if (seg > 0) ClusterBarrier::wait(&ss.kv_empty, (seg - 1) & 1);
-        Tensor sK = make_tensor(make_smem_ptr(ss.k), typename Traits::SmemLayoutKV{});
-        Tensor sV = make_tensor(make_smem_ptr(ss.v), typename Traits::SmemLayoutKV{});
-        auto shape = make_shape(static_cast<int>(geo.Sk), Int<kHeadDim>{},
-                                static_cast<int>(geo.Hkv), static_cast<int>(geo.B));
-        Tensor mK = p.tma_k.get_tma_tensor(shape);
-        Tensor mV = p.tma_v.get_tma_tensor(shape);
-        Tensor gK = local_tile(mK(_, _, g, b), typename Traits::TileKV{}, make_coord(c, _0{}));
-        Tensor gV = local_tile(mV(_, _, g, b), typename Traits::TileKV{}, make_coord(c, _0{}));
-        auto tma_k = p.tma_k.get_slice(_0{});
-        auto tma_v = p.tma_v.get_slice(_0{});
         ClusterTransactionBarrier::arrive_and_expect_tx(&ss.kv_full, 2 * Traits::kBytesKV);
-        copy(p.tma_k.with(ss.kv_full), tma_k.partition_S(gK), tma_k.partition_D(sK));
-        copy(p.tma_v.with(ss.kv_full), tma_v.partition_S(gV), tma_v.partition_D(sV));
+        load_kv_block<Traits>(p.tma_k, geo.Sk, geo.Hkv, geo.B, b, g, c, ss.k, ss.kv_full);
+        load_kv_block<Traits>(p.tma_v, geo.Sk, geo.Hkv, geo.B, b, g, c, ss.v, ss.kv_full);
       }
       const int64_t count = ix.count[k];
       const int32_t* bucket = ix.entries + ix.entry_start[k];

@@ -192,21 +192,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         if (seg >= kKvSlots) {
           ClusterBarrier::wait(&ss.kv_empty[kv], static_cast<uint32_t>((seg / kKvSlots - 1) & 1));
         }
-        Tensor sK = make_tensor(make_smem_ptr(ss.k), typename Traits::SmemLayoutKVSlots{});
-        Tensor sV = make_tensor(make_smem_ptr(ss.v), typename Traits::SmemLayoutKVSlots{});
-        auto shape = make_shape(static_cast<int>(geo.Sk), Int<kHeadDim>{},
-                                static_cast<int>(geo.Hkv), static_cast<int>(geo.B));
-        Tensor mK = p.tma_k.get_tma_tensor(shape);
-        Tensor mV = p.tma_v.get_tma_tensor(shape);
-        Tensor gK = local_tile(mK(_, _, g, b), typename Traits::TileKV{}, make_coord(_, _0{}));
-        Tensor gV = local_tile(mV(_, _, g, b), typename Traits::TileKV{}, make_coord(_, _0{}));
-        auto tma_k = p.tma_k.get_slice(_0{});
-        auto tma_v = p.tma_v.get_slice(_0{});
+        constexpr int kSlotElems = cosize_v<typename Traits::SmemLayoutKV>;
         ClusterTransactionBarrier::arrive_and_expect_tx(&ss.kv_full[kv], 2 * Traits::kBytesKV);
-        copy(p.tma_k.with(ss.kv_full[kv]), tma_k.partition_S(gK)(_, _, _, c),
-             tma_k.partition_D(sK)(_, _, _, kv));
-        copy(p.tma_v.with(ss.kv_full[kv]), tma_v.partition_S(gV)(_, _, _, c),
-             tma_v.partition_D(sV)(_, _, _, kv));
+        load_kv_block<Traits>(p.tma_k, geo.Sk, geo.Hkv, geo.B, b, g, c, ss.k + kv * kSlotElems,
+                              ss.kv_full[kv]);
+        load_kv_block<Traits>(p.tma_v, geo.Sk, geo.Hkv, geo.B, b, g, c, ss.v + kv * kSlotElems,
+                              ss.kv_full[kv]);
       }
       const int64_t count = ix.count[k];
       const int32_t* bucket = ix.entries + ix.entry_start[k];

@@ -15,27 +15,13 @@
 #include <cutlass/arch/barrier.h>
 
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/sm90/kv_block_tma.hpp"
 #include "kernels/sm90/sparse_attention_traits.hpp"
 
 namespace jax_msa::sm90 {
 
 using cutlass::arch::ClusterBarrier;
 using cutlass::arch::ClusterTransactionBarrier;
-
-// k, v viewed as [Sk, D, Hkv, B]: a block is a TMA box at (128 c, 0, g, b);
-// rows past Sk come back as zeros.
-template <class Traits>
-auto make_tma_kv(const typename Traits::Element* kv, int64_t Sk, int64_t Hkv, int64_t B) {
-  constexpr int kD = Traits::kD;
-  auto layout = make_layout(
-      make_shape(static_cast<int>(Sk), Int<kD>{}, static_cast<int>(Hkv), static_cast<int>(B)),
-      make_stride(Hkv * kD, _1{}, int64_t{kD}, Sk * Hkv * kD));
-  return make_tma_copy(SM90_TMA_LOAD{}, make_tensor(make_gmem_ptr(kv), layout),
-                       typename Traits::SmemLayoutKV{}, typename Traits::TileKV{}, _1{});
-}
-
-template <class Traits>
-using TmaKV = decltype(make_tma_kv<Traits>(nullptr, 1, 1, 1));
 
 // Everything both sides of a tile need to know about the problem.
 struct SparseShape {
@@ -281,6 +267,8 @@ __device__ void produce_tiles(SharedStorage& ss, const SparseShape& s,
           ss.slot_block[slot] = c;
           ss.slot_tokens[slot] = tokens;
         }
+        // Not load_kv_block (kv_block_tma.hpp): the same copy, but through it
+        // ptxas schedules this kernel's consumers differently (SASS compared).
         Tensor mKV = tma.get_tma_tensor(make_shape(static_cast<int>(s.Sk), Int<Traits::kD>{},
                                                    static_cast<int>(s.Hkv),
                                                    static_cast<int>(s.B)));
