@@ -198,7 +198,14 @@ def test_indexer_select_kernel_matches_topk_select(topk):
     scores[rng.random(scores.shape) < 0.05] = np.nan
     scores[rng.random(scores.shape) < 0.05] = -0.0
     wide = rng.standard_normal((1, 40, 2, 1500)).astype(np.float32)  # 1500 blocks: 47 per lane
-    for s, ql, kl in ((scores, [3000, 1234], [3000, 2900]), (wide, [40], [191_900])):
+    # Rows of <= 1024 blocks: random (the threshold path), few distinct values
+    # and one lane (c % 32 == 0) holding the best blocks (more keys pass the
+    # threshold than a warp gathers: the rounds path).
+    long = rng.standard_normal((1, 128, 1, 1024)).astype(np.float32)  # L = 1023
+    long[:, 40:80] = rng.integers(0, 3, long[:, 40:80].shape)
+    long[:, 80:, :, ::32] += 10.0
+    for s, ql, kl in ((scores, [3000, 1234], [3000, 2900]), (wide, [40], [191_900]),
+                      (long, [128], [1024 * 128])):
         ql, kl = jnp.asarray(ql, jnp.int32), jnp.asarray(kl, jnp.int32)
         fn = lambda s: select_p.bind(s, ql, kl, topk=np.int64(topk), implementation="kernel")[0]
         want = lambda s: jax_msa.topk_select(s, topk=topk, q_lengths=ql, kv_lengths=kl, kv_seq_len=s.shape[-1] * 128,
