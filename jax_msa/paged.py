@@ -7,7 +7,8 @@ Primitives:
       topk, scale) -> ids
 The cache-side operands (caches, then their float32 scalar scales) come first
 and have no batch axis; the per-request operands after them do. Inference
-only: neither is differentiable.
+only: neither is differentiable. On CUDA, paged_indexer runs as two kernels:
+paged_indexer_scores (hidden, below) and the indexer's indexer_select.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.core import ShapedArray
 
+from jax_msa import _ffi
 from jax_msa import _validation as checks
 from jax_msa import reference
 from jax_msa._primitives import define_primitive
+from jax_msa.indexer import _indexer_select_p
 
 CACHE_DTYPES = checks.FLOAT_DTYPES + (jnp.dtype(jnp.float8_e4m3fn),)
 _KV_LAYOUT = "k_cache/v_cache [num_pages, Hkv, 128, D]"
@@ -55,9 +58,44 @@ def _indexer_reference(ki_cache, ki_scale, qi, page_table, q_lengths, kv_lengths
                                     q_lengths=q_lengths, scale=float(scale))]
 
 
+def _scores_abstract(ki_cache, ki_scale, qi, page_table, q_lengths, kv_lengths, *, scale):
+    return [ShapedArray((*qi.shape[:3], page_table.shape[1]), jnp.float32)]
+
+
+def _scores_reference(ki_cache, ki_scale, qi, page_table, q_lengths, kv_lengths, *, scale):
+    """Block maxima over each query's visible keys: the kernel's values on the
+    pages before each query's local page, the only ones the selection reads
+    (the kernel leaves the others unwritten)."""
+    return [reference.paged_block_scores(qi, ki_cache, page_table, kv_lengths, ki_scale=ki_scale,
+                                         q_lengths=q_lengths, scale=float(scale))]
+
+
+# paged_indexer on CUDA: paged_indexer_scores -> indexer_select (with Sq = Q,
+# NB = max_pages: the query positions of spec §3.7 are the indexer's), the
+# block scores an XLA buffer between them. Hidden; its only kernel is CUDA's.
+_scores_p = define_primitive("paged_indexer_scores", abstract_eval=_scores_abstract, reference=_scores_reference,
+                             ffi_attributes=("scale",), shared_operands=2)
+
+
+def _cuda_kernel_takes(ki_cache, ki_scale, qi, *rest, implementation, **params) -> bool:
+    """Whether the CUDA kernels take these inputs (cuda::paged_indexer_scores_supported):
+    16-bit qi with Di 64 or 128, and a cache of qi's dtype or float8_e4m3fn (the
+    MMA runs in qi's dtype, which holds either exactly)."""
+    return (qi.dtype in (jnp.bfloat16, jnp.float16) and qi.shape[-1] in (64, 128)
+            and ki_cache.dtype in (qi.dtype, jnp.float8_e4m3fn))
+
+
+def _indexer_cuda(ki_cache, ki_scale, qi, page_table, q_lengths, kv_lengths, *, topk, scale, implementation):
+    (scores,) = _scores_p.bind(ki_cache, ki_scale, qi, page_table, q_lengths, kv_lengths, scale=scale,
+                               implementation=implementation)
+    return _indexer_select_p.bind(scores, q_lengths, kv_lengths, topk=topk, implementation=implementation)
+
+
 # Operands: ki_cache, ki_scale (shared by the batch), then per request.
-_indexer_p = define_primitive("paged_indexer", abstract_eval=_indexer_abstract, reference=_indexer_reference,
-                              ffi_attributes=("topk", "scale"), shared_operands=2)
+_indexer_p = define_primitive(
+    "paged_indexer", abstract_eval=_indexer_abstract, reference=_indexer_reference,
+    ffi_attributes=("topk", "scale"), shared_operands=2, kernel_takes={"cuda": _cuda_kernel_takes},
+    kernel_lowering=({"cuda": _indexer_cuda} if _ffi.has_kernel("jax_msa_paged_indexer_scores", "cuda") else None))
 
 
 def int32_indices(x: jax.Array, bound: int) -> jax.Array:

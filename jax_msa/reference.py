@@ -46,6 +46,7 @@ __all__ = [
     "msa_attention",
     "paged_attention",
     "paged_indexer",
+    "paged_block_scores",
     "indexer_kl_divergence",
     "indexer_kl_loss",
 ]
@@ -692,22 +693,61 @@ def paged_indexer(
     Returns:
       ids ``[B, Q, Hi, topk]`` int32 logical pages, as :func:`topk_select`.
     """
+    nq, di = qi.shape[1], qi.shape[3]
+    scale = di**-0.5 if scale is None else scale
+    q_len, kv_len, ki, stored = _paged_index_keys(qi, ki_cache, page_table, kv_lengths, ki_scale, q_lengths)
+
+    def chunk(start, qi_c):
+        scores = _paged_block_max(qi_c, ki, stored, start, q_len, kv_len, scale)
+        pos, valid = _query_positions(start, qi_c.shape[1], q_len, kv_len)
+        return _select(scores, pos // BLOCK_SIZE, valid, topk)
+
+    return _map_query_chunks(chunk, [qi.astype(jnp.float32)], nq)
+
+
+def paged_block_scores(
+    qi: Array,
+    ki_cache: Array,
+    page_table: Array,
+    kv_lengths: Lengths,
+    *,
+    ki_scale: Scale = 1.0,
+    q_lengths: Lengths = None,
+    scale: Optional[float] = None,
+) -> Array:
+    """:func:`block_scores` (spec 3.1) over a paged index-key cache, the scores
+    :func:`paged_indexer` selects from.
+
+    Args: as :func:`paged_indexer`.
+
+    Returns:
+      float32 ``[B, Q, Hi, max_pages]``: per logical page, the max of
+      ``scale * <qi, ki>`` over the page's keys that the query sees; ``-inf``
+      where it sees none (holes, future pages, padded queries).
+    """
+    nq, di = qi.shape[1], qi.shape[3]
+    scale = di**-0.5 if scale is None else scale
+    q_len, kv_len, ki, stored = _paged_index_keys(qi, ki_cache, page_table, kv_lengths, ki_scale, q_lengths)
+    return _map_query_chunks(lambda start, qi_c: _paged_block_max(qi_c, ki, stored, start, q_len, kv_len, scale),
+                             [qi.astype(jnp.float32)], nq)
+
+
+def _paged_index_keys(qi, ki_cache, page_table, kv_lengths, ki_scale, q_lengths):
+    """The clamped lengths, the stored index keys in logical order (float32
+    ``[B, max_pages * 128, Di]``, 0 where none is stored) and which are stored."""
     bsz, nq, _, di = qi.shape
     max_pages = page_table.shape[1]
-    scale = di**-0.5 if scale is None else scale
     page_table = jnp.asarray(page_table, jnp.int32)
     q_len, kv_len = _paged_lengths(q_lengths, kv_lengths, bsz, nq, max_pages)
     stored, physical = _stored_keys(page_table, ki_cache.shape[0], kv_len)
     ki = _dequantise(ki_cache[physical], ki_scale).reshape(bsz, max_pages * BLOCK_SIZE, di)
-    ki = jnp.where(stored[..., None], ki, 0.0)
+    return q_len, kv_len, jnp.where(stored[..., None], ki, 0.0), stored
 
-    def chunk(start, qi_c):
-        s = _index_logits(qi_c, ki, start, q_len, kv_len, scale)
-        s = jnp.where(stored[:, None, None, :], s, _NEG_INF)
-        pos, valid = _query_positions(start, qi_c.shape[1], q_len, kv_len)
-        return _select(_block_max(s), pos // BLOCK_SIZE, valid, topk)
 
-    return _map_query_chunks(chunk, [qi.astype(jnp.float32)], nq)
+def _paged_block_max(qi_c, ki, stored, start, q_len, kv_len, scale):
+    """Block scores ``[B, C, Hi, max_pages]`` of one query chunk over the stored keys."""
+    s = _index_logits(qi_c, ki, start, q_len, kv_len, scale)
+    return _block_max(jnp.where(stored[:, None, None, :], s, _NEG_INF))
 
 
 def indexer_kl_divergence(

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 BLOCK = 128
+E4M3 = jnp.float8_e4m3fn
 
 # Spec §4 bounds, by input dtype: (relative error of out/grads, absolute error of lse).
 TOLERANCES = {
@@ -71,3 +72,46 @@ def adversarial_ids(rng, ids, kv_lengths):
                 if future not in row:
                     row[np.flatnonzero(row < 0)[0]] = future
     return jnp.asarray(flat.reshape(shape), jnp.int32)
+
+
+# Paged caches (spec §3.7).
+HOSTILE_ENTRIES = [-1, -(2**31), 2**30, 2**31 - 1]
+
+
+def make_page_table(rng, kv_lengths, num_pages, max_pages, holes=0.0):
+    """Each request's used logical pages on distinct random physical pages
+    (a shuffled pool); the other entries are hostile (-1, >= num_pages). With
+    `holes`, that fraction of the used entries become hostile too."""
+    kv_lengths = np.asarray(kv_lengths)
+    used = -(-kv_lengths // BLOCK)
+    pool = iter(rng.permutation(num_pages))
+    table = rng.choice(HOSTILE_ENTRIES + [num_pages], size=(len(kv_lengths), max_pages)).astype(np.int32)
+    for b, n in enumerate(used):
+        for c in range(n):
+            table[b, c] = next(pool)
+            if rng.random() < holes:
+                table[b, c] = rng.choice(HOSTILE_ENTRIES + [num_pages])
+    return table
+
+
+def to_pages(x, table, kv_lengths, num_pages):
+    """Lays x [B, S, ...] (S = max_pages * 128) out in pages [num_pages, 128, ...]
+    following `table`. Unused pages and keys past kv_length hold NaN: a kernel
+    that reads them gives NaN."""
+    x = np.asarray(x, np.float32)
+    pages = np.full((num_pages, BLOCK, *x.shape[2:]), np.nan, np.float32)
+    for b, row in enumerate(table):
+        for c, page in enumerate(row):
+            if 0 <= page < num_pages and c * BLOCK < kv_lengths[b]:
+                block = x[b, c * BLOCK:(c + 1) * BLOCK].copy()
+                block[kv_lengths[b] - c * BLOCK:] = np.nan
+                pages[page] = block
+    return pages
+
+
+def quantise(pages, dtype):
+    """Pages in `dtype` and their scale; e4m3 pages are scaled to its range."""
+    if dtype != E4M3:
+        return jnp.asarray(pages, dtype), 1.0
+    scale = float(np.nanmax(np.abs(pages))) / 448.0
+    return jnp.asarray(pages / scale, E4M3), scale

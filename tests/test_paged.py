@@ -11,54 +11,13 @@ import pytest
 
 import jax_msa
 from jax_msa import _ffi, reference
-from helpers import BLOCK, adversarial_ids, assert_lse_close, assert_same_selection, normal, rel_err
-
-E4M3 = jnp.float8_e4m3fn
-HOSTILE_ENTRIES = [-1, -(2**31), 2**30, 2**31 - 1]
-
-
-def make_page_table(rng, kv_lengths, num_pages, max_pages, holes=0.0):
-    """Each request's used logical pages on distinct random physical pages
-    (a shuffled pool); the other entries are hostile (-1, >= num_pages). With
-    `holes`, that fraction of the used entries become hostile too."""
-    kv_lengths = np.asarray(kv_lengths)
-    used = -(-kv_lengths // BLOCK)
-    pool = iter(rng.permutation(num_pages))
-    table = rng.choice(HOSTILE_ENTRIES + [num_pages], size=(len(kv_lengths), max_pages)).astype(np.int32)
-    for b, n in enumerate(used):
-        for c in range(n):
-            table[b, c] = next(pool)
-            if rng.random() < holes:
-                table[b, c] = rng.choice(HOSTILE_ENTRIES + [num_pages])
-    return table
-
-
-def to_pages(x, table, kv_lengths, num_pages):
-    """Lays x [B, S, ...] (S = max_pages * 128) out in pages [num_pages, 128, ...]
-    following `table`. Unused pages and keys past kv_length hold NaN: a kernel
-    that reads them gives NaN."""
-    x = np.asarray(x, np.float32)
-    pages = np.full((num_pages, BLOCK, *x.shape[2:]), np.nan, np.float32)
-    for b, row in enumerate(table):
-        for c, page in enumerate(row):
-            if 0 <= page < num_pages and c * BLOCK < kv_lengths[b]:
-                block = x[b, c * BLOCK:(c + 1) * BLOCK].copy()
-                block[kv_lengths[b] - c * BLOCK:] = np.nan
-                pages[page] = block
-    return pages
+from helpers import (BLOCK, E4M3, adversarial_ids, assert_lse_close, assert_same_selection, make_page_table, normal,
+                     quantise, rel_err, to_pages)
 
 
 def kv_pages(x, table, kv_lengths, num_pages):
     """[B, S, Hkv, D] -> a KV cache [num_pages, Hkv, 128, D]."""
     return np.swapaxes(to_pages(x, table, kv_lengths, num_pages), 1, 2)
-
-
-def quantise(pages, dtype):
-    """Pages in `dtype` and their scale; e4m3 pages are scaled to its range."""
-    if dtype != E4M3:
-        return jnp.asarray(pages, dtype), 1.0
-    scale = float(np.nanmax(np.abs(pages))) / 448.0
-    return jnp.asarray(pages / scale, E4M3), scale
 
 
 def dequantised(pages, scale):
@@ -283,12 +242,31 @@ def test_lowering_contains_custom_call(fn, target):
     assert f"@{target}(" in jax.jit(fn).lower().as_text()
 
 
+def _cuda_lowering(fn):
+    return jax.jit(fn).trace().lower(lowering_platforms=("cuda",)).as_text()
+
+
 @pytest.mark.skipif(_ffi.has_kernel("jax_msa_paged_attention", "cuda"),
                     reason="checks the fallback of an op without a CUDA kernel")
 def test_cuda_lowering_falls_back_to_reference():
-    for fn in (lambda: jax_msa.paged_attention(*_ARGS, _IDS), lambda: jax_msa.paged_indexer(*_INDEX_ARGS, topk=2)):
-        text = jax.jit(fn).trace().lower(lowering_platforms=("cuda",)).as_text()
-        assert "jax_msa_paged" not in text
+    assert "jax_msa_paged" not in _cuda_lowering(lambda: jax_msa.paged_attention(*_ARGS, _IDS))
+
+
+@pytest.mark.parametrize("qi_dtype, cache_dtype, di", [
+    (jnp.bfloat16, jnp.bfloat16, 128), (jnp.bfloat16, E4M3, 64), (jnp.float16, jnp.float16, 64),
+    (jnp.float16, E4M3, 128), (jnp.float32, jnp.float32, 128), (jnp.bfloat16, jnp.float16, 128),
+    (jnp.bfloat16, jnp.bfloat16, 32)])
+def test_paged_indexer_cuda_lowering(qi_dtype, cache_dtype, di):
+    """paged_indexer_scores -> indexer_select where the CUDA kernels take the
+    inputs (16-bit qi, Di 64/128, a cache of qi's dtype or e4m3), the reference
+    elsewhere and in builds without them."""
+    qi, ki_cache = jnp.zeros((2, 3, 2, di), qi_dtype), jnp.zeros((7, BLOCK, di), cache_dtype)
+    text = _cuda_lowering(lambda: jax_msa.paged_indexer(qi, ki_cache, *_INDEX_ARGS[2:], topk=2))
+    kernel = (_ffi.has_kernel("jax_msa_paged_indexer_scores", "cuda") and qi_dtype != jnp.float32
+              and cache_dtype in (qi_dtype, E4M3) and di in (64, 128))
+    assert ("@jax_msa_paged_indexer_scores(" in text) == kernel
+    assert ("@jax_msa_indexer_select(" in text) == kernel
+    assert "@jax_msa_paged_indexer(" not in text
 
 
 def test_vmap():

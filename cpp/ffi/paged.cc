@@ -5,6 +5,9 @@
 
 #include "ffi/ffi_common.h"
 #include "kernels/cpu/cpu_kernels.h"
+#ifdef JAX_MSA_WITH_CUDA
+#include "kernels/cuda/cuda_kernels.h"
+#endif
 
 namespace jax_msa {
 namespace {
@@ -24,26 +27,33 @@ std::optional<cpu::CacheType> ToCacheType(ffi::DataType type) {
   }
 }
 
-// A KV cache [num_pages, heads, kBlock, dim] (with_heads) or an index-key
-// cache [num_pages, kBlock, dim], and its float32 scalar scale.
-ffi::Error DecodeCache(const ffi::AnyBuffer& cache, const ffi::AnyBuffer& scale, bool with_heads,
-                       const char* name, const char* scale_name, cpu::PagedCache* out) {
+// Checks a KV cache [num_pages, heads, kBlock, dim] (with_heads) or an
+// index-key cache [num_pages, kBlock, dim], and its float32 scalar scale.
+ffi::Error CheckCache(const ffi::AnyBuffer& cache, const ffi::AnyBuffer& scale, bool with_heads,
+                      const char* name, const char* scale_name) {
   const size_t rank = with_heads ? 4 : 3;
   if (auto e = FirstError({CheckRank(cache, rank, name), CheckShape(scale, {}, scale_name),
                            CheckType(scale, ffi::DataType::F32, scale_name)});
       e.failure()) {
     return e;
   }
-  auto type = ToCacheType(cache.element_type());
-  if (!type) {
+  if (!ToCacheType(cache.element_type())) {
     return ffi::Error::InvalidArgument(std::string("jax_msa: ") + name +
                                        " must be float32, bfloat16, float16 or float8_e4m3fn");
   }
   auto d = cache.dimensions();
-  const int64_t heads = with_heads ? d[1] : 1;
-  *out = {cache.untyped_data(), *type, *DataOf<float>(scale), d[0], heads, d[rank - 1]};
-  if (with_heads) return CheckShape(cache, {d[0], heads, cpu::kBlock, out->dim}, name);
-  return CheckShape(cache, {d[0], cpu::kBlock, out->dim}, name);
+  if (with_heads) return CheckShape(cache, {d[0], d[1], cpu::kBlock, d[3]}, name);
+  return CheckShape(cache, {d[0], cpu::kBlock, d[2]}, name);
+}
+
+// A checked cache for the CPU kernels, its scale read from host memory.
+ffi::Error DecodeCache(const ffi::AnyBuffer& cache, const ffi::AnyBuffer& scale, bool with_heads,
+                       const char* name, const char* scale_name, cpu::PagedCache* out) {
+  if (auto e = CheckCache(cache, scale, with_heads, name, scale_name); e.failure()) return e;
+  auto d = cache.dimensions();
+  *out = {cache.untyped_data(), *ToCacheType(cache.element_type()), *DataOf<float>(scale), d[0],
+          with_heads ? d[1] : 1, d[d.size() - 1]};
+  return ffi::Error::Success();
 }
 
 // q [B, Q, H, D] of a float type, page_table [B, max_pages], lengths [B], int32.
@@ -149,6 +159,72 @@ ffi::Error PagedIndexerCpu(ffi::AnyBuffer ki_cache, ffi::AnyBuffer ki_scale, ffi
   return ffi::Error::Success();
 }
 
+#ifdef JAX_MSA_WITH_CUDA
+std::optional<cuda::CacheDType> ToCudaCacheDType(ffi::DataType type) {
+  switch (type) {
+    case ffi::DataType::BF16:
+      return cuda::CacheDType::kBF16;
+    case ffi::DataType::F16:
+      return cuda::CacheDType::kF16;
+    case ffi::DataType::F8E4M3FN:
+      return cuda::CacheDType::kE4M3;
+    default:
+      return std::nullopt;
+  }
+}
+
+// paged_indexer on CUDA is paged_indexer_scores -> indexer_select
+// (jax_msa/paged.py), the scores an ordinary XLA buffer between them.
+// paged_indexer_scores: paged_indexer's operands -> scores [B, Q, Hi,
+// max_pages] float32. ki_scale stays in device memory: the kernel reads it, so
+// nothing here waits for the device.
+ffi::Error PagedIndexerScoresCuda(cudaStream_t stream, ffi::AnyBuffer ki_cache,
+                                  ffi::AnyBuffer ki_scale, ffi::AnyBuffer qi,
+                                  ffi::AnyBuffer page_table, ffi::AnyBuffer q_lengths,
+                                  ffi::AnyBuffer kv_lengths, ffi::Result<ffi::AnyBuffer> scores,
+                                  float scale) {
+  DType dtype;
+  if (auto e = FirstError({CheckCache(ki_cache, ki_scale, false, "ki_cache", "ki_scale"),
+                           DecodeRequests(qi, page_table, q_lengths, kv_lengths, "qi", &dtype)});
+      e.failure()) {
+    return e;
+  }
+  auto d = qi.dimensions();
+  const cuda::PagedIndexerArgs args{qi.untyped_data(),
+                                    ki_cache.untyped_data(),
+                                    DataOf<float>(ki_scale),
+                                    DataOf<int32_t>(page_table),
+                                    DataOf<int32_t>(q_lengths),
+                                    DataOf<int32_t>(kv_lengths),
+                                    d[0], d[1], d[2], d[3],
+                                    ki_cache.dimensions()[0],
+                                    page_table.dimensions()[1],
+                                    scale};
+  // The Python lowering sends other inputs to the reference: this only fires
+  // for a direct caller of the target.
+  auto cache = ToCudaCacheDType(ki_cache.element_type());
+  if (!cache || !cuda::paged_indexer_scores_supported(dtype, *cache, args.Di)) {
+    return ffi::Error::InvalidArgument(
+        "jax_msa: the CUDA paged indexer takes bfloat16/float16 qi with head dim 64 or 128 and "
+        "a ki_cache of qi's dtype or float8_e4m3fn");
+  }
+  if (auto e = FirstError(
+          {CheckShape(ki_cache, {args.num_pages, cpu::kBlock, args.Di}, "ki_cache"),
+           CheckShape(*scores, {args.B, args.Q, args.Hi, args.max_pages}, "scores"),
+           CheckType(*scores, ffi::DataType::F32, "scores")});
+      e.failure()) {
+    return e;
+  }
+  cudaError_t status =
+      cuda::paged_indexer_scores(dtype, *cache, args, DataOf<float>(scores), stream);
+  if (status != cudaSuccess) {
+    return ffi::Error::Internal(std::string("jax_msa paged_indexer_scores: ") +
+                                cudaGetErrorString(status));
+  }
+  return ffi::Error::Success();
+}
+#endif
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kPagedAttentionCpu, PagedAttentionCpu,
@@ -178,9 +254,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kPagedIndexerCpu, PagedIndexerCpu,
                                   .Attr<int64_t>("topk")
                                   .Attr<float>("scale"));
 
+#ifdef JAX_MSA_WITH_CUDA
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kPagedIndexerScoresCuda, PagedIndexerScoresCuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // ki_cache
+                                  .Arg<ffi::AnyBuffer>()  // ki_scale
+                                  .Arg<ffi::AnyBuffer>()  // qi
+                                  .Arg<ffi::AnyBuffer>()  // page_table
+                                  .Arg<ffi::AnyBuffer>()  // q_lengths
+                                  .Arg<ffi::AnyBuffer>()  // kv_lengths
+                                  .Ret<ffi::AnyBuffer>()  // scores
+                                  .Attr<float>("scale"));
+#endif
+
 void AddPagedTargets(TargetTable& table) {
   table.cpu.emplace_back("jax_msa_paged_attention", kPagedAttentionCpu);
   table.cpu.emplace_back("jax_msa_paged_indexer", kPagedIndexerCpu);
+#ifdef JAX_MSA_WITH_CUDA
+  table.cuda.emplace_back("jax_msa_paged_indexer_scores", kPagedIndexerScoresCuda);
+#endif
 }
 
 }  // namespace jax_msa

@@ -67,6 +67,39 @@ cudaError_t selected_lse(const float* scores, const float* sums,
                          const int32_t* ids, float* lse, int64_t rows,
                          int64_t NB, int64_t topk, cudaStream_t stream);
 
+// ---- Paged inference (spec §3.7) on SM90 -----------------------------------
+// Element type of a paged cache.
+enum class CacheDType { kBF16, kF16, kE4M3 };
+
+// The operands of paged_indexer (cpu::paged_indexer), without its ids.
+struct PagedIndexerArgs {
+  const void* qi;             // [B, Q, Hi, Di]; 16-byte aligned
+  const void* ki_cache;       // [num_pages, 128, Di]; 16-byte aligned
+  const float* ki_scale;      // float32 scalar, read by the kernel (never by the host)
+  const int32_t* page_table;  // [B, max_pages]; entries < 0 or >= num_pages are holes
+  const int32_t* q_lengths;   // [B]
+  const int32_t* kv_lengths;  // [B]
+  int64_t B, Q, Hi, Di, num_pages, max_pages;
+  float scale;
+};
+
+// Whether paged_indexer_scores takes these inputs: bfloat16 or float16 qi
+// with Di 64 or 128, and a cache of qi's type or e4m3 (the MMA runs in qi's
+// type, which holds either exactly).
+bool paged_indexer_scores_supported(DType dtype, CacheDType cache, int64_t Di);
+
+// The block scores paged_indexer's selection reads (its first step on CUDA;
+// indexer_select with Sq = Q and NB = max_pages is the second):
+// scores [B, Q, Hi, max_pages] float32, scores[b, t, h, c] = the max over the
+// 128 keys of page page_table[b, c] of scale * ki_scale * <qi[b, t, h], key>,
+// NaN where a product is NaN, -inf for a hole (never read). Written only for
+// the valid queries t < q_len and the pages c before the local page of the
+// last one (lengths clamped to [0, Q] and [0, max_pages * 128], positions
+// kv_len - q_len + t), all fully visible; every other entry is left
+// unwritten: indexer_select never reads it.
+cudaError_t paged_indexer_scores(DType dtype, CacheDType cache, const PagedIndexerArgs& a,
+                                 float* scores, cudaStream_t stream);
+
 // ---- Block-sparse attention (spec §3.4) on SM90 ----------------------------
 // One problem: q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] (bf16 or fp16),
 // ids [B, Sq, Hkv, topk] int32, lengths [B] int32, scale > 0 or < 0.

@@ -1,0 +1,403 @@
+// paged_indexer's block scores on SM90 (spec §3.7): the first step of
+// paged_indexer on CUDA; indexer_select (indexer_select.cu) then applies the
+// selection rule to them, as for the contiguous indexer.
+//
+// scores[b, t, h, c] = max over the 128 keys of logical page c of
+// scale * ki_scale * <qi[b, t, h], key>. Decode reads every visible index key
+// once for a few (token, head) rows, so the kernel is memory bound; the design
+// is about reading only the pages needed, in whole sectors, with enough bytes
+// in flight:
+//  - Only the pages c < L_last are read, L_last the local page of the
+//    request's last valid query: the selection reads scores[.., c] only for
+//    c < L(t) <= L_last, and such a page is visible to query t whole (its
+//    keys end before 128 * L(t) <= t's position < kv_len), so nothing is
+//    masked. Other entries, and padded rows, are left unwritten.
+//  - Grid (B x row chunks, page chunks). A CTA takes kRows = 16 * kMTiles of
+//    the request's flattened (token, head) rows and a run of pages, one page
+//    at a time: warp w computes keys 16w .. 16w + 15 against the rows with
+//    mma.sync m16n8k16, rows as A (M = 16 per tile), keys as B (two n8 tiles:
+//    a page [128, Di] is row-major, i.e. k-major like B's columns).
+//  - Keys go from global memory straight into B's registers. The dot product
+//    sums over Di, so any permutation of k applied to A and B alike is free:
+//    lane (g, q) = (lane / 4, lane % 4) loads the 8 contiguous elements
+//    32 kg + 8q .. + 7 of keys g and g + 8 for each 32-wide group kg (16 bytes
+//    in 16-bit types, 8 in e4m3; each load instruction covers whole 32-byte
+//    sectors), and k16 step s of the group uses elements 4s .. 4s + 3: the
+//    logical k (2q, 2q+1) are elements (4s, 4s+1), (2q+8, 2q+9) are
+//    (4s+2, 4s+3). Both halves of B come from one key, so each step's B is
+//    an aligned register pair of the load, with no moves.
+//  - qi is staged once per CTA in shared memory in A-fragment order (one
+//    16-byte quad per lane and k step, with the same permutation), so a page
+//    reads each A fragment with one conflict-free LDS.128.
+//  - The loads of the next page are issued before the MMAs of the current
+//    one, so each CTA keeps one to two pages in flight.
+//  - Max over the keys: per thread over its 4 keys, shuffles over the 4
+//    lanes of a row, then across the 8 warps through shared memory. It
+//    propagates NaN (max.NaN), as the reference's block max does.
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "kernels/cuda/cuda_kernels.h"
+
+namespace jax_msa::sm90 {
+namespace {
+
+constexpr int kBlock = 128;          // keys per page (spec §2)
+constexpr int kWarps = kBlock / 16;  // 16 keys (two n8 tiles) per warp
+constexpr int kThreads = 32 * kWarps;
+
+enum class Mma { kBF16, kF16 };
+
+// kMma: the MMA's input type (qi's); kE4M3: the cache holds e4m3 (widened to
+// kMma exactly) instead of kMma itself.
+template <Mma kMma, bool kE4M3, int kDi_, int kMTiles_>
+struct Config {
+  static constexpr Mma kType = kMma;
+  static constexpr int kDi = kDi_;
+  static constexpr int kMTiles = kMTiles_;
+  static constexpr int kRows = 16 * kMTiles;
+  static constexpr int kGroups = kDi / 32;  // 32-wide k groups, two k16 steps each
+  static constexpr int kKeyBytes = kE4M3 ? 1 : 2;
+  using Raw = std::conditional_t<kE4M3, uint2, uint4>;  // 8 elements of a key
+};
+
+struct Params {
+  const uint16_t* qi;         // [B, rows, Di], rows = Q * Hi
+  const uint8_t* cache;       // [num_pages, 128, Di]
+  const float* ki_scale;      // scalar
+  const int32_t* page_table;  // [B, max_pages]
+  const int32_t* q_lengths;   // [B]
+  const int32_t* kv_lengths;  // [B]
+  float* scores;              // [B, rows, max_pages]
+  int64_t num_pages, max_pages, Q;
+  int Hi, rows, row_chunks, pages_per_cta;
+  float scale;
+};
+
+__device__ __forceinline__ float max_nan(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+// Streaming loads: each key is read once, so they skip L1.
+__device__ __forceinline__ void load_key(uint4& v, const uint8_t* p) {
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+}
+
+__device__ __forceinline__ void load_key(uint2& v, const uint8_t* p) {
+  asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];"
+               : "=r"(v.x), "=r"(v.y)
+               : "l"(p));
+}
+
+// Two e4m3 (low 16 bits of `pair`) as two kMma values. Both conversions are
+// exact (e4m3 values are normal in f16, and f16 -> f32 -> bf16 keeps them),
+// and NaN stays NaN, as the reference keeps it. SM90 has no e4m3 -> bf16
+// instruction: 4 per pair for bf16 (F2FP, 2 HADD2.F32, F2FP), 1 for f16.
+template <Mma kMma>
+__device__ __forceinline__ uint32_t widen_e4m3x2(uint32_t pair) {
+  uint32_t h2;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(static_cast<uint16_t>(pair)));
+  if constexpr (kMma == Mma::kF16) {
+    return h2;
+  } else {
+    float lo, hi;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(lo) : "h"(static_cast<uint16_t>(h2)));
+    asm("cvt.f32.f16 %0, %1;" : "=f"(hi) : "h"(static_cast<uint16_t>(h2 >> 16)));
+    uint32_t bf2;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(bf2) : "f"(hi), "f"(lo));
+    return bf2;
+  }
+}
+
+// The 8 loaded elements of a key as 4 words of 2 kMma values (word w holds
+// elements 2w, 2w + 1).
+template <class Cfg>
+__device__ __forceinline__ void to_words(const uint4& raw, uint32_t (&w)[4]) {
+  w[0] = raw.x, w[1] = raw.y, w[2] = raw.z, w[3] = raw.w;
+}
+
+template <class Cfg>
+__device__ __forceinline__ void to_words(const uint2& raw, uint32_t (&w)[4]) {
+  w[0] = widen_e4m3x2<Cfg::kType>(raw.x);
+  w[1] = widen_e4m3x2<Cfg::kType>(raw.x >> 16);
+  w[2] = widen_e4m3x2<Cfg::kType>(raw.y);
+  w[3] = widen_e4m3x2<Cfg::kType>(raw.y >> 16);
+}
+
+template <Mma kMma>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint4& a, uint32_t b0, uint32_t b1) {
+  if constexpr (kMma == Mma::kBF16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
+  }
+}
+
+// A lane's elements of one page: keys g ([0]) and g + 8 ([1]) of its warp's
+// 16 (the columns g of the two n8 tiles), 8 elements per k group.
+template <class Cfg>
+struct PageKeys {
+  typename Cfg::Raw raw[2][Cfg::kGroups];
+};
+
+// `lane_keys`: the lane's first element (key g, column 8q) in the page.
+template <class Cfg>
+__device__ __forceinline__ void load_page(PageKeys<Cfg>& k, const uint8_t* lane_keys) {
+#pragma unroll
+  for (int n = 0; n < 2; ++n) {
+#pragma unroll
+    for (int kg = 0; kg < Cfg::kGroups; ++kg) {
+      load_key(k.raw[n][kg], lane_keys + (n * 8 * Cfg::kDi + 32 * kg) * Cfg::kKeyBytes);
+    }
+  }
+}
+
+// Staged qi: for each m tile, k step (2 kg + s) and lane, the lane's A
+// fragment {row g, row g + 8} x {elements 4s, 4s + 1}, then x {4s + 2, 4s + 3}
+// of its 8-element chunk 32 kg + 8q.
+template <class Cfg>
+using StagedQi = uint4[Cfg::kMTiles][2 * Cfg::kGroups][32];
+
+template <class Cfg>
+__device__ __forceinline__ void stage_qi(StagedQi<Cfg>& staged, const uint16_t* qi_rows,
+                                         int valid_rows) {
+  constexpr int kQuads = Cfg::kMTiles * 2 * Cfg::kGroups * 32;
+  for (int e = threadIdx.x; e < kQuads; e += kThreads) {
+    const int lane = e % 32, step = e / 32 % (2 * Cfg::kGroups);
+    const int tile = e / 32 / (2 * Cfg::kGroups);
+    const int row = 16 * tile + lane / 4;
+    const uint16_t* chunk =
+        qi_rows + row * Cfg::kDi + 32 * (step / 2) + 8 * (lane % 4) + 4 * (step % 2);
+    // Rows past the last one are zeros; their scores are never written.
+    uint2 top = make_uint2(0, 0), bottom = make_uint2(0, 0);
+    if (row < valid_rows) top = __ldg(reinterpret_cast<const uint2*>(chunk));
+    if (row + 8 < valid_rows) bottom = __ldg(reinterpret_cast<const uint2*>(chunk + 8 * Cfg::kDi));
+    staged[tile][step][lane] = make_uint4(top.x, bottom.x, top.y, bottom.y);
+  }
+}
+
+// acc[i][n] = rows 16i .. 16i + 15 x this warp's keys 8n .. 8n + 7 (the C
+// fragment: rows g and g + 8, keys 2q and 2q + 1 of the tile).
+template <class Cfg>
+__device__ __forceinline__ void page_dots(const PageKeys<Cfg>& k, const StagedQi<Cfg>& staged,
+                                          int lane, float (&acc)[Cfg::kMTiles][2][4]) {
+#pragma unroll
+  for (int i = 0; i < Cfg::kMTiles; ++i) {
+#pragma unroll
+    for (int n = 0; n < 2; ++n) acc[i][n][0] = acc[i][n][1] = acc[i][n][2] = acc[i][n][3] = 0.0f;
+  }
+#pragma unroll
+  for (int kg = 0; kg < Cfg::kGroups; ++kg) {
+    uint32_t key[2][4];
+    to_words<Cfg>(k.raw[0][kg], key[0]);
+    to_words<Cfg>(k.raw[1][kg], key[1]);
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+#pragma unroll
+      for (int i = 0; i < Cfg::kMTiles; ++i) {
+        const uint4 a = staged[i][2 * kg + s][lane];
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+          mma_16816<Cfg::kType>(acc[i][n], a, key[n][2 * s], key[n][2 * s + 1]);
+        }
+      }
+    }
+  }
+}
+
+// The warp's maxima over its 16 keys of factor * acc, per row of the chunk,
+// into red_warp[row]. The factor is applied before the max, so a negative
+// scale picks the right key.
+template <class Cfg>
+__device__ __forceinline__ void warp_max(const float (&acc)[Cfg::kMTiles][2][4], float factor,
+                                         float* red_warp, int lane) {
+#pragma unroll
+  for (int i = 0; i < Cfg::kMTiles; ++i) {
+    const float(&c)[2][4] = acc[i];
+    // Rows g and g + 8 over keys 2q, 2q + 1 of both n tiles.
+    float top = max_nan(max_nan(factor * c[0][0], factor * c[0][1]),
+                        max_nan(factor * c[1][0], factor * c[1][1]));
+    float bottom = max_nan(max_nan(factor * c[0][2], factor * c[0][3]),
+                           max_nan(factor * c[1][2], factor * c[1][3]));
+#pragma unroll
+    for (int offset = 1; offset < 4; offset *= 2) {  // over q
+      top = max_nan(top, __shfl_xor_sync(0xFFFFFFFFu, top, offset));
+      bottom = max_nan(bottom, __shfl_xor_sync(0xFFFFFFFFu, bottom, offset));
+    }
+    if (lane % 4 == 0) {
+      red_warp[16 * i + lane / 4] = top;
+      red_warp[16 * i + lane / 4 + 8] = bottom;
+    }
+  }
+}
+
+template <class Cfg>
+__global__ void __launch_bounds__(kThreads, 2)
+    paged_indexer_scores_kernel(const __grid_constant__ Params p) {
+  __shared__ StagedQi<Cfg> staged_qi;
+  // Per-warp maxima, double-buffered by round parity: a round's writes never
+  // race with the previous round's reads, so one barrier per page suffices.
+  __shared__ float red[2][kWarps][Cfg::kRows];
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int64_t b = blockIdx.x / p.row_chunks;
+  const int r0 = static_cast<int>(blockIdx.x % p.row_chunks) * Cfg::kRows;
+  const int64_t c_begin = int64_t{blockIdx.y} * p.pages_per_cta;
+
+  // The lengths clamped as indexer_select clamps them (and the reference):
+  // q_len to [0, Q], kv_len to [0, max_pages * 128].
+  const int64_t q_len = std::min<int64_t>(std::max(p.q_lengths[b], 0), p.Q);
+  const int64_t kv_len = std::min<int64_t>(std::max(p.kv_lengths[b], 0), p.max_pages * kBlock);
+  // The last valid query sits at kv_len - 1; the pages before its local page
+  // are all the selection reads.
+  const int64_t history = q_len > 0 && kv_len > 0 ? (kv_len - 1) / kBlock : 0;
+  const int count = static_cast<int>(std::min<int64_t>(history - c_begin, p.pages_per_cta));
+  const int rows_out = static_cast<int>(std::min<int64_t>(q_len * p.Hi - r0, Cfg::kRows));
+  if (count <= 0 || rows_out <= 0) return;
+
+  const int64_t num_pages = p.num_pages;
+  const auto stored = [num_pages](int64_t page) { return page >= 0 && page < num_pages; };
+  const int32_t* table = p.page_table + b * p.max_pages + c_begin;
+  constexpr int64_t kPageBytes = int64_t{kBlock} * Cfg::kDi * Cfg::kKeyBytes;
+  const uint8_t* lane_keys =
+      p.cache + ((16 * warp + lane / 4) * Cfg::kDi + 8 * (lane % 4)) * Cfg::kKeyBytes;
+  // The first page's loads go out before qi is staged.
+  PageKeys<Cfg> keys[2];
+  int64_t page = __ldg(table);
+  int64_t next_page = count > 1 ? __ldg(table + 1) : -1;
+  if (stored(page)) load_page(keys[0], lane_keys + page * kPageBytes);
+
+  stage_qi<Cfg>(staged_qi, p.qi + (b * p.rows + r0) * Cfg::kDi, p.rows - r0);
+  const float factor = p.scale * __ldg(p.ki_scale);
+  float* out = p.scores + (b * p.rows + r0 + tid) * p.max_pages + c_begin;
+  __syncthreads();
+
+  int round = 0;
+  // Page i from `cur` while page i + 1 loads into `next`.
+  const auto step = [&](int i, const PageKeys<Cfg>& cur, PageKeys<Cfg>& next) {
+    const int64_t after = i + 2 < count ? __ldg(table + i + 2) : -1;
+    if (stored(next_page)) load_page(next, lane_keys + next_page * kPageBytes);
+    if (stored(page)) {
+      float acc[Cfg::kMTiles][2][4];
+      page_dots(cur, staged_qi, lane, acc);
+      warp_max<Cfg>(acc, factor, red[round % 2][warp], lane);
+      __syncthreads();
+      if (tid < rows_out) {
+        float m = red[round % 2][0][tid];
+#pragma unroll
+        for (int w = 1; w < kWarps; ++w) m = max_nan(m, red[round % 2][w][tid]);
+        out[i] = m;
+      }
+      ++round;
+    } else if (tid < rows_out) {
+      out[i] = -INFINITY;  // a hole holds no keys
+    }
+    page = next_page;
+    next_page = after;
+  };
+  for (int i = 0; i < count; i += 2) {
+    step(i, keys[0], keys[1]);
+    if (i + 1 < count) step(i + 1, keys[1], keys[0]);
+  }
+}
+
+// CTAs in all, per SM, that the page runs aim at: enough waves that the last
+// one's tail is short.
+constexpr int64_t kCtasPerSm = 16;
+// Pages per CTA: at least 2, so that each CTA overlaps a page's loads with
+// the work on another; at most 16, so that CTAs stay short next to the whole
+// (balance across requests, a short tail).
+constexpr int64_t kMinPagesPerCta = 2, kMaxPagesPerCta = 16;
+
+int multiprocessors() {
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      sms <= 0) {
+    cudaGetLastError();  // clear the error: only the work split depends on it
+    return 132;
+  }
+  return sms;
+}
+
+template <class Cfg>
+cudaError_t launch(const cuda::PagedIndexerArgs& a, float* scores, cudaStream_t stream) {
+  const int64_t rows = a.Q * a.Hi;
+  const int64_t row_chunks = (rows + Cfg::kRows - 1) / Cfg::kRows;
+  const int64_t visits = a.B * row_chunks * a.max_pages;  // (CTA rows, page) pairs if all full
+  const int64_t target = kCtasPerSm * multiprocessors();
+  int64_t per_cta = std::clamp((visits + target - 1) / target, kMinPagesPerCta, kMaxPagesPerCta);
+  per_cta = std::max(per_cta, (a.max_pages + 65534) / 65535);  // gridDim.y <= 65535
+  const int64_t page_chunks = (a.max_pages + per_cta - 1) / per_cta;
+  if (a.B * row_chunks > INT_MAX || per_cta > INT_MAX) return cudaErrorInvalidValue;
+  const Params p{static_cast<const uint16_t*>(a.qi), static_cast<const uint8_t*>(a.ki_cache),
+                 a.ki_scale, a.page_table, a.q_lengths, a.kv_lengths, scores, a.num_pages,
+                 a.max_pages, a.Q, static_cast<int>(a.Hi), static_cast<int>(rows),
+                 static_cast<int>(row_chunks), static_cast<int>(per_cta), a.scale};
+  const dim3 grid(static_cast<unsigned>(a.B * row_chunks), static_cast<unsigned>(page_chunks));
+  paged_indexer_scores_kernel<Cfg><<<grid, kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// Row tiles per CTA: as few as cover Q * Hi, up to 4 (64 rows: every decode
+// shape, 1-16 tokens x 1-4 heads, in one row chunk, so each page is read
+// once; longer chunks take more row chunks).
+template <Mma kMma, bool kE4M3, int kDi>
+cudaError_t launch_tiles(const cuda::PagedIndexerArgs& a, float* scores, cudaStream_t stream) {
+  const int64_t rows = a.Q * a.Hi;
+  if (rows <= 16) return launch<Config<kMma, kE4M3, kDi, 1>>(a, scores, stream);
+  if (rows <= 32) return launch<Config<kMma, kE4M3, kDi, 2>>(a, scores, stream);
+  return launch<Config<kMma, kE4M3, kDi, 4>>(a, scores, stream);
+}
+
+template <Mma kMma, bool kE4M3>
+cudaError_t launch_dim(const cuda::PagedIndexerArgs& a, float* scores, cudaStream_t stream) {
+  if (a.Di == 64) return launch_tiles<kMma, kE4M3, 64>(a, scores, stream);
+  return launch_tiles<kMma, kE4M3, 128>(a, scores, stream);
+}
+
+}  // namespace
+}  // namespace jax_msa::sm90
+
+namespace jax_msa::cuda {
+
+bool paged_indexer_scores_supported(DType dtype, CacheDType cache, int64_t Di) {
+  const bool same_type = (dtype == DType::kBF16 && cache == CacheDType::kBF16) ||
+                         (dtype == DType::kF16 && cache == CacheDType::kF16);
+  return (same_type || cache == CacheDType::kE4M3) &&
+         (dtype == DType::kBF16 || dtype == DType::kF16) && (Di == 64 || Di == 128);
+}
+
+cudaError_t paged_indexer_scores(DType dtype, CacheDType cache, const PagedIndexerArgs& a,
+                                 float* scores, cudaStream_t stream) {
+  const bool aligned = reinterpret_cast<uintptr_t>(a.qi) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(a.ki_cache) % 16 == 0;
+  if (!paged_indexer_scores_supported(dtype, cache, a.Di) || !aligned || a.B < 0 || a.Q < 0 ||
+      a.Hi < 0 || a.num_pages < 0 || a.max_pages < 0 || a.Q * a.Hi > INT_MAX) {
+    return cudaErrorInvalidValue;
+  }
+  if (a.B == 0 || a.Q * a.Hi == 0 || a.max_pages == 0) return cudaSuccess;
+  const bool e4m3 = cache == CacheDType::kE4M3;
+  if (dtype == DType::kBF16) {
+    return e4m3 ? sm90::launch_dim<sm90::Mma::kBF16, true>(a, scores, stream)
+                : sm90::launch_dim<sm90::Mma::kBF16, false>(a, scores, stream);
+  }
+  return e4m3 ? sm90::launch_dim<sm90::Mma::kF16, true>(a, scores, stream)
+              : sm90::launch_dim<sm90::Mma::kF16, false>(a, scores, stream);
+}
+
+}  // namespace jax_msa::cuda
