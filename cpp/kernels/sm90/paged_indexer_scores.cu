@@ -49,13 +49,17 @@ constexpr int kBlock = 128;          // keys per page (spec §2)
 constexpr int kWarps = kBlock / 16;  // 16 keys (two n8 tiles) per warp
 constexpr int kThreads = 32 * kWarps;
 
-enum class Mma { kBF16, kF16 };
+enum class Mma { kBF16, kF16 };  // 16-bit input types
 
-// kMma: the MMA's input type (qi's); kE4M3: the cache holds e4m3 (widened to
-// kMma exactly) instead of kMma itself.
-template <Mma kMma, bool kE4M3, int kDi_, int kMTiles_>
+// kQi: qi's type; kE4M3: the cache holds e4m3 instead of kQi. An e4m3 cache
+// always takes the f16 MMA: e4m3 widens to f16 exactly in one instruction per
+// pair (four through f32 to bf16, which made bf16 decode compute bound), and
+// bf16 qi is then staged as f16 scaled by a power of two (kScaledQi,
+// stage_qi).
+template <Mma kQi, bool kE4M3, int kDi_, int kMTiles_>
 struct Config {
-  static constexpr Mma kType = kMma;
+  static constexpr Mma kType = kE4M3 ? Mma::kF16 : kQi;  // the MMA's inputs
+  static constexpr bool kScaledQi = kE4M3 && kQi == Mma::kBF16;
   static constexpr int kDi = kDi_;
   static constexpr int kMTiles = kMTiles_;
   static constexpr int kRows = 16 * kMTiles;
@@ -96,27 +100,15 @@ __device__ __forceinline__ void load_key(uint2& v, const uint8_t* p) {
                : "l"(p));
 }
 
-// Two e4m3 (low 16 bits of `pair`) as two kMma values. Both conversions are
-// exact (e4m3 values are normal in f16, and f16 -> f32 -> bf16 keeps them),
-// and NaN stays NaN, as the reference keeps it. SM90 has no e4m3 -> bf16
-// instruction: 4 per pair for bf16 (F2FP, 2 HADD2.F32, F2FP), 1 for f16.
-template <Mma kMma>
+// Two e4m3 (low 16 bits of `pair`) as two f16, exactly (every e4m3 value is
+// an f16 value), NaN kept as the reference keeps it.
 __device__ __forceinline__ uint32_t widen_e4m3x2(uint32_t pair) {
   uint32_t h2;
   asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(static_cast<uint16_t>(pair)));
-  if constexpr (kMma == Mma::kF16) {
-    return h2;
-  } else {
-    float lo, hi;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(lo) : "h"(static_cast<uint16_t>(h2)));
-    asm("cvt.f32.f16 %0, %1;" : "=f"(hi) : "h"(static_cast<uint16_t>(h2 >> 16)));
-    uint32_t bf2;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(bf2) : "f"(hi), "f"(lo));
-    return bf2;
-  }
+  return h2;
 }
 
-// The 8 loaded elements of a key as 4 words of 2 kMma values (word w holds
+// The 8 loaded elements of a key as 4 words of 2 kType values (word w holds
 // elements 2w, 2w + 1).
 template <class Cfg>
 __device__ __forceinline__ void to_words(const uint4& raw, uint32_t (&w)[4]) {
@@ -125,10 +117,10 @@ __device__ __forceinline__ void to_words(const uint4& raw, uint32_t (&w)[4]) {
 
 template <class Cfg>
 __device__ __forceinline__ void to_words(const uint2& raw, uint32_t (&w)[4]) {
-  w[0] = widen_e4m3x2<Cfg::kType>(raw.x);
-  w[1] = widen_e4m3x2<Cfg::kType>(raw.x >> 16);
-  w[2] = widen_e4m3x2<Cfg::kType>(raw.y);
-  w[3] = widen_e4m3x2<Cfg::kType>(raw.y >> 16);
+  w[0] = widen_e4m3x2(raw.x);
+  w[1] = widen_e4m3x2(raw.x >> 16);
+  w[2] = widen_e4m3x2(raw.y);
+  w[3] = widen_e4m3x2(raw.y >> 16);
 }
 
 template <Mma kMma>
@@ -173,22 +165,74 @@ __device__ __forceinline__ void load_page(PageKeys<Cfg>& k, const uint8_t* lane_
 template <class Cfg>
 using StagedQi = uint4[Cfg::kMTiles][2 * Cfg::kGroups][32];
 
+// The CTA's qi quads, in the order of stage_qi: quad e's top and bottom
+// 4-element halves (rows past valid_rows read as zeros).
 template <class Cfg>
-__device__ __forceinline__ void stage_qi(StagedQi<Cfg>& staged, const uint16_t* qi_rows,
-                                         int valid_rows) {
-  constexpr int kQuads = Cfg::kMTiles * 2 * Cfg::kGroups * 32;
-  for (int e = threadIdx.x; e < kQuads; e += kThreads) {
-    const int lane = e % 32, step = e / 32 % (2 * Cfg::kGroups);
-    const int tile = e / 32 / (2 * Cfg::kGroups);
+struct QiQuad {
+  int tile, step, lane;
+  uint2 top, bottom;
+  __device__ QiQuad(int e, const uint16_t* qi_rows, int valid_rows)
+      : tile(e / 32 / (2 * Cfg::kGroups)), step(e / 32 % (2 * Cfg::kGroups)), lane(e % 32) {
     const int row = 16 * tile + lane / 4;
     const uint16_t* chunk =
         qi_rows + row * Cfg::kDi + 32 * (step / 2) + 8 * (lane % 4) + 4 * (step % 2);
     // Rows past the last one are zeros; their scores are never written.
-    uint2 top = make_uint2(0, 0), bottom = make_uint2(0, 0);
-    if (row < valid_rows) top = __ldg(reinterpret_cast<const uint2*>(chunk));
-    if (row + 8 < valid_rows) bottom = __ldg(reinterpret_cast<const uint2*>(chunk + 8 * Cfg::kDi));
-    staged[tile][step][lane] = make_uint4(top.x, bottom.x, top.y, bottom.y);
+    top = row < valid_rows ? __ldg(reinterpret_cast<const uint2*>(chunk)) : make_uint2(0, 0);
+    bottom = row + 8 < valid_rows ? __ldg(reinterpret_cast<const uint2*>(chunk + 8 * Cfg::kDi))
+                                  : make_uint2(0, 0);
   }
+};
+
+__device__ __forceinline__ float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xFFFF0000u); }
+
+// Two bf16 (one word) times `scale` as two f16.
+__device__ __forceinline__ uint32_t bf16x2_to_scaled_f16x2(uint32_t w, float scale) {
+  uint32_t h2;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(h2) : "f"(bf16_hi(w) * scale), "f"(bf16_lo(w) * scale));
+  return h2;
+}
+
+// Stages the CTA's qi rows; returns the factor qi was multiplied by (1 unless
+// kScaledQi). A bf16 row is staged as f16 times 2^e, e chosen so that the
+// CTA's largest |qi| lands in [2^14, 2^15): bf16's 8-bit significand fits
+// f16's 11 bits, so every element within 2^-24 of that largest is exact and
+// smaller ones (negligible in the dot product) round; the power of two comes
+// back out of the scores exactly. `largest` is shared scratch.
+template <class Cfg>
+__device__ __forceinline__ float stage_qi(StagedQi<Cfg>& staged, const uint16_t* qi_rows,
+                                          int valid_rows, int* largest) {
+  constexpr int kQuads = Cfg::kMTiles * 2 * Cfg::kGroups * 32;
+  float scale = 1.0f;
+  if constexpr (Cfg::kScaledQi) {
+    if (threadIdx.x == 0) *largest = 0;
+    __syncthreads();
+    float m = 0.0f;  // fmaxf drops NaN: NaN stays NaN whatever the scale
+    for (int e = threadIdx.x; e < kQuads; e += kThreads) {
+      const QiQuad<Cfg> q(e, qi_rows, valid_rows);
+      for (uint32_t w : {q.top.x, q.top.y, q.bottom.x, q.bottom.y}) {
+        m = fmaxf(m, fmaxf(fabsf(bf16_lo(w)), fabsf(bf16_hi(w))));
+      }
+    }
+    atomicMax(largest, __float_as_int(m));  // non-negative floats order as ints
+    __syncthreads();
+    // 2^(14 - exponent of the largest), kept a normal float (all zeros or
+    // subnormals: 2^126; an infinity: 2^-114, and stays infinite).
+    const int biased = (*largest >> 23) & 0xFF;
+    const int e = std::min(std::max(141 - biased, -126), 126);
+    scale = __int_as_float((e + 127) << 23);
+  }
+  for (int e = threadIdx.x; e < kQuads; e += kThreads) {
+    const QiQuad<Cfg> q(e, qi_rows, valid_rows);
+    if constexpr (Cfg::kScaledQi) {
+      staged[q.tile][q.step][q.lane] = make_uint4(
+          bf16x2_to_scaled_f16x2(q.top.x, scale), bf16x2_to_scaled_f16x2(q.bottom.x, scale),
+          bf16x2_to_scaled_f16x2(q.top.y, scale), bf16x2_to_scaled_f16x2(q.bottom.y, scale));
+    } else {
+      staged[q.tile][q.step][q.lane] = make_uint4(q.top.x, q.bottom.x, q.top.y, q.bottom.y);
+    }
+  }
+  return scale;
 }
 
 // acc[i][n] = rows 16i .. 16i + 15 x this warp's keys 8n .. 8n + 7 (the C
@@ -250,6 +294,7 @@ template <class Cfg>
 __global__ void __launch_bounds__(kThreads, 2)
     paged_indexer_scores_kernel(const __grid_constant__ Params p) {
   __shared__ StagedQi<Cfg> staged_qi;
+  __shared__ int largest_qi;
   // Per-warp maxima, double-buffered by round parity: a round's writes never
   // race with the previous round's reads, so one barrier per page suffices.
   __shared__ float red[2][kWarps][Cfg::kRows];
@@ -281,8 +326,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   int64_t next_page = count > 1 ? __ldg(table + 1) : -1;
   if (stored(page)) load_page(keys[0], lane_keys + page * kPageBytes);
 
-  stage_qi<Cfg>(staged_qi, p.qi + (b * p.rows + r0) * Cfg::kDi, p.rows - r0);
-  const float factor = p.scale * __ldg(p.ki_scale);
+  const float qi_scale =
+      stage_qi<Cfg>(staged_qi, p.qi + (b * p.rows + r0) * Cfg::kDi, p.rows - r0, &largest_qi);
+  const float factor = p.scale * __ldg(p.ki_scale) / qi_scale;  // a power of two: exact
   float* out = p.scores + (b * p.rows + r0 + tid) * p.max_pages + c_begin;
   __syncthreads();
 
@@ -356,18 +402,18 @@ cudaError_t launch(const cuda::PagedIndexerArgs& a, float* scores, cudaStream_t 
 // Row tiles per CTA: as few as cover Q * Hi, up to 4 (64 rows: every decode
 // shape, 1-16 tokens x 1-4 heads, in one row chunk, so each page is read
 // once; longer chunks take more row chunks).
-template <Mma kMma, bool kE4M3, int kDi>
+template <Mma kQi, bool kE4M3, int kDi>
 cudaError_t launch_tiles(const cuda::PagedIndexerArgs& a, float* scores, cudaStream_t stream) {
   const int64_t rows = a.Q * a.Hi;
-  if (rows <= 16) return launch<Config<kMma, kE4M3, kDi, 1>>(a, scores, stream);
-  if (rows <= 32) return launch<Config<kMma, kE4M3, kDi, 2>>(a, scores, stream);
-  return launch<Config<kMma, kE4M3, kDi, 4>>(a, scores, stream);
+  if (rows <= 16) return launch<Config<kQi, kE4M3, kDi, 1>>(a, scores, stream);
+  if (rows <= 32) return launch<Config<kQi, kE4M3, kDi, 2>>(a, scores, stream);
+  return launch<Config<kQi, kE4M3, kDi, 4>>(a, scores, stream);
 }
 
-template <Mma kMma, bool kE4M3>
+template <Mma kQi, bool kE4M3>
 cudaError_t launch_dim(const cuda::PagedIndexerArgs& a, float* scores, cudaStream_t stream) {
-  if (a.Di == 64) return launch_tiles<kMma, kE4M3, 64>(a, scores, stream);
-  return launch_tiles<kMma, kE4M3, 128>(a, scores, stream);
+  if (a.Di == 64) return launch_tiles<kQi, kE4M3, 64>(a, scores, stream);
+  return launch_tiles<kQi, kE4M3, 128>(a, scores, stream);
 }
 
 }  // namespace
