@@ -79,8 +79,9 @@ _scores_p = define_primitive("paged_indexer_scores", abstract_eval=_scores_abstr
 
 def _cuda_kernel_takes(ki_cache, ki_scale, qi, *rest, implementation, **params) -> bool:
     """Whether the CUDA kernels take these inputs (cuda::paged_indexer_scores_supported):
-    16-bit qi with Di 64 or 128, and a cache of qi's dtype or float8_e4m3fn (the
-    MMA runs in qi's dtype, which holds either exactly)."""
+    16-bit qi with Di 64 or 128, and a cache of qi's dtype or float8_e4m3fn (an
+    e4m3 cache runs the f16 MMA, which holds e4m3 exactly and bf16 qi after a
+    power-of-two scaling)."""
     return (qi.dtype in (jnp.bfloat16, jnp.float16) and qi.shape[-1] in (64, 128)
             and ki_cache.dtype in (qi.dtype, jnp.float8_e4m3fn))
 

@@ -13,10 +13,12 @@
 //    keys end before 128 * L(t) <= t's position < kv_len), so nothing is
 //    masked. Other entries, and padded rows, are left unwritten.
 //  - Grid (B x row chunks, page chunks). A CTA takes kRows = 16 * kMTiles of
-//    the request's flattened (token, head) rows and a run of pages, one page
-//    at a time: warp w computes keys 16w .. 16w + 15 against the rows with
-//    mma.sync m16n8k16, rows as A (M = 16 per tile), keys as B (two n8 tiles:
-//    a page [128, Di] is row-major, i.e. k-major like B's columns).
+//    the request's flattened (token, head) rows and a run of pages; each warp
+//    takes whole pages of the run (w, w + 8, ...) and goes through a page in
+//    chunks of 16 keys against the rows with mma.sync m16n8k16, rows as A
+//    (M = 16 per tile), keys as B (two n8 tiles: a page [128, Di] is
+//    row-major, i.e. k-major like B's columns). A warp owning whole pages
+//    needs no barrier after qi's staging: no warp ever waits for another.
 //  - Keys go from global memory straight into B's registers. The dot product
 //    sums over Di, so any permutation of k applied to A and B alike is free:
 //    lane (g, q) = (lane / 4, lane % 4) loads the 8 contiguous elements
@@ -27,13 +29,13 @@
 //    (4s+2, 4s+3). Both halves of B come from one key, so each step's B is
 //    an aligned register pair of the load, with no moves.
 //  - qi is staged once per CTA in shared memory in A-fragment order (one
-//    16-byte quad per lane and k step, with the same permutation), so a page
+//    16-byte quad per lane and k step, with the same permutation), so a chunk
 //    reads each A fragment with one conflict-free LDS.128.
-//  - The loads of the next page are issued before the MMAs of the current
-//    one, so each CTA keeps one to two pages in flight.
-//  - Max over the keys: per thread over its 4 keys, shuffles over the 4
-//    lanes of a row, then across the 8 warps through shared memory. It
-//    propagates NaN (max.NaN), as the reference's block max does.
+//  - Each warp has one chunk (2-4 KB) in flight at a time; the SM's 16 or
+//    more independent warps keep enough bytes coming.
+//  - Max over the keys: a running max per thread over its keys of the page's
+//    chunks, then shuffles over the 4 lanes of a row. It propagates NaN
+//    (max.NaN), as the reference's block max does.
 #include <algorithm>
 #include <climits>
 #include <cmath>
@@ -140,16 +142,16 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint4& a, uint32_
   }
 }
 
-// A lane's elements of one page: keys g ([0]) and g + 8 ([1]) of its warp's
-// 16 (the columns g of the two n8 tiles), 8 elements per k group.
+// A lane's elements of a chunk of 16 keys: keys g ([0]) and g + 8 ([1]) (the
+// columns g of the two n8 tiles), 8 elements per k group.
 template <class Cfg>
-struct PageKeys {
+struct ChunkKeys {
   typename Cfg::Raw raw[2][Cfg::kGroups];
 };
 
-// `lane_keys`: the lane's first element (key g, column 8q) in the page.
+// `lane_keys`: the lane's first element (key g, column 8q) in the chunk.
 template <class Cfg>
-__device__ __forceinline__ void load_page(PageKeys<Cfg>& k, const uint8_t* lane_keys) {
+__device__ __forceinline__ void load_chunk(ChunkKeys<Cfg>& k, const uint8_t* lane_keys) {
 #pragma unroll
   for (int n = 0; n < 2; ++n) {
 #pragma unroll
@@ -235,58 +237,40 @@ __device__ __forceinline__ float stage_qi(StagedQi<Cfg>& staged, const uint16_t*
   return scale;
 }
 
-// acc[i][n] = rows 16i .. 16i + 15 x this warp's keys 8n .. 8n + 7 (the C
-// fragment: rows g and g + 8, keys 2q and 2q + 1 of the tile).
+// Folds the chunk's scores into the running maxima of rows g (top[i]) and
+// g + 8 (bottom[i]) of each m tile over this lane's keys, one tile at a time
+// (few accumulators live: with all tiles' at once the 64-row configurations
+// spilled). acc[n]: the tile's rows x the chunk's keys 8n .. 8n + 7 (the C
+// fragment: rows g and g + 8, keys 2q and 2q + 1). `factor` is applied before
+// the max, so a negative scale picks the right key.
 template <class Cfg>
-__device__ __forceinline__ void page_dots(const PageKeys<Cfg>& k, const StagedQi<Cfg>& staged,
-                                          int lane, float (&acc)[Cfg::kMTiles][2][4]) {
-#pragma unroll
-  for (int i = 0; i < Cfg::kMTiles; ++i) {
-#pragma unroll
-    for (int n = 0; n < 2; ++n) acc[i][n][0] = acc[i][n][1] = acc[i][n][2] = acc[i][n][3] = 0.0f;
-  }
+__device__ __forceinline__ void chunk_max(const ChunkKeys<Cfg>& k, const StagedQi<Cfg>& staged,
+                                          int lane, float factor, float (&top)[Cfg::kMTiles],
+                                          float (&bottom)[Cfg::kMTiles]) {
+  uint32_t key[2][Cfg::kGroups][4];
 #pragma unroll
   for (int kg = 0; kg < Cfg::kGroups; ++kg) {
-    uint32_t key[2][4];
-    to_words<Cfg>(k.raw[0][kg], key[0]);
-    to_words<Cfg>(k.raw[1][kg], key[1]);
+    to_words<Cfg>(k.raw[0][kg], key[0][kg]);
+    to_words<Cfg>(k.raw[1][kg], key[1][kg]);
+  }
 #pragma unroll
-    for (int s = 0; s < 2; ++s) {
+  for (int i = 0; i < Cfg::kMTiles; ++i) {
+    float acc[2][4] = {};
 #pragma unroll
-      for (int i = 0; i < Cfg::kMTiles; ++i) {
+    for (int kg = 0; kg < Cfg::kGroups; ++kg) {
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
         const uint4 a = staged[i][2 * kg + s][lane];
 #pragma unroll
         for (int n = 0; n < 2; ++n) {
-          mma_16816<Cfg::kType>(acc[i][n], a, key[n][2 * s], key[n][2 * s + 1]);
+          mma_16816<Cfg::kType>(acc[n], a, key[n][kg][2 * s], key[n][kg][2 * s + 1]);
         }
       }
     }
-  }
-}
-
-// The warp's maxima over its 16 keys of factor * acc, per row of the chunk,
-// into red_warp[row]. The factor is applied before the max, so a negative
-// scale picks the right key.
-template <class Cfg>
-__device__ __forceinline__ void warp_max(const float (&acc)[Cfg::kMTiles][2][4], float factor,
-                                         float* red_warp, int lane) {
-#pragma unroll
-  for (int i = 0; i < Cfg::kMTiles; ++i) {
-    const float(&c)[2][4] = acc[i];
-    // Rows g and g + 8 over keys 2q, 2q + 1 of both n tiles.
-    float top = max_nan(max_nan(factor * c[0][0], factor * c[0][1]),
-                        max_nan(factor * c[1][0], factor * c[1][1]));
-    float bottom = max_nan(max_nan(factor * c[0][2], factor * c[0][3]),
-                           max_nan(factor * c[1][2], factor * c[1][3]));
-#pragma unroll
-    for (int offset = 1; offset < 4; offset *= 2) {  // over q
-      top = max_nan(top, __shfl_xor_sync(0xFFFFFFFFu, top, offset));
-      bottom = max_nan(bottom, __shfl_xor_sync(0xFFFFFFFFu, bottom, offset));
-    }
-    if (lane % 4 == 0) {
-      red_warp[16 * i + lane / 4] = top;
-      red_warp[16 * i + lane / 4 + 8] = bottom;
-    }
+    top[i] = max_nan(top[i], max_nan(max_nan(factor * acc[0][0], factor * acc[0][1]),
+                                     max_nan(factor * acc[1][0], factor * acc[1][1])));
+    bottom[i] = max_nan(bottom[i], max_nan(max_nan(factor * acc[0][2], factor * acc[0][3]),
+                                           max_nan(factor * acc[1][2], factor * acc[1][3])));
   }
 }
 
@@ -295,9 +279,6 @@ __global__ void __launch_bounds__(kThreads, 2)
     paged_indexer_scores_kernel(const __grid_constant__ Params p) {
   __shared__ StagedQi<Cfg> staged_qi;
   __shared__ int largest_qi;
-  // Per-warp maxima, double-buffered by round parity: a round's writes never
-  // race with the previous round's reads, so one barrier per page suffices.
-  __shared__ float red[2][kWarps][Cfg::kRows];
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int64_t b = blockIdx.x / p.row_chunks;
   const int r0 = static_cast<int>(blockIdx.x % p.row_chunks) * Cfg::kRows;
@@ -314,60 +295,62 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int rows_out = static_cast<int>(std::min<int64_t>(q_len * p.Hi - r0, Cfg::kRows));
   if (count <= 0 || rows_out <= 0) return;
 
+  // Warp w takes the run's pages w, w + kWarps, ... whole, so no barrier
+  // follows the staging: no warp waits for another.
+  const int mine = count > warp ? (count - warp + kWarps - 1) / kWarps : 0;
+  const int32_t* table = p.page_table + b * p.max_pages + c_begin + warp;
+  const auto entry = [&](int j) -> int64_t { return j < mine ? __ldg(table + kWarps * j) : -1; };
   const int64_t num_pages = p.num_pages;
   const auto stored = [num_pages](int64_t page) { return page >= 0 && page < num_pages; };
-  const int32_t* table = p.page_table + b * p.max_pages + c_begin;
   constexpr int64_t kPageBytes = int64_t{kBlock} * Cfg::kDi * Cfg::kKeyBytes;
-  const uint8_t* lane_keys =
-      p.cache + ((16 * warp + lane / 4) * Cfg::kDi + 8 * (lane % 4)) * Cfg::kKeyBytes;
-  // The first page's loads go out before qi is staged.
-  PageKeys<Cfg> keys[2];
-  int64_t page = __ldg(table);
-  int64_t next_page = count > 1 ? __ldg(table + 1) : -1;
-  if (stored(page)) load_page(keys[0], lane_keys + page * kPageBytes);
-
+  constexpr int64_t kChunkBytes = int64_t{16} * Cfg::kDi * Cfg::kKeyBytes;
+  const uint8_t* lane_keys = p.cache + ((lane / 4) * Cfg::kDi + 8 * (lane % 4)) * Cfg::kKeyBytes;
   const float qi_scale =
       stage_qi<Cfg>(staged_qi, p.qi + (b * p.rows + r0) * Cfg::kDi, p.rows - r0, &largest_qi);
   const float factor = p.scale * __ldg(p.ki_scale) / qi_scale;  // a power of two: exact
-  float* out = p.scores + (b * p.rows + r0 + tid) * p.max_pages + c_begin;
   __syncthreads();
 
-  int round = 0;
-  // Page i from `cur` while page i + 1 loads into `next`.
-  const auto step = [&](int i, const PageKeys<Cfg>& cur, PageKeys<Cfg>& next) {
-    const int64_t after = i + 2 < count ? __ldg(table + i + 2) : -1;
-    if (stored(next_page)) load_page(next, lane_keys + next_page * kPageBytes);
-    if (stored(page)) {
-      float acc[Cfg::kMTiles][2][4];
-      page_dots(cur, staged_qi, lane, acc);
-      warp_max<Cfg>(acc, factor, red[round % 2][warp], lane);
-      __syncthreads();
-      if (tid < rows_out) {
-        float m = red[round % 2][0][tid];
+  // Output rows of this lane: 16 i + g and 16 i + g + 8 (after the shuffles
+  // over q, lanes with q = 0 hold the maxima).
+  float* out = p.scores + (b * p.rows + r0 + lane / 4) * p.max_pages + c_begin + warp;
+  int64_t page = entry(0);
+  for (int j = 0; j < mine; ++j, out += kWarps) {
+    const int64_t next_page = entry(j + 1);  // its latency hides behind this page
+    float top[Cfg::kMTiles], bottom[Cfg::kMTiles];
 #pragma unroll
-        for (int w = 1; w < kWarps; ++w) m = max_nan(m, red[round % 2][w][tid]);
-        out[i] = m;
+    for (int i = 0; i < Cfg::kMTiles; ++i) top[i] = bottom[i] = -INFINITY;  // a hole holds no keys
+    if (stored(page)) {
+      // One chunk in flight per warp: the 16 warps of an SM, independent,
+      // keep enough bytes coming, and a second buffer made the 32- and
+      // 64-row configurations spill. Not unrolled for the same reason.
+#pragma unroll 1
+      for (int k = 0; k < kBlock / 16; ++k) {
+        ChunkKeys<Cfg> keys;
+        load_chunk(keys, lane_keys + page * kPageBytes + k * kChunkBytes);
+        chunk_max(keys, staged_qi, lane, factor, top, bottom);
       }
-      ++round;
-    } else if (tid < rows_out) {
-      out[i] = -INFINITY;  // a hole holds no keys
+    }
+#pragma unroll
+    for (int i = 0; i < Cfg::kMTiles; ++i) {
+#pragma unroll
+      for (int offset = 1; offset < 4; offset *= 2) {  // over q
+        top[i] = max_nan(top[i], __shfl_xor_sync(0xFFFFFFFFu, top[i], offset));
+        bottom[i] = max_nan(bottom[i], __shfl_xor_sync(0xFFFFFFFFu, bottom[i], offset));
+      }
+      const int row = 16 * i + lane / 4;
+      if (lane % 4 == 0 && row < rows_out) out[16 * i * p.max_pages] = top[i];
+      if (lane % 4 == 0 && row + 8 < rows_out) out[(16 * i + 8) * p.max_pages] = bottom[i];
     }
     page = next_page;
-    next_page = after;
-  };
-  for (int i = 0; i < count; i += 2) {
-    step(i, keys[0], keys[1]);
-    if (i + 1 < count) step(i + 1, keys[1], keys[0]);
   }
 }
 
 // CTAs in all, per SM, that the page runs aim at: enough waves that the last
-// one's tail is short.
+// one's tail is short (4 per SM measured 10-20% slower than 16 at B = 32).
 constexpr int64_t kCtasPerSm = 16;
-// Pages per CTA: at least 2, so that each CTA overlaps a page's loads with
-// the work on another; at most 16, so that CTAs stay short next to the whole
-// (balance across requests, a short tail).
-constexpr int64_t kMinPagesPerCta = 2, kMaxPagesPerCta = 16;
+// Pages per CTA: at least one per warp; at most 8 per warp, so that CTAs stay
+// short next to the whole (balance across requests, a short tail).
+constexpr int64_t kMinPagesPerCta = kWarps, kMaxPagesPerCta = 8 * kWarps;
 
 int multiprocessors() {
   int device = 0, sms = 0;
