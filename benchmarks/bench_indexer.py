@@ -24,10 +24,8 @@ dense attention 4*D*Hq*pairs, with pairs = T(T+1)/2 causal (query, key) pairs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +34,7 @@ import numpy as np
 import jax_msa
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import median_ms, normal  # noqa: E402  (benchmarks/timing.py, shared)
+from timing import fmt, median_ms, normal, write_results  # noqa: E402  (benchmarks/timing.py, shared)
 
 
 # The hidden primitives of the CUDA indexer (indexer_scores, indexer_select),
@@ -110,13 +108,9 @@ def run(args) -> list[dict]:
     return rows
 
 
-def _fmt(v, spec):
-    return "-" if v is None else format(v, spec)
-
-
 def _print(row):
     print(f"{row['op']:>22} T={row['T']:>7} Hi={row['Hi']} {row['ms']:10.3f} ms "
-          f"{_fmt(row['tflops'], '8.1f')} TFLOP/s  cudnn/this={_fmt(row['vs_cudnn'], '.2f')}", flush=True)
+          f"{fmt(row['tflops'], '8.1f')} TFLOP/s  cudnn/this={fmt(row['vs_cudnn'], '.2f')}", flush=True)
 
 
 def main(argv=None):
@@ -139,18 +133,8 @@ def main(argv=None):
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}", flush=True)
     rows = run(args)
-    meta = dict(device=device.device_kind, jax=jax.__version__, argv=sys.argv, dtype=args.dtype, topk=args.topk,
-                date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    if args.tsv:
-        with open(args.tsv, "w") as f:
-            f.write("op\tT\tHi\tDi\tms\ttflops\tcudnn_over_this\n")
-            for r in rows:
-                f.write(f"{r['op']}\t{r['T']}\t{r['Hi']}\t{r['Di']}\t{r['ms']:.4f}\t{_fmt(r['tflops'], '.1f')}\t"
-                        f"{_fmt(r['vs_cudnn'], '.3f')}\n")
-
+    meta = dict(device=device.device_kind, jax=jax.__version__, argv=sys.argv, dtype=args.dtype, topk=args.topk)
+    write_results(args.json, args.tsv, meta, rows, ("op", "T", "Hi", "Di", "ms", "tflops", "vs_cudnn"))
 
 if __name__ == "__main__":
     main()

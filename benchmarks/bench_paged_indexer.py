@@ -28,10 +28,8 @@ divided by reps. Cases whose caches do not fit in device memory are skipped.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +38,7 @@ import numpy as np
 import jax_msa
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import median_ms  # noqa: E402  (benchmarks/timing.py, shared)
+from timing import fmt, median_ms, write_results  # noqa: E402  (benchmarks/timing.py, shared)
 
 BLOCK = 128
 # The hidden primitives of paged_indexer on CUDA, timed alone where this build has them.
@@ -141,13 +139,9 @@ def _scores_fn(di, ql, kv):
         ki_cache, ki_scale, qi, table, ql, kv, scale=np.float32(di**-0.5), implementation="kernel")[0]
 
 
-def _fmt(v, spec):
-    return "-" if v is None else format(v, spec)
-
-
 def _print(row):
     print(f"{row['op']:>14} {row['cache']:>14} B={row['B']:>4} T={row['T']:>7} Hi={row['Hi']} "
-          f"{_fmt(row['ms'], '9.4f')} ms {row['gbps']:9.1f} GB/s  of_copy={row['of_copy']:.3f}", flush=True)
+          f"{fmt(row['ms'], '9.4f')} ms {row['gbps']:9.1f} GB/s  of_copy={row['of_copy']:.3f}", flush=True)
 
 
 def main(argv=None):
@@ -173,17 +167,8 @@ def main(argv=None):
     print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}", flush=True)
     rows = run(args)
     meta = dict(device=device.device_kind, jax=jax.__version__, argv=sys.argv, queries=args.queries, dim=args.dim,
-                topk=args.topk, date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    if args.tsv:
-        with open(args.tsv, "w") as f:
-            f.write("op\tcache\tB\tT\tHi\tms\tbytes\tGBps\tof_copy\n")
-            for r in rows:
-                f.write(f"{r['op']}\t{r['cache']}\t{r['B']}\t{r['T']}\t{r['Hi']}\t{_fmt(r['ms'], '.4f')}\t"
-                        f"{r['bytes']}\t{r['gbps']:.1f}\t{r['of_copy']:.3f}\n")
-
+                topk=args.topk)
+    write_results(args.json, args.tsv, meta, rows, ("op", "cache", "B", "T", "Hi", "ms", "bytes", "gbps", "of_copy"))
 
 if __name__ == "__main__":
     main()

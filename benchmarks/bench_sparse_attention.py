@@ -83,7 +83,6 @@ import json
 import math
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -403,28 +402,12 @@ class Bench:
     # -- output
 
     def write(self):
-        a = self.args
-        self.meta["date"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-        if a.json:
-            with open(a.json, "w") as f:
-                json.dump(dict(meta=self.meta, rows=self.rows), f, indent=1)
-        if a.tsv:
-            with open(a.tsv, "w") as f:
-                f.write("\t".join(TSV_COLUMNS) + "\n")
-                for row in self.rows:
-                    f.write("\t".join(_tsv_cell(row.get(c)) for c in TSV_COLUMNS) + "\n")
+        from timing import write_results
+        write_results(self.args.json, self.args.tsv, self.meta, self.rows, TSV_COLUMNS)
 
 
 def _fmt(v, spec):
     return "-" if v is None else format(v, spec)
-
-
-def _tsv_cell(v):
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return str(v).replace("\t", " ")
 
 
 def format_row(row: dict) -> str:

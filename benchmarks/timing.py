@@ -13,6 +13,7 @@ per-call time.
 from __future__ import annotations
 
 import itertools
+import json
 import statistics
 import time
 from typing import Callable, Sequence
@@ -65,3 +66,31 @@ def median_ms(fn: Callable, input_sets: Sequence[tuple], samples: int = 20, min_
 def normal(key: jax.Array, shape: Sequence[int], dtype) -> jax.Array:
     """Standard normal samples drawn in float32 and cast to `dtype`."""
     return jax.random.normal(key, tuple(shape), jnp.float32).astype(dtype)
+
+
+def fmt(value, spec: str) -> str:
+    """format(value, spec), or "-" for a missing value."""
+    return "-" if value is None else format(value, spec)
+
+
+def _tsv_cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value).replace("\t", " ")
+
+
+def write_results(json_path: str | None, tsv_path: str | None, meta: dict, rows: Sequence[dict],
+                  columns: Sequence[str]) -> None:
+    """Writes a benchmark's rows: JSON {meta (with the date), rows} and a TSV
+    of `columns` (floats to 6 significant digits, missing values as "-")."""
+    meta = dict(meta, date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(dict(meta=meta, rows=list(rows)), f, indent=1)
+    if tsv_path:
+        with open(tsv_path, "w") as f:
+            f.write("\t".join(columns) + "\n")
+            for row in rows:
+                f.write("\t".join(_tsv_cell(row.get(c)) for c in columns) + "\n")

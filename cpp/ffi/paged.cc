@@ -12,16 +12,16 @@
 namespace jax_msa {
 namespace {
 
-std::optional<cpu::CacheType> ToCacheType(ffi::DataType type) {
+std::optional<CacheType> ToCacheType(ffi::DataType type) {
   switch (type) {
     case ffi::DataType::F32:
-      return cpu::CacheType::kF32;
+      return CacheType::kF32;
     case ffi::DataType::BF16:
-      return cpu::CacheType::kBF16;
+      return CacheType::kBF16;
     case ffi::DataType::F16:
-      return cpu::CacheType::kF16;
+      return CacheType::kF16;
     case ffi::DataType::F8E4M3FN:
-      return cpu::CacheType::kE4M3FN;
+      return CacheType::kE4M3FN;
     default:
       return std::nullopt;
   }
@@ -160,19 +160,6 @@ ffi::Error PagedIndexerCpu(ffi::AnyBuffer ki_cache, ffi::AnyBuffer ki_scale, ffi
 }
 
 #ifdef JAX_MSA_WITH_CUDA
-std::optional<cuda::CacheDType> ToCudaCacheDType(ffi::DataType type) {
-  switch (type) {
-    case ffi::DataType::BF16:
-      return cuda::CacheDType::kBF16;
-    case ffi::DataType::F16:
-      return cuda::CacheDType::kF16;
-    case ffi::DataType::F8E4M3FN:
-      return cuda::CacheDType::kE4M3;
-    default:
-      return std::nullopt;
-  }
-}
-
 // paged_indexer on CUDA is paged_indexer_scores -> indexer_select
 // (jax_msa/paged.py), the scores an ordinary XLA buffer between them.
 // paged_indexer_scores: paged_indexer's operands -> scores [B, Q, Hi,
@@ -202,7 +189,7 @@ ffi::Error PagedIndexerScoresCuda(cudaStream_t stream, ffi::AnyBuffer ki_cache,
                                     scale};
   // The Python lowering sends other inputs to the reference: this only fires
   // for a direct caller of the target.
-  auto cache = ToCudaCacheDType(ki_cache.element_type());
+  auto cache = ToCacheType(ki_cache.element_type());
   if (!cache || !cuda::paged_indexer_scores_supported(dtype, *cache, args.Di)) {
     return ffi::Error::InvalidArgument(
         "jax_msa: the CUDA paged indexer takes bfloat16/float16 qi with head dim 64 or 128 and "

@@ -7,4 +7,7 @@ namespace jax_msa {
 // always float32.
 enum class DType { kF32, kBF16, kF16 };
 
+// Element type of a paged cache (spec §3.7): DType's, or e4m3 with a scale.
+enum class CacheType { kF32, kBF16, kF16, kE4M3FN };
+
 }  // namespace jax_msa

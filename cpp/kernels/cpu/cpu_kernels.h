@@ -91,7 +91,7 @@ void attention_bwd(DType dtype, const AttentionProblem& problem,
 // skipped and never read. kv_lengths [B] count every cached token of a request
 // including its q_lengths[b] new queries (clamped to [0, max_pages * kBlock]);
 // positions and padding follow the top of this file with Sk = max_pages*kBlock.
-enum class CacheType { kF32, kBF16, kF16, kE4M3FN };
+// The element type is a CacheType (kernels/dtype.h).
 
 struct PagedCache {
   const void* data;

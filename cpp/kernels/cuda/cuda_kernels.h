@@ -68,8 +68,6 @@ cudaError_t selected_lse(const float* scores, const float* sums,
                          int64_t NB, int64_t topk, cudaStream_t stream);
 
 // ---- Paged inference (spec §3.7) on SM90 -----------------------------------
-// Element type of a paged cache.
-enum class CacheDType { kBF16, kF16, kE4M3 };
 
 // The operands of paged_indexer (cpu::paged_indexer), without its ids.
 struct PagedIndexerArgs {
@@ -86,7 +84,7 @@ struct PagedIndexerArgs {
 // Whether paged_indexer_scores takes these inputs: bfloat16 or float16 qi
 // with Di 64 or 128, and a cache of qi's type or e4m3 (the MMA runs in qi's
 // type, which holds either exactly).
-bool paged_indexer_scores_supported(DType dtype, CacheDType cache, int64_t Di);
+bool paged_indexer_scores_supported(DType dtype, CacheType cache, int64_t Di);
 
 // The block scores paged_indexer's selection reads (its first step on CUDA;
 // indexer_select with Sq = Q and NB = max_pages is the second):
@@ -97,7 +95,7 @@ bool paged_indexer_scores_supported(DType dtype, CacheDType cache, int64_t Di);
 // last one (lengths clamped to [0, Q] and [0, max_pages * 128], positions
 // kv_len - q_len + t), all fully visible; every other entry is left
 // unwritten: indexer_select never reads it.
-cudaError_t paged_indexer_scores(DType dtype, CacheDType cache, const PagedIndexerArgs& a,
+cudaError_t paged_indexer_scores(DType dtype, CacheType cache, const PagedIndexerArgs& a,
                                  float* scores, cudaStream_t stream);
 
 // ---- Block-sparse attention (spec §3.4) on SM90 ----------------------------

@@ -404,14 +404,14 @@ cudaError_t launch_dim(const cuda::PagedIndexerArgs& a, float* scores, cudaStrea
 
 namespace jax_msa::cuda {
 
-bool paged_indexer_scores_supported(DType dtype, CacheDType cache, int64_t Di) {
-  const bool same_type = (dtype == DType::kBF16 && cache == CacheDType::kBF16) ||
-                         (dtype == DType::kF16 && cache == CacheDType::kF16);
-  return (same_type || cache == CacheDType::kE4M3) &&
+bool paged_indexer_scores_supported(DType dtype, CacheType cache, int64_t Di) {
+  const bool same_type = (dtype == DType::kBF16 && cache == CacheType::kBF16) ||
+                         (dtype == DType::kF16 && cache == CacheType::kF16);
+  return (same_type || cache == CacheType::kE4M3FN) &&
          (dtype == DType::kBF16 || dtype == DType::kF16) && (Di == 64 || Di == 128);
 }
 
-cudaError_t paged_indexer_scores(DType dtype, CacheDType cache, const PagedIndexerArgs& a,
+cudaError_t paged_indexer_scores(DType dtype, CacheType cache, const PagedIndexerArgs& a,
                                  float* scores, cudaStream_t stream) {
   const bool aligned = reinterpret_cast<uintptr_t>(a.qi) % 16 == 0 &&
                        reinterpret_cast<uintptr_t>(a.ki_cache) % 16 == 0;
@@ -420,7 +420,7 @@ cudaError_t paged_indexer_scores(DType dtype, CacheDType cache, const PagedIndex
     return cudaErrorInvalidValue;
   }
   if (a.B == 0 || a.Q * a.Hi == 0 || a.max_pages == 0) return cudaSuccess;
-  const bool e4m3 = cache == CacheDType::kE4M3;
+  const bool e4m3 = cache == CacheType::kE4M3FN;
   if (dtype == DType::kBF16) {
     return e4m3 ? sm90::launch_dim<sm90::Mma::kBF16, true>(a, scores, stream)
                 : sm90::launch_dim<sm90::Mma::kBF16, false>(a, scores, stream);
