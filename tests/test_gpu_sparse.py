@@ -209,3 +209,33 @@ def test_backward_matches_reference(shape, pattern, dtype, scale, deterministic)
         assert not np.any(dq[b, length:])
     if pattern == "empty rows":
         assert not np.any(dq[:, 200:260])
+
+
+@pytest.mark.parametrize("pattern,query_wins", [("window", True), ("indexer", False)])
+def test_default_backward_picks_its_dq_from_the_ids(pattern, query_wins):
+    """The default backward enqueues both ways to dq behind device-side gates
+    (schedule_gate.hpp): the query-outer dq kernel runs iff 93 * U < G * A (U:
+    blocks in the unions of the query-outer tiles of 8 tokens, A: attended
+    (token, slot) pairs). It wins on window ids, so the default gradients are
+    bitwise those of deterministic=True; on indexer ids the fused dq serves (its
+    float32 atomic sums differ from the deterministic ones in the last bits)."""
+    a = jax.device_put(_inputs(9, (1, 8192, 8192, 16, 1, 16), jnp.bfloat16, pattern), GPU)
+    ids = np.asarray(a["ids"])[0, :, 0]
+    tiles = [t[t >= 0] for t in ids.reshape(-1, 8 * ids.shape[1])]
+    union, attended = sum(len(np.unique(t)) for t in tiles), sum(len(t) for t in tiles)
+    assert (93 * union < 16 * attended) == query_wins  # the premise, from the ids
+    weights = (jnp.ones(a["q"].shape, jnp.float32), jnp.zeros(a["q"].shape[:3], jnp.float32))
+
+    def grads(deterministic):
+        kernel = lambda q, k, v, scale: jax_msa.sparse_attention(
+            q, k, v, a["ids"], q_lengths=a["q_lengths"], kv_lengths=a["kv_lengths"], return_lse=True,
+            implementation="kernel", deterministic=deterministic)
+        return jax.jit(jax.grad(_loss(kernel, a, weights), argnums=(0, 1, 2)))(a["q"], a["k"], a["v"])
+
+    default, det = grads(False), grads(True)
+    for name, g, d in zip("qkv", default, det):
+        g, d = np.asarray(g, np.float32), np.asarray(d, np.float32)
+        if query_wins or name != "q":  # dk, dv: the same deterministic kernel either way
+            np.testing.assert_array_equal(g, d, err_msg=name)
+        else:
+            assert not np.array_equal(g, d) and rel_err(g, d) <= 1e-2

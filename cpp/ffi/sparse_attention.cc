@@ -152,10 +152,11 @@ ffi::Error SparseAttentionFwdByBlockCuda(cudaStream_t stream, ffi::AnyBuffer q, 
 // The backward on CUDA: dq, dk, dv plus four workspaces (sized by
 // cuda::sparse_attention_bwd_workspace; the Python side asks for them as
 // results, so nothing is allocated here): prepare (delta, block index), then
-// either the KV-outer dK / dV kernel with dQ fused (float32 atomic sums into
-// the dq_accum workspace; the default) or, with `deterministic`, the dK / dV
-// kernel and the query-outer dQ kernel (bitwise reproducible on a device;
-// dq_accum is then empty).
+// the KV-outer dK / dV kernel and the query-outer dQ kernel (bitwise
+// reproducible on a device), always with `deterministic` (dq_accum is then
+// empty), and by default only where the device picks them from the ids
+// (small tile unions: window-like ids); otherwise dK / dV with dQ fused
+// (float32 atomic sums into the dq_accum workspace).
 ffi::Error SparseAttentionBwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
                                   ffi::AnyBuffer v, ffi::AnyBuffer ids, ffi::AnyBuffer out,
                                   ffi::AnyBuffer lse, ffi::AnyBuffer dout, ffi::AnyBuffer dlse,
@@ -202,20 +203,31 @@ ffi::Error SparseAttentionBwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::An
       e.failure()) {
     return e;
   }
+  // The device's choice between the two dQ (none without blocks to visit).
+  cuda::ScheduleCosts* costs = nullptr;
+  if (!deterministic && need.index_ints > 0) {
+    costs = reinterpret_cast<cuda::ScheduleCosts*>(DataOf<int32_t>(index) + need.index_ints - 4);
+    if (auto e = CudaStatus("sparse_attention_bwd (schedule costs)",
+                            cuda::sparse_schedule_costs(dtype, args, costs, stream));
+        e.failure()) {
+      return e;
+    }
+  }
   if (auto e = CudaStatus("sparse_attention_bwd (dk, dv)",
                           cuda::sparse_attention_bwd_dkdv(
                               dtype, args, DataOf<float>(lse), dout.untyped_data(),
                               DataOf<float>(delta), DataOf<int32_t>(index), DataOf<float>(partial),
                               deterministic ? nullptr : DataOf<float>(dq_accum),
-                              dq->untyped_data(), dk->untyped_data(), dv->untyped_data(), stream));
+                              dq->untyped_data(), dk->untyped_data(), dv->untyped_data(), stream,
+                              costs));
       e.failure()) {
     return e;
   }
-  if (!deterministic) return ffi::Error::Success();
+  if (!deterministic && costs == nullptr) return ffi::Error::Success();
   return CudaStatus("sparse_attention_bwd (dq)",
                     cuda::sparse_attention_bwd_dq(dtype, args, DataOf<float>(lse),
                                                   dout.untyped_data(), DataOf<float>(delta),
-                                                  dq->untyped_data(), stream));
+                                                  dq->untyped_data(), stream, costs));
 }
 #endif
 

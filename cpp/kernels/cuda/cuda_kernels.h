@@ -125,6 +125,19 @@ bool sparse_attention_supported(DType dtype, int64_t D, int64_t group, int64_t t
 // 0 < Sk <= 2^31 - 257, B * Hkv <= 65535.
 bool sparse_attention_args_valid(DType dtype, const SparseAttentionArgs& a);
 
+// The device-side choice between the query-outer kernels and the KV-outer
+// ones (schedule="auto" forward, default backward): sums over the query-outer
+// tiles of the blocks in each tile's union and of the attended (token, slot)
+// pairs. sparse_schedule_costs zeroes `costs` (device memory, 8-byte aligned)
+// and enqueues the sums; the kernels of both ways read them and those of the
+// losing way return at once (no host sync).
+struct ScheduleCosts {
+  unsigned long long union_blocks;
+  unsigned long long attended;
+};
+cudaError_t sparse_schedule_costs(DType dtype, const SparseAttentionArgs& a, ScheduleCosts* costs,
+                                  cudaStream_t stream);
+
 // Forward: out [B, Sq, Hq, D] (dtype of q), lse [B, Sq, Hq] float32.
 cudaError_t sparse_attention_fwd(DType dtype, const SparseAttentionArgs& a, void* out,
                                  float* lse, cudaStream_t stream);
@@ -133,7 +146,8 @@ cudaError_t sparse_attention_fwd(DType dtype, const SparseAttentionArgs& a, void
 // FFI layer asks XLA for these buffers as extra results).
 struct SparseBwdWorkspace {
   int64_t delta_floats;    // float32: the row terms rowsum(dout * out) - dlse
-  int64_t index_ints;      // int32: the block -> queries index
+  int64_t index_ints;      // int32: the block -> queries index, then (when not
+                           // empty) the ScheduleCosts in its last 4 ints
   int64_t partial_floats;  // float32: split partial dK/dV sums (may be 0)
   int64_t dq_accum_floats;  // float32 [B, Sq, Hq, D]: fused dQ sums (non-deterministic path only)
 };
@@ -151,16 +165,21 @@ cudaError_t sparse_attention_bwd_prepare(DType dtype, const SparseAttentionArgs&
 // dq_accum (dq_accum_floats, 16-byte aligned, zeroed here) it also computes dq
 // [B, Sq, Hq, D] in the same pass (float32 atomic sums: not bitwise
 // reproducible, but no second walk over the selection); with dq_accum null,
-// dq is left to step 3.
+// dq is left to step 3. With `costs` (sparse_schedule_costs, and dq_accum
+// given) both are enqueued and the device runs one: the fused pass, or dk / dv
+// alone when step 3 (given the same costs) wins, on small tile unions
+// (window-like ids).
 cudaError_t sparse_attention_bwd_dkdv(DType dtype, const SparseAttentionArgs& a,
                                       const float* lse, const void* dout, const float* delta,
                                       const int32_t* index, float* partial, float* dq_accum,
-                                      void* dq, void* dk, void* dv, cudaStream_t stream);
+                                      void* dq, void* dk, void* dv, cudaStream_t stream,
+                                      const ScheduleCosts* costs = nullptr);
 
-// Backward step 3 (deterministic path): dq [B, Sq, Hq, D] (dtype of q), query-outer. Deterministic.
+// Backward step 3: dq [B, Sq, Hq, D] (dtype of q), query-outer. Deterministic.
+// With `costs`, it runs only where the device picks it over the fused dq.
 cudaError_t sparse_attention_bwd_dq(DType dtype, const SparseAttentionArgs& a, const float* lse,
                                     const void* dout, const float* delta, void* dq,
-                                    cudaStream_t stream);
+                                    cudaStream_t stream, const ScheduleCosts* costs = nullptr);
 
 // ---- Block-sparse attention forward, KV-outer ("by block") -----------------
 // The forward of sparse_attention_fwd (same arguments, same results up to

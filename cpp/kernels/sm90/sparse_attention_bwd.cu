@@ -164,6 +164,7 @@ struct DkdvParams {
   Geometry geo;
   float scale;
   int ctas;
+  ScheduleGate gate;  // the default backward: fused dQ or not, picked on the device
 };
 
 // ((2, 2, V), M, N) accumulator layout -> ((2, 2, 2), M, V / 2 * N): the
@@ -207,6 +208,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   extern __shared__ __align__(1024) char dkdv_smem[];
   SharedStorage& ss = *reinterpret_cast<SharedStorage*>(dkdv_smem);
 
+  if (p.gate.closed()) return;
   const Geometry& geo = p.geo;
   const IndexView ix(const_cast<int32_t*>(p.index), geo);
   const int64_t total = ix.header[0];
@@ -691,7 +693,9 @@ template <class Element>
 __global__ void __launch_bounds__(256) dq_convert_kernel(const float* __restrict__ acc,
                                                          const int32_t* __restrict__ q_lengths,
                                                          Element* __restrict__ dq, int64_t n8,
-                                                         int64_t Sq, int64_t Hq, float scale) {
+                                                         int64_t Sq, int64_t Hq, float scale,
+                                                         ScheduleGate gate) {
+  if (gate.closed()) return;
   for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < n8;
        e += gridDim.x * int64_t{blockDim.x}) {
     const int64_t row = e / (kHeadDim / 8);
@@ -754,12 +758,16 @@ cudaError_t prepare(const cuda::SparseAttentionArgs& a, const void* out, const v
   return block_index::build_block_index(a, geo, index, nullptr, stream);
 }
 
+// With `costs` (and dq_accum), both dK / dV kernels are enqueued behind
+// complementary gates: the fused one unless the query-outer dQ wins.
 template <class Element>
 cudaError_t dkdv(const cuda::SparseAttentionArgs& a, const float* lse, const void* dout,
                  const float* delta, const int32_t* index, float* partial, float* dq_accum,
-                 void* dq, void* dk, void* dv, cudaStream_t stream) {
+                 void* dq, void* dk, void* dv, cudaStream_t stream,
+                 const ScheduleCosts* costs) {
   using Traits = SparseBwdTraits<Element>;
   const Geometry geo(a);
+  const ScheduleGate fused_gate{costs, a.Hq / a.Hkv, false, kDqQueryOverBlockCost};
   const int64_t dq_elems = a.B * a.Sq * a.Hq * kHeadDim;
   if (dq_accum != nullptr && dq_elems > 0) {
     cudaError_t st = cudaMemsetAsync(dq_accum, 0, dq_elems * sizeof(float), stream);
@@ -770,7 +778,7 @@ cudaError_t dkdv(const cuda::SparseAttentionArgs& a, const float* lse, const voi
     const int64_t n8 = dq_elems / 8;
     const int64_t grid = std::min<int64_t>((n8 + 255) / 256, 132 * 8);
     dq_convert_kernel<Element><<<static_cast<unsigned>(grid), 256, 0, stream>>>(
-        dq_accum, a.q_lengths, static_cast<Element*>(dq), n8, a.Sq, a.Hq, a.scale);
+        dq_accum, a.q_lengths, static_cast<Element*>(dq), n8, a.Sq, a.Hq, a.scale, fused_gate);
     return cudaGetLastError();
   };
   if (geo.nbkt == 0) return convert();
@@ -794,14 +802,24 @@ cudaError_t dkdv(const cuda::SparseAttentionArgs& a, const float* lse, const voi
         static_cast<Element*>(dv),
         geo,
         a.scale,
-        ctas};
-    auto kernel = dq_accum != nullptr ? dkdv_kernel<Traits, true> : dkdv_kernel<Traits, false>;
-    cudaError_t st = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          Traits::kSmemBytes);
+        ctas,
+        fused_gate};
+    const auto run = [&](auto kernel, const DkdvParams<Traits>& params) {
+      cudaError_t st = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            Traits::kSmemBytes);
+      if (st != cudaSuccess) return st;
+      kernel<<<ctas, Traits::kThreads, Traits::kSmemBytes, stream>>>(params);
+      return cudaGetLastError();
+    };
+    cudaError_t st = dq_accum != nullptr ? run(dkdv_kernel<Traits, true>, p)
+                                         : run(dkdv_kernel<Traits, false>, p);
     if (st != cudaSuccess) return st;
-    kernel<<<ctas, Traits::kThreads, Traits::kSmemBytes, stream>>>(p);
-    st = cudaGetLastError();
-    if (st != cudaSuccess) return st;
+    if (dq_accum != nullptr && costs != nullptr) {  // the other way: dK / dV alone
+      DkdvParams<Traits> alone = p;
+      alone.dq_accum = nullptr;
+      alone.gate.query = true;
+      if ((st = run(dkdv_kernel<Traits, false>, alone)) != cudaSuccess) return st;
+    }
   }
   finish_kernel<Element><<<static_cast<unsigned>(geo.nbkt), 256, 0, stream>>>(
       index, partial, static_cast<Element*>(dk), static_cast<Element*>(dv), geo, ctas);
@@ -819,7 +837,8 @@ SparseBwdWorkspace sparse_attention_bwd_workspace(const SparseAttentionArgs& a) 
   const sm90::sparse_bwd::Geometry geo(a);
   SparseBwdWorkspace ws;
   ws.delta_floats = a.B * a.Sq * a.Hq;
-  ws.index_ints = geo.nbkt > 0 ? geo.index_ints : 0;
+  // The ScheduleCosts (4 ints, 8-byte aligned) after the index.
+  ws.index_ints = geo.nbkt > 0 ? (geo.index_ints + 1) / 2 * 2 + 4 : 0;
   const int64_t slots =
       2 * std::min<int64_t>(sm90::sparse_bwd::kMaxCtas, geo.nbkt > 0 ? geo.tiles_bound : 0);
   ws.partial_floats = slots * sm90::sparse_bwd::kSlotFloats;
@@ -842,18 +861,19 @@ cudaError_t sparse_attention_bwd_prepare(DType dtype, const SparseAttentionArgs&
 cudaError_t sparse_attention_bwd_dkdv(DType dtype, const SparseAttentionArgs& a, const float* lse,
                                       const void* dout, const float* delta, const int32_t* index,
                                       float* partial, float* dq_accum, void* dq, void* dk,
-                                      void* dv, cudaStream_t stream) {
+                                      void* dv, cudaStream_t stream, const ScheduleCosts* costs) {
   if (!sm90::sparse_bwd::args_ok(dtype, a)) return cudaErrorInvalidValue;
   if (reinterpret_cast<uintptr_t>(index) % 8 != 0) return cudaErrorInvalidValue;
   if (dq_accum != nullptr && (reinterpret_cast<uintptr_t>(dq_accum) % 16 != 0 ||
                               reinterpret_cast<uintptr_t>(dq) % 16 != 0)) {
     return cudaErrorInvalidValue;
   }
+  if (costs != nullptr && dq_accum == nullptr) return cudaErrorInvalidValue;
   return dtype == DType::kBF16
              ? sm90::sparse_bwd::dkdv<cutlass::bfloat16_t>(a, lse, dout, delta, index, partial,
-                                                           dq_accum, dq, dk, dv, stream)
+                                                           dq_accum, dq, dk, dv, stream, costs)
              : sm90::sparse_bwd::dkdv<cutlass::half_t>(a, lse, dout, delta, index, partial,
-                                                       dq_accum, dq, dk, dv, stream);
+                                                       dq_accum, dq, dk, dv, stream, costs);
 }
 
 }  // namespace jax_msa::cuda

@@ -20,6 +20,7 @@
 
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/sm90/rowmax_epilogue.hpp"
+#include "kernels/sm90/schedule_gate.hpp"
 #include "kernels/sm90/sparse_attention_traits.hpp"
 #include "kernels/sm90/sparse_tile_producer.hpp"
 
@@ -39,6 +40,7 @@ struct DqParams {
   typename Traits::Element* dq;
   float scale_log2;  // scale * log2(e)
   float scale;
+  ScheduleGate gate;  // the default backward: runs only where it beats the fused dQ
 };
 
 template <class Traits>
@@ -52,6 +54,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   extern __shared__ char smem_raw[];
   SharedStorage& ss = *reinterpret_cast<SharedStorage*>(smem_raw);
   const SparseShape& s = p.shape;
+  if (p.gate.closed()) return;
 
   init_tile_barriers<Traits>(ss);
 
@@ -201,7 +204,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
 template <class Element>
 cudaError_t launch(const cuda::SparseAttentionArgs& a, const float* lse, const void* dout,
-                   const float* delta, void* dq, cudaStream_t stream) {
+                   const float* delta, void* dq, cudaStream_t stream, ScheduleGate gate) {
   using Traits = SparseAttentionTraits<Element, 2>;
   const DqParams<Traits> p{
       make_tma_kv<Traits>(static_cast<const Element*>(a.k), a.Sk, a.Hkv, a.B),
@@ -213,7 +216,8 @@ cudaError_t launch(const cuda::SparseAttentionArgs& a, const float* lse, const v
       delta,
       static_cast<Element*>(dq),
       a.scale * 1.4426950408889634f,
-      a.scale};
+      a.scale,
+      gate};
   return launch_persistent<Traits>(sparse_attention_dq_kernel<Traits>, p, stream);
 }
 
@@ -224,12 +228,13 @@ namespace jax_msa::cuda {
 
 cudaError_t sparse_attention_bwd_dq(DType dtype, const SparseAttentionArgs& a, const float* lse,
                                     const void* dout, const float* delta, void* dq,
-                                    cudaStream_t stream) {
+                                    cudaStream_t stream, const ScheduleCosts* costs) {
   if (!sparse_attention_args_valid(dtype, a)) return cudaErrorInvalidValue;
   if (a.B == 0 || a.Sq == 0) return cudaSuccess;
+  const sm90::ScheduleGate gate{costs, a.Hq / a.Hkv, true, sm90::kDqQueryOverBlockCost};
   return dtype == DType::kBF16
-             ? sm90::launch<cutlass::bfloat16_t>(a, lse, dout, delta, dq, stream)
-             : sm90::launch<cutlass::half_t>(a, lse, dout, delta, dq, stream);
+             ? sm90::launch<cutlass::bfloat16_t>(a, lse, dout, delta, dq, stream, gate)
+             : sm90::launch<cutlass::half_t>(a, lse, dout, delta, dq, stream, gate);
 }
 
 }  // namespace jax_msa::cuda

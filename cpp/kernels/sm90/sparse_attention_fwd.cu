@@ -274,6 +274,20 @@ __global__ void __launch_bounds__(256) schedule_costs_kernel(const SparseShape s
   }
 }
 
+// Zeroes `costs` and enqueues schedule_costs_kernel. The tiles are those of
+// every query-outer kernel (forward and dQ: same rows per tile).
+template <class Element>
+cudaError_t enqueue_schedule_costs(const cuda::SparseAttentionArgs& a, ScheduleCosts* costs,
+                                   cudaStream_t stream) {
+  using Traits = SparseAttentionTraits<Element, 1>;
+  cudaError_t st = cudaMemsetAsync(costs, 0, sizeof(ScheduleCosts), stream);
+  if (st != cudaSuccess) return st;
+  const SparseShape shape = make_sparse_shape<Traits>(a);
+  const int64_t blocks = std::min<int64_t>((shape.tiles + 7) / 8, 1024);  // 8 warps per CTA
+  schedule_costs_kernel<Traits><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(shape, costs);
+  return cudaGetLastError();
+}
+
 template <class Element>
 cudaError_t launch(const cuda::SparseAttentionArgs& a, void* out, float* lse,
                    cudaStream_t stream, ScheduleGate gate = {}) {
@@ -297,12 +311,8 @@ cudaError_t launch_auto(const cuda::SparseAttentionArgs& a, int32_t* index, void
   using Traits = SparseAttentionTraits<Element, 1>;
   const fwd_by_block::Plan plan = fwd_by_block::make_plan(a, 0);
   auto* costs = reinterpret_cast<ScheduleCosts*>(index + plan.costs_offset());
-  cudaError_t st = cudaMemsetAsync(costs, 0, sizeof(ScheduleCosts), stream);
+  cudaError_t st = enqueue_schedule_costs<Element>(a, costs, stream);
   if (st != cudaSuccess) return st;
-  const SparseShape shape = make_sparse_shape<Traits>(a);
-  const int64_t blocks = std::min<int64_t>((shape.tiles + 7) / 8, 1024);  // 8 warps per CTA
-  schedule_costs_kernel<Traits><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(shape, costs);
-  if ((st = cudaGetLastError()) != cudaSuccess) return st;
   const int64_t group = a.Hq / a.Hkv;
   if ((st = launch<Element>(a, out, lse, stream, ScheduleGate{costs, group, true})) != cudaSuccess) {
     return st;
@@ -328,6 +338,14 @@ bool sparse_attention_args_valid(DType dtype, const SparseAttentionArgs& a) {
   return a.Hkv >= 1 && a.Hq % a.Hkv == 0 &&
          sparse_attention_supported(dtype, a.D, a.Hq / a.Hkv, a.topk) && a.B >= 0 &&
          a.Sq >= 0 && a.Sk > 0 && a.Sk <= INT_MAX - 256 && a.B * a.Hkv <= 65535;
+}
+
+cudaError_t sparse_schedule_costs(DType dtype, const SparseAttentionArgs& a, ScheduleCosts* costs,
+                                  cudaStream_t stream) {
+  if (!sparse_attention_args_valid(dtype, a)) return cudaErrorInvalidValue;
+  if (costs == nullptr || reinterpret_cast<uintptr_t>(costs) % 8 != 0) return cudaErrorInvalidValue;
+  return dtype == DType::kBF16 ? sm90::enqueue_schedule_costs<cutlass::bfloat16_t>(a, costs, stream)
+                               : sm90::enqueue_schedule_costs<cutlass::half_t>(a, costs, stream);
 }
 
 cudaError_t sparse_attention_fwd(DType dtype, const SparseAttentionArgs& a, void* out, float* lse,
