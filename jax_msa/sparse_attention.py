@@ -96,8 +96,9 @@ _fwd_p = define_primitive("sparse_attention_fwd", abstract_eval=forward_abstract
                           if _ffi.has_kernel("jax_msa_sparse_attention_fwd_query", "cuda") else None)
 # The backward on CUDA: one call that runs prepare (row terms, block index)
 # and the KV-outer dK/dV kernel, which also computes dQ (float32 atomic sums
-# into the dq_accum workspace, [B, Sq, Hq, D]) unless `deterministic`, where
-# the query-outer dQ kernel runs instead (dq_accum then has 0 elements). Its
+# into the dq_accum workspace, [B, Sq, Hq, D]) unless the device picks the
+# query-outer dQ kernel from the ids (the index workspace ends with the cost
+# sums), or always with `deterministic` (dq_accum then has 0 elements). Its
 # four workspaces are extra (discarded) results so that the handler allocates
 # nothing. A hidden primitive, bound only inside the lowering of _bwd_p.
 def _bwd_cuda_abstract(q, k, v, ids, *rest, scale, deterministic):
@@ -186,9 +187,11 @@ def sparse_attention(
         "block" 1.6x to 2.8x faster on clustered and indexer ids, see
         benchmarks/RESULTS.md). Same results up to rounding; ignored elsewhere.
       deterministic: make the CUDA backward bitwise reproducible (on one
-        device): dq from a separate query-outer pass instead of float32 atomic
-        sums inside the KV-outer dK/dV pass (the default, faster, most of all
-        when neighbouring tokens select different blocks). Ignored elsewhere.
+        device): dq always from a separate query-outer pass. By default the
+        device picks per call from the ids: that pass where neighbouring
+        tokens share their blocks (window-like ids), float32 atomic sums
+        inside the KV-outer dK/dV pass elsewhere (2x faster on indexer ids).
+        Ignored off CUDA.
     Returns:
       out [B, Sq, Hq, D] in q's dtype (zeros for padded rows), and lse if asked.
     Differentiable in q, k, v.
