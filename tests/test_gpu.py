@@ -190,7 +190,9 @@ def test_indexer_cuda_kernel_under_vmap():
 
 @pytest.mark.parametrize("topk", [1, 4, 16, 33, 64])
 def test_indexer_select_kernel_matches_topk_select(topk):
-    """The indexer's warp-per-row selection = topk_select, slot for slot (ties, NaN, lengths)."""
+    """The indexer's warp-per-row selection (which also serves topk_select on
+    CUDA for rows of <= 1024 blocks) = the CPU kernel of topk_select and the
+    CUDA one-CTA-per-row kernel (longer rows), slot for slot (ties, NaN, lengths)."""
     import sys
     select_p = sys.modules["jax_msa.indexer"]._indexer_select_p
     rng = np.random.default_rng(23)
@@ -210,4 +212,6 @@ def test_indexer_select_kernel_matches_topk_select(topk):
         fn = lambda s: select_p.bind(s, ql, kl, topk=np.int64(topk), implementation="kernel")[0]
         want = lambda s: jax_msa.topk_select(s, topk=topk, q_lengths=ql, kv_lengths=kl, kv_seq_len=s.shape[-1] * 128,
                                              implementation="kernel")
-        np.testing.assert_array_equal(_on(GPU, fn, jnp.asarray(s)), _on(GPU, want, jnp.asarray(s)))
+        got = _on(GPU, fn, jnp.asarray(s))
+        np.testing.assert_array_equal(got, _on(CPU, want, jnp.asarray(s)))
+        np.testing.assert_array_equal(got, _on(GPU, want, jnp.asarray(s)))

@@ -54,7 +54,9 @@ cudaError_t indexer_scores(DType dtype, const void* qi, const void* ki,
 
 // The selection step of the indexer: exactly topk_select (same ids in the
 // same slots, topk in [1, 64]), one warp per row instead of one CTA, which is
-// faster for rows of up to a few thousand blocks (sm90/indexer_select.cu).
+// faster for rows of up to kWarpSelectMaxBlocks blocks, whose scores it holds
+// in registers (sm90/indexer_select.cu); it also serves topk_select there.
+constexpr int64_t kWarpSelectMaxBlocks = 1024;
 cudaError_t indexer_select(const float* scores, const int32_t* q_lengths,
                            const int32_t* kv_lengths, int32_t* ids, int64_t B,
                            int64_t Sq, int64_t Hi, int64_t NB, int64_t topk,

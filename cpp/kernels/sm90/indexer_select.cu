@@ -39,6 +39,7 @@ constexpr int kWarps = 8;
 constexpr int64_t kMaxTopk = 64;
 
 constexpr int kRegCandidates = 32;  // per lane: rows of <= 1024 history blocks
+static_assert(32 * kRegCandidates == cuda::kWarpSelectMaxBlocks, "rows held in registers");
 constexpr int kGathered = 64;       // keys past the threshold a warp can rank
 
 struct Top2 {
