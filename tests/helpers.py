@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 BLOCK = 128
 E4M3 = jnp.float8_e4m3fn
@@ -14,6 +16,18 @@ TOLERANCES = {
     jnp.bfloat16: (2e-2, 2e-3),
     jnp.float16: (5e-3, 2e-3),
 }
+
+
+def first_gpu():
+    """The first GPU device, or None on a machine without one."""
+    try:
+        return jax.devices("gpu")[0]
+    except RuntimeError:
+        return None
+
+
+# pytestmark of the GPU suites: marked `gpu`, skipped without a GPU.
+GPU_ONLY = [pytest.mark.gpu, pytest.mark.skipif(first_gpu() is None, reason="needs a GPU")]
 
 
 def normal(rng: np.random.Generator, shape, dtype=jnp.float32) -> jnp.ndarray:

@@ -10,14 +10,10 @@ import pytest
 
 import jax_msa
 from jax_msa import reference
-from helpers import assert_lse_close, assert_same_selection, normal, rel_err
+from helpers import assert_lse_close, assert_same_selection, first_gpu, GPU_ONLY, normal, rel_err
 
-try:
-    GPU = jax.devices("gpu")[0]
-except RuntimeError:
-    GPU = None
-
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(GPU is None, reason="needs a GPU")]
+GPU = first_gpu()
+pytestmark = GPU_ONLY
 CPU = jax.devices("cpu")[0]
 
 

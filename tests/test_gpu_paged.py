@@ -14,14 +14,10 @@ import pytest
 
 import jax_msa
 from jax_msa import reference
-from helpers import BLOCK, E4M3, assert_same_selection, make_page_table, normal, quantise, to_pages
+from helpers import assert_same_selection, BLOCK, E4M3, first_gpu, GPU_ONLY, make_page_table, normal, quantise, to_pages
 
-try:
-    GPU = jax.devices("gpu")[0]
-except RuntimeError:
-    GPU = None
-
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(GPU is None, reason="needs a GPU")]
+GPU = first_gpu()
+pytestmark = GPU_ONLY
 CPU = jax.devices("cpu")[0]
 _SCORES_P = sys.modules["jax_msa.paged"]._scores_p
 

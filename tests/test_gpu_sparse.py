@@ -14,14 +14,10 @@ import pytest
 import jax_msa
 from jax_msa import reference
 from jax_msa._primitives import NoKernelError
-from helpers import BLOCK, TOLERANCES, adversarial_ids, assert_lse_close, normal, rel_err
+from helpers import adversarial_ids, assert_lse_close, BLOCK, first_gpu, GPU_ONLY, normal, rel_err, TOLERANCES
 
-try:
-    GPU = jax.devices("gpu")[0]
-except RuntimeError:
-    GPU = None
-
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(GPU is None, reason="needs a GPU")]
+GPU = first_gpu()
+pytestmark = GPU_ONLY
 
 # (B, Sq, Sk, Hq, Hkv, topk): GQA 16 (MSA), 4, 3 (a group that does not divide
 # 64), 1 and 64; chunked prefill (Sq < Sk); topk 1..64.
