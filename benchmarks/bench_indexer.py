@@ -34,7 +34,7 @@ import numpy as np
 import jax_msa
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import fmt, median_ms, normal, write_results  # noqa: E402  (benchmarks/timing.py, shared)
+from timing import announce_device, fmt, median_ms, normal, write_results  # noqa: E402  (benchmarks/timing.py, shared)
 
 
 # The hidden primitives of the CUDA indexer (indexer_scores, indexer_select),
@@ -130,11 +130,10 @@ def main(argv=None):
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--tsv", help="write the rows here")
     args = parser.parse_args(argv)
-    device = jax.devices()[0]
-    print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}", flush=True)
+    meta = dict(announce_device(), dtype=args.dtype, topk=args.topk)
     rows = run(args)
-    meta = dict(device=device.device_kind, jax=jax.__version__, argv=sys.argv, dtype=args.dtype, topk=args.topk)
     write_results(args.json, args.tsv, meta, rows, ("op", "T", "Hi", "Di", "ms", "tflops", "vs_cudnn"))
+
 
 if __name__ == "__main__":
     main()

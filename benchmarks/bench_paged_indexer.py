@@ -38,7 +38,7 @@ import numpy as np
 import jax_msa
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import fmt, median_ms, write_results  # noqa: E402  (benchmarks/timing.py, shared)
+from timing import announce_device, fmt, median_ms, write_results  # noqa: E402  (benchmarks/timing.py, shared)
 
 BLOCK = 128
 # The hidden primitives of paged_indexer on CUDA, timed alone where this build has them.
@@ -163,12 +163,10 @@ def main(argv=None):
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--tsv", help="write the rows here")
     args = parser.parse_args(argv)
-    device = jax.devices()[0]
-    print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}", flush=True)
+    meta = dict(announce_device(), queries=args.queries, dim=args.dim, topk=args.topk)
     rows = run(args)
-    meta = dict(device=device.device_kind, jax=jax.__version__, argv=sys.argv, queries=args.queries, dim=args.dim,
-                topk=args.topk)
     write_results(args.json, args.tsv, meta, rows, ("op", "cache", "B", "T", "Hi", "ms", "bytes", "gbps", "of_copy"))
+
 
 if __name__ == "__main__":
     main()

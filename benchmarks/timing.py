@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import statistics
+import sys
 import time
 from typing import Callable, Sequence
 
@@ -66,6 +67,14 @@ def median_ms(fn: Callable, input_sets: Sequence[tuple], samples: int = 20, min_
 def normal(key: jax.Array, shape: Sequence[int], dtype) -> jax.Array:
     """Standard normal samples drawn in float32 and cast to `dtype`."""
     return jax.random.normal(key, tuple(shape), jnp.float32).astype(dtype)
+
+
+def announce_device() -> dict:
+    """Prints the device and the jax version; returns them (and the command
+    line) for a results file's meta."""
+    device = jax.devices()[0]
+    print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}", flush=True)
+    return dict(device=device.device_kind, jax=jax.__version__, argv=sys.argv)
 
 
 def fmt(value, spec: str) -> str:
