@@ -43,6 +43,7 @@
 #include <type_traits>
 
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/multiprocessors.h"
 
 namespace jax_msa::sm90 {
 namespace {
@@ -112,12 +113,10 @@ __device__ __forceinline__ uint32_t widen_e4m3x2(uint32_t pair) {
 
 // The 8 loaded elements of a key as 4 words of 2 kType values (word w holds
 // elements 2w, 2w + 1).
-template <class Cfg>
 __device__ __forceinline__ void to_words(const uint4& raw, uint32_t (&w)[4]) {
   w[0] = raw.x, w[1] = raw.y, w[2] = raw.z, w[3] = raw.w;
 }
 
-template <class Cfg>
 __device__ __forceinline__ void to_words(const uint2& raw, uint32_t (&w)[4]) {
   w[0] = widen_e4m3x2(raw.x);
   w[1] = widen_e4m3x2(raw.x >> 16);
@@ -250,8 +249,8 @@ __device__ __forceinline__ void chunk_max(const ChunkKeys<Cfg>& k, const StagedQ
   uint32_t key[2][Cfg::kGroups][4];
 #pragma unroll
   for (int kg = 0; kg < Cfg::kGroups; ++kg) {
-    to_words<Cfg>(k.raw[0][kg], key[0][kg]);
-    to_words<Cfg>(k.raw[1][kg], key[1][kg]);
+    to_words(k.raw[0][kg], key[0][kg]);
+    to_words(k.raw[1][kg], key[1][kg]);
   }
 #pragma unroll
   for (int i = 0; i < Cfg::kMTiles; ++i) {
@@ -352,23 +351,12 @@ constexpr int64_t kCtasPerSm = 16;
 // short next to the whole (balance across requests, a short tail).
 constexpr int64_t kMinPagesPerCta = kWarps, kMaxPagesPerCta = 8 * kWarps;
 
-int multiprocessors() {
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      sms <= 0) {
-    cudaGetLastError();  // clear the error: only the work split depends on it
-    return 132;
-  }
-  return sms;
-}
-
 template <class Cfg>
 cudaError_t launch(const cuda::PagedIndexerArgs& a, float* scores, cudaStream_t stream) {
   const int64_t rows = a.Q * a.Hi;
   const int64_t row_chunks = (rows + Cfg::kRows - 1) / Cfg::kRows;
   const int64_t visits = a.B * row_chunks * a.max_pages;  // (CTA rows, page) pairs if all full
-  const int64_t target = kCtasPerSm * multiprocessors();
+  const int64_t target = kCtasPerSm * cuda::multiprocessor_count(132);
   int64_t per_cta = std::clamp((visits + target - 1) / target, kMinPagesPerCta, kMaxPagesPerCta);
   per_cta = std::max(per_cta, (a.max_pages + 65534) / 65535);  // gridDim.y <= 65535
   const int64_t page_chunks = (a.max_pages + per_cta - 1) / per_cta;

@@ -62,6 +62,7 @@
 #include <cutlass/cutlass.h>
 
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/multiprocessors.h"
 #include "kernels/sm90/kv_outer_gather.hpp"
 #include "kernels/sm90/rowmax_epilogue.hpp"
 #include "kernels/sm90/sparse_block_index.hpp"
@@ -740,16 +741,8 @@ bool args_ok(DType dtype, const cuda::SparseAttentionArgs& a) {
 
 // CTAs of the dK/dV kernel: one wave (at most kMaxCtas), fewer for tiny problems.
 int dkdv_ctas(const Geometry& geo) {
-  int64_t n = std::min<int64_t>(kMaxCtas, geo.tiles_bound);
-  int device = 0, sms = kMaxCtas;
-  if (cudaGetDevice(&device) == cudaSuccess &&
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess &&
-      sms > 0) {
-    n = std::min<int64_t>(n, sms);
-  } else {
-    cudaGetLastError();
-  }
-  return static_cast<int>(n);
+  const int64_t n = std::min<int64_t>(kMaxCtas, geo.tiles_bound);
+  return static_cast<int>(std::min<int64_t>(n, cuda::multiprocessor_count(kMaxCtas)));
 }
 
 template <class Element>

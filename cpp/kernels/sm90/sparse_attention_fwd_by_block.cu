@@ -52,6 +52,7 @@
 #include <cutlass/numeric_conversion.h>
 
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/multiprocessors.h"
 #include "kernels/sm90/kv_outer_gather.hpp"
 #include "kernels/sm90/rowmax_epilogue.hpp"
 #include "kernels/sm90/sparse_block_index.hpp"
@@ -496,17 +497,6 @@ __global__ void __launch_bounds__(256) combine_kernel(const CombineParams<Elemen
 // ---------------------------------------------------------------------------
 // Host side.
 
-int sm_count() {
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      sms <= 0) {
-    cudaGetLastError();
-    return kMaxCtas;
-  }
-  return sms;
-}
-
 template <class Element>
 cudaError_t run_typed(const cuda::SparseAttentionArgs& a, const Plan& plan, int32_t* index,
                       void* partial, void* out, float* lse, cudaStream_t stream, PhaseHook hook,
@@ -516,7 +506,7 @@ cudaError_t run_typed(const cuda::SparseAttentionArgs& a, const Plan& plan, int3
   cudaError_t st = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         Traits::kSmemBytes);
   if (st != cudaSuccess) return st;
-  const int sms = std::min(sm_count(), kMaxCtas);
+  const int sms = std::min(cuda::multiprocessor_count(kMaxCtas), kMaxCtas);
   const int64_t G = a.Hq / a.Hkv;
   int32_t* rev = index + plan.index_ints;
   Element* part_o = static_cast<Element*>(partial);
