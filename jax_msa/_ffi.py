@@ -42,3 +42,8 @@ def sparse_bwd_workspace(B: int, Sq: int, Sk: int, Hq: int, Hkv: int, D: int, to
 def sparse_fwd_by_block_workspace(B: int, Sq: int, Sk: int, Hq: int, Hkv: int, D: int, topk: int) -> tuple[int, int]:
     """Sizes (index int32 elements, partial bytes) of the CUDA KV-outer sparse forward's workspaces."""
     return tuple(int(n) for n in _jax_msa.sparse_fwd_by_block_workspace(B, Sq, Sk, Hq, Hkv, D, topk))
+
+
+def paged_attention_workspace(B: int, Q: int, Hq: int, D: int, splits: int) -> int:
+    """Float32 elements of the CUDA paged attention's split-KV workspace."""
+    return int(_jax_msa.paged_attention_workspace(B, Q, Hq, D, splits))

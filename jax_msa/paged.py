@@ -7,8 +7,10 @@ Primitives:
       topk, scale) -> ids
 The cache-side operands (caches, then their float32 scalar scales) come first
 and have no batch axis; the per-request operands after them do. Inference
-only: neither is differentiable. On CUDA, paged_indexer runs as two kernels:
-paged_indexer_scores (hidden, below) and the indexer's indexer_select.
+only: neither is differentiable. On CUDA, paged_attention runs as the hidden
+jax_msa_paged_attention_cuda (kernel and split-KV combine, with a workspace
+result) and paged_indexer as two kernels: paged_indexer_scores (hidden,
+below) and the indexer's indexer_select.
 """
 
 from __future__ import annotations
@@ -44,9 +46,66 @@ def _attention_reference(k_cache, v_cache, k_scale, v_scale, q, page_table, q_le
                                      return_lse=True, out_dtype=out_dtype)
 
 
+# paged_attention on CUDA (sm90/paged_attention.cu): each (request, kv head,
+# query chunk) tile's pages may be split over several CTAs (`splits`, chosen
+# here from the static shapes), whose float32 partials an lse-weighted combine
+# merges; the partials live in a workspace that is an extra result of the
+# hidden primitive below, so that the FFI handler allocates nothing.
+_SPLIT_SMS = 132  # SMs of an H100 / H200 SXM: only the split heuristic depends on it
+_E4M3 = jnp.dtype(jnp.float8_e4m3fn)
+
+
+def _cuda_attention_takes(k_cache, v_cache, k_scale, v_scale, q, page_table, q_lengths, kv_lengths, *ids,
+                          implementation, scale, out_dtype) -> bool:
+    """Whether the CUDA kernel takes these inputs (cuda::paged_attention_supported):
+    bfloat16/float16 q with D = 128 and G = Hq / Hkv <= 128, k/v caches both of
+    q's dtype or both e4m3, 32-bit page numbers and key positions."""
+    hkv = k_cache.shape[1]
+    return (q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[3] == 128 and k_cache.dtype == v_cache.dtype
+            and k_cache.dtype in (q.dtype, _E4M3) and hkv >= 1 and q.shape[2] // hkv <= 128
+            and 1 <= k_cache.shape[0] < 2**31 and page_table.shape[1] <= (2**31 - 257) // checks.BLOCK_SIZE)
+
+
+def _cuda_splits(b: int, nq: int, hq: int, hkv: int, max_pages: int, topk: int) -> int:
+    """CTAs per tile: enough for about one wave, each with >= 4 pages to read."""
+    tokens = min(128 // (hq // hkv), 64, 128 // topk if topk else 64)
+    tiles = b * hkv * -(-nq // tokens)
+    if tiles == 0 or tiles >= _SPLIT_SMS:
+        return 1
+    pages = min(max_pages, tokens * topk) if topk else max_pages
+    return max(1, min(_SPLIT_SMS // tiles, pages // 4))
+
+
+def _cuda_attention_abstract(k_cache, v_cache, k_scale, v_scale, q, *rest, scale, splits, out_dtype):
+    b, nq, hq, d = q.shape
+    workspace = ShapedArray((_ffi.paged_attention_workspace(b, nq, hq, d, int(splits)),), jnp.float32)
+    return [*_attention_abstract(k_cache, v_cache, k_scale, v_scale, q, *rest, scale=scale, out_dtype=out_dtype),
+            workspace]
+
+
+def _cuda_only(*args, **params):
+    raise NotImplementedError("jax_msa_paged_attention_cuda has no reference: it exists only on CUDA")
+
+
+_attention_cuda_p = define_primitive("paged_attention_cuda", abstract_eval=_cuda_attention_abstract,
+                                     reference=_cuda_only, ffi_attributes=("scale", "splits"), shared_operands=4)
+
+
+def _attention_on_cuda(k_cache, v_cache, k_scale, v_scale, q, page_table, *rest, scale, out_dtype,
+                       implementation):
+    b, nq, hq, _ = q.shape
+    ids = rest[2:]
+    splits = _cuda_splits(b, nq, hq, k_cache.shape[1], page_table.shape[1], ids[0].shape[3] if ids else 0)
+    return _attention_cuda_p.bind(k_cache, v_cache, k_scale, v_scale, q, page_table, *rest, scale=scale,
+                                  splits=np.int64(splits), out_dtype=out_dtype, implementation=implementation)[:2]
+
+
 # Operands: k_cache, v_cache, k_scale, v_scale (shared by the batch), then per request.
-_attention_p = define_primitive("paged_attention", abstract_eval=_attention_abstract,
-                                reference=_attention_reference, ffi_attributes=("scale",), shared_operands=4)
+_attention_p = define_primitive(
+    "paged_attention", abstract_eval=_attention_abstract, reference=_attention_reference,
+    ffi_attributes=("scale",), shared_operands=4, kernel_takes={"cuda": _cuda_attention_takes},
+    kernel_lowering=({"cuda": _attention_on_cuda}
+                     if _ffi.has_kernel("jax_msa_paged_attention_cuda", "cuda") else None))
 
 
 def _indexer_abstract(ki_cache, ki_scale, qi, page_table, q_lengths, kv_lengths, *, topk, scale):
@@ -77,7 +136,7 @@ _scores_p = define_primitive("paged_indexer_scores", abstract_eval=_scores_abstr
                              ffi_attributes=("scale",), shared_operands=2)
 
 
-def _cuda_kernel_takes(ki_cache, ki_scale, qi, *rest, implementation, **params) -> bool:
+def _cuda_indexer_takes(ki_cache, ki_scale, qi, *rest, implementation, **params) -> bool:
     """Whether the CUDA kernels take these inputs (cuda::paged_indexer_scores_supported):
     16-bit qi with Di 64 or 128, and a cache of qi's dtype or float8_e4m3fn (an
     e4m3 cache runs the f16 MMA, which holds e4m3 exactly and bf16 qi after a
@@ -95,7 +154,7 @@ def _indexer_cuda(ki_cache, ki_scale, qi, page_table, q_lengths, kv_lengths, *, 
 # Operands: ki_cache, ki_scale (shared by the batch), then per request.
 _indexer_p = define_primitive(
     "paged_indexer", abstract_eval=_indexer_abstract, reference=_indexer_reference,
-    ffi_attributes=("topk", "scale"), shared_operands=2, kernel_takes={"cuda": _cuda_kernel_takes},
+    ffi_attributes=("topk", "scale"), shared_operands=2, kernel_takes={"cuda": _cuda_indexer_takes},
     kernel_lowering=({"cuda": _indexer_cuda} if _ffi.has_kernel("jax_msa_paged_indexer_scores", "cuda") else None))
 
 

@@ -1,6 +1,6 @@
-"""paged_indexer on a GPU (skipped elsewhere): the CUDA kernels
-(paged_indexer_scores -> indexer_select) against the float32 reference and
-the CPU kernel on the same inputs."""
+"""paged_indexer and paged_attention on a GPU (skipped elsewhere): the CUDA
+kernels (paged_indexer_scores -> indexer_select; paged_attention) against the
+float32 reference (and, for the indexer, the CPU kernel) on the same inputs."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import pytest
 
 import jax_msa
 from jax_msa import reference
-from helpers import assert_same_selection, BLOCK, E4M3, first_gpu, GPU_ONLY, make_page_table, normal, quantise, to_pages
+from helpers import (adversarial_ids, assert_lse_close, assert_same_selection, BLOCK, E4M3, first_gpu, GPU_ONLY,
+                     make_page_table, normal, quantise, rel_err, to_pages)
 
 GPU = first_gpu()
 pytestmark = GPU_ONLY
@@ -209,3 +210,271 @@ def test_decode_steps_in_scan(cache_dtype):
     for t in range(steps):
         carry, want = jax.device_get(reference_step(*jax.device_put((carry, tuple(x[t] for x in xs)), CPU)))
         assert_same_selection(ids[t], want)
+
+
+# paged_attention -----------------------------------------------------------------------------------------------------
+# The CUDA kernel (implementation="kernel" on the GPU) against the float32
+# reference on the GPU. Caches hold NaN in every unused slot and past
+# kv_length (helpers.to_pages), so a kernel that reads one gives NaN.
+
+D = 128
+# (out relative error, lse absolute error) by cache. 16-bit caches: spec §4's
+# 2e-2 and 2e-3. e4m3 caches: the kernel rounds q to e4m3 too (~3% relative
+# error of out), spec §4's 6e-2; its lse error is that of one logit where a
+# query sees few keys: the reference fed e4m3-rounded queries misses the exact
+# lse here by up to 0.064 (rows of 1-8 keys), hence 1e-1.
+ATTENTION_TOLERANCES = {"e4m3": (6e-2, 1e-1), "16-bit": (2e-2, 2e-3)}
+
+
+def _tolerances(cache_dtype):
+    return ATTENTION_TOLERANCES["e4m3" if cache_dtype == E4M3 else "16-bit"]
+
+
+def _selection(rng, kv_lengths, q_lengths, nq, hkv, topk):
+    """A valid selection [B, Q, Hkv, topk]: per valid query up to topk - 1
+    random earlier pages, then its local page, -1 padded; padded queries get
+    random pages (they must attend nothing whatever their ids)."""
+    kv, ql = np.asarray(kv_lengths), np.asarray(q_lengths)
+    ids = np.full((len(kv), nq, hkv, topk), -1, np.int32)
+    for b in range(len(kv)):
+        for t in range(nq):
+            for g in range(hkv):
+                if t >= ql[b]:
+                    n = min(topk, -(-kv[b] // BLOCK))
+                    ids[b, t, g, :n] = rng.permutation(-(-kv[b] // BLOCK))[:n]
+                    continue
+                local = (kv[b] - ql[b] + t) // BLOCK
+                earlier = rng.permutation(local)[:topk - 1]
+                ids[b, t, g, :len(earlier)] = earlier
+                ids[b, t, g, len(earlier)] = local
+    return ids
+
+
+def _attention_problem(seed, kv_lengths, q_lengths, nq, hq, hkv, max_pages, cache_dtype, q_dtype=jnp.bfloat16,
+                       holes=0.0, topk=None, hostile_ids=True):
+    """q [B, Q, Hq, D], shuffled k/v caches [num_pages, Hkv, 128, D] with NaN
+    in every unused slot, the page table (hostile entries past the used pages,
+    `holes` of the used ones hostile too), scales != 1 for every cache dtype
+    (e4m3: scaled to its range; 16-bit: 0.7 and 1.3), and for sparse (topk)
+    a selection made hostile by adversarial_ids."""
+    rng = np.random.default_rng(seed)
+    kv = np.asarray(kv_lengths, np.int32)
+    b = len(kv)
+    ql = np.full(b, nq, np.int32) if q_lengths is None else np.asarray(q_lengths, np.int32)
+    num_pages = int(sum(-(-kv // BLOCK))) + 5
+    table = make_page_table(rng, kv, num_pages, max_pages, holes)
+    caches = []
+    for fixed_scale in (0.7, 1.3):
+        x = normal(rng, (b, max_pages * BLOCK, hkv, D))
+        cache, cache_scale = quantise(np.swapaxes(to_pages(x, table, kv, num_pages), 1, 2), cache_dtype)
+        caches.append((cache, cache_scale if cache_dtype == E4M3 else fixed_scale))
+    ids = None
+    if topk is not None:
+        ids = _selection(rng, kv, ql, nq, hkv, topk)
+        ids = adversarial_ids(rng, ids, kv) if hostile_ids else jnp.asarray(ids)
+    return dict(q=normal(rng, (b, nq, hq, D), q_dtype), k_cache=caches[0][0], k_scale=caches[0][1],
+                v_cache=caches[1][0], v_scale=caches[1][1], table=jnp.asarray(table), kv=jnp.asarray(kv),
+                ql=jnp.asarray(ql), ids=ids)
+
+
+def _attention(device, p, implementation, out_dtype=jnp.float32, **kw):
+    """out, lse of paged_attention on `device`: implementation "kernel" (the
+    device's kernel, no fallback) or "reference" (reference.paged_attention)."""
+    def fn(q, k_cache, v_cache, table, kv, ql, ids):
+        args = dict(k_scale=p["k_scale"], v_scale=p["v_scale"], q_lengths=ql, return_lse=True, out_dtype=out_dtype,
+                    **kw)
+        if implementation == "reference":
+            return reference.paged_attention(q, k_cache, v_cache, table, kv, ids, **args)
+        return jax_msa.paged_attention(q, k_cache, v_cache, table, kv, ids, implementation=implementation, **args)
+
+    return _on(device, fn, p["q"], p["k_cache"], p["v_cache"], p["table"], p["kv"], p["ql"], p["ids"])
+
+
+def _assert_padded_queries_empty(out, lse, q_lengths):
+    for b, n in enumerate(np.asarray(q_lengths)):
+        assert np.all(np.asarray(out[b, n:], np.float32) == 0), f"request {b}: padded queries give out != 0"
+        assert np.all(np.isneginf(lse[b, n:])), f"request {b}: padded queries give lse != -inf"
+
+
+def _assert_close(out, lse, want_out, want_lse, cache_dtype, what=""):
+    tol, lse_tol = _tolerances(cache_dtype)
+    out = np.asarray(out, np.float32)
+    assert np.isfinite(out).all(), f"{what}: non-finite out (an unused slot read?)"
+    err = rel_err(out, want_out)
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol}"
+    assert_lse_close(lse, want_lse, lse_tol)
+
+
+def _check_attention(p, cache_dtype, out_dtypes=(jnp.float32, jnp.bfloat16), **kw):
+    """The GPU kernel against the float32 reference on the GPU, for each out
+    dtype; padded queries give 0 / -inf. Returns the reference (out, lse)."""
+    want_out, want_lse = _attention(GPU, p, "reference", **kw)
+    assert np.isfinite(want_out).all() and np.isfinite(want_lse).any()
+    for out_dtype in out_dtypes:
+        out, lse = _attention(GPU, p, "kernel", out_dtype=out_dtype, **kw)
+        assert out.dtype == jnp.dtype(out_dtype) and out.shape == p["q"].shape
+        assert lse.dtype == np.float32 and lse.shape == p["q"].shape[:3]
+        _assert_close(out, lse, want_out, want_lse, cache_dtype, f"out_dtype {jnp.dtype(out_dtype).name}")
+        _assert_padded_queries_empty(out, lse, p["ql"])
+    return want_out, want_lse
+
+
+# (name, kv_lengths, q_lengths, Q, Hq, Hkv, max_pages, holes, topk, kwargs): decode,
+# MTP, Q 16 and a prefill chunk (Q 40); groups 16, 4, 1, 8 and 128; unaligned
+# lengths (1, 127, 129, 1000, 5000...), padded queries, holes, topk 4..64.
+ATTENTION_CASES = [
+    ("decode-g16", [5000, 129, 1, 1000], None, 1, 16, 1, 48, 0.0, 16, {}),
+    ("mtp8-g16", [1000, 127, 1, 5000], [8, 3, 1, 6], 8, 16, 1, 42, 0.1, 16, {}),
+    ("q16-g4", [5000, 129, 1000], [16, 16, 9], 16, 8, 2, 40, 0.1, 8, {}),
+    ("mtp8-g1", [3000, 1, 700], [8, 1, 6], 8, 2, 2, 30, 0.0, 4, dict(scale=0.2)),
+    ("prefill-q40-g8", [4100, 40, 1000], [40, 23, 40], 40, 16, 2, 34, 0.1, 16, {}),
+    ("mtp2-g128", [2000, 300], [2, 1], 2, 128, 1, 16, 0.0, 64, {}),
+]
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+@pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, E4M3], ids=["bf16", "e4m3"])
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: c[0])
+def test_paged_attention_kernel(case, cache_dtype, sparse):
+    name, kv, ql, nq, hq, hkv, max_pages, holes, topk, kw = case
+    p = _attention_problem(50 + ATTENTION_CASES.index(case), kv, ql, nq, hq, hkv, max_pages, cache_dtype,
+                           holes=holes, topk=topk if sparse else None)
+    _check_attention(p, cache_dtype, **kw)
+
+
+@pytest.mark.parametrize("cache_dtype, sparse", [(jnp.bfloat16, False), (E4M3, False), (E4M3, True)],
+                         ids=["dense-bf16", "dense-e4m3", "sparse-e4m3"])
+def test_paged_attention_long_context(cache_dtype, sparse):
+    """kv 50000 (391 pages): dense work long enough to split the keys across
+    CTAs (split-KV and its combine); sparse ids spread over the whole context."""
+    p = _attention_problem(60, [50000, 33333], [8, 3], 8, 16, 1, 391, cache_dtype, holes=0.02,
+                           topk=64 if sparse else None)
+    _check_attention(p, cache_dtype, out_dtypes=(jnp.bfloat16,))
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+@pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, E4M3], ids=["bf16", "e4m3"])
+def test_paged_attention_hostile_tables(cache_dtype, sparse):
+    """Holes at the first and at the local page, entries -2**31, 2**31 - 1,
+    num_pages; two logical pages on one physical page; a request whose only
+    page is a hole (empty set: out 0, lse -inf). Never read (NaN otherwise)."""
+    p = _attention_problem(61, [1500, 1000, 700, 100, 3000], [4, 4, 2, 4, 1], 4, 16, 2, 24, cache_dtype,
+                           topk=8 if sparse else None)
+    table = np.array(p["table"])
+    num_pages = p["k_cache"].shape[0]
+    table[0, 0] = -1
+    table[1, (1000 - 1) // BLOCK] = 2**31 - 1  # the local page of every query of request 1
+    table[2, 1], table[2, 3] = -(2**31), num_pages
+    table[3, 0] = -7  # the only page of request 3
+    table[4, 10] = table[4, 2]  # aliased: logical pages 2 and 10 read the same physical page
+    p["table"] = jnp.asarray(table)
+    _check_attention(p, cache_dtype, out_dtypes=(jnp.bfloat16,))
+    out, lse = _attention(GPU, p, "kernel")
+    assert np.all(out[3] == 0) and np.all(np.isneginf(lse[3]))
+
+
+def test_paged_attention_duplicate_ids():
+    """Duplicate ids are a caller error (spec §3.4): the result of those rows
+    is undefined, but finite (nothing out of bounds is read), and the rows
+    without duplicates still match the reference."""
+    nq, hq, hkv = 8, 16, 2
+    p = _attention_problem(62, [3000, 900], [8, 5], nq, hq, hkv, 24, E4M3, topk=16, hostile_ids=False)
+    rng = np.random.default_rng(3)
+    ids = np.array(p["ids"])
+    dup = rng.random(ids.shape[:3]) < 0.4
+    for b, t, g in zip(*np.nonzero(dup)):
+        valid = np.flatnonzero(ids[b, t, g] >= 0)
+        if len(valid) < 2:
+            dup[b, t, g] = False
+            continue
+        src, dst = rng.choice(valid, 2, replace=False)
+        ids[b, t, g, dst] = ids[b, t, g, src]
+    p["ids"] = jnp.asarray(ids)
+    out, lse = _attention(GPU, p, "kernel")
+    assert np.isfinite(out).all() and not np.isnan(lse).any()
+    want_out, want_lse = _attention(GPU, p, "reference")
+    rows = ~np.repeat(dup, hq // hkv, axis=2)  # [B, Q, Hq]: query heads of groups without duplicates
+    assert rows.sum() > rows.size // 3
+    _assert_close(out[rows], lse[rows], want_out[rows], want_lse[rows], E4M3, "rows without duplicates")
+
+
+@pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, E4M3], ids=["bf16", "e4m3"])
+def test_paged_attention_equals_contiguous(cache_dtype):
+    """The kernel over a shuffled paged cache equals dense attention
+    (jax_msa.dot_product_attention, reference) over the same keys laid out
+    contiguously, bottom-right causal with q_lengths / kv_lengths; so does the
+    sparse kernel given every page (topk >= the pages)."""
+    kv, ql, nq, hq, hkv, max_pages = [2000, 129, 1000], [8, 8, 3], 8, 16, 2, 16
+    p = _attention_problem(63, kv, ql, nq, hq, hkv, max_pages, cache_dtype)
+    table = np.asarray(p["table"])
+    contiguous = []
+    for cache, cache_scale in ((p["k_cache"], p["k_scale"]), (p["v_cache"], p["v_scale"])):
+        pages = np.asarray(cache, np.float32) * cache_scale  # dequantised [num_pages, Hkv, 128, D]
+        x = np.zeros((len(kv), max_pages * BLOCK, hkv, D), np.float32)
+        for b, n in enumerate(kv):
+            for c in range(-(-n // BLOCK)):
+                x[b, c * BLOCK:(c + 1) * BLOCK] = np.swapaxes(pages[table[b, c]], 0, 1)
+            x[b, n:] = 0.0  # past kv_length (NaN in the cache)
+        contiguous.append(jnp.asarray(x))
+    fn = lambda q, k, v, ql, kv: jax_msa.dot_product_attention(
+        q.astype(jnp.float32), k, v, causal=True, q_lengths=ql, kv_lengths=kv, return_lse=True,
+        implementation="reference")
+    want_out, want_lse = _on(GPU, fn, p["q"], *contiguous, p["ql"], p["kv"])
+    out, lse = _attention(GPU, p, "kernel")
+    _assert_close(out, lse, want_out, want_lse, cache_dtype, "dense")
+    every = np.broadcast_to(np.arange(max_pages, dtype=np.int32), (len(kv), nq, hkv, max_pages))
+    out, lse = _attention(GPU, dict(p, ids=jnp.asarray(every)), "kernel")
+    _assert_close(out, lse, want_out, want_lse, cache_dtype, "sparse over every page")
+
+
+def test_paged_attention_in_scan():
+    """Three decode steps of 2 tokens in jit(lax.scan), kv_lengths growing
+    (each crossing a page boundary in one request), dense and sparse: the same
+    as separate calls, and as the reference."""
+    steps, nq, hq, hkv, cache_dtype = 3, 2, 16, 1, E4M3
+    kv_final = np.asarray([1282, 130, 701], np.int32)
+    p = _attention_problem(64, kv_final, None, nq, hq, hkv, 12, cache_dtype)
+    rng = np.random.default_rng(5)
+    kvs = np.stack([kv_final - nq * (steps - 1 - s) for s in range(steps)])  # [steps, B]
+    qs = normal(rng, (steps, *p["q"].shape), jnp.bfloat16)
+    ids = np.stack([_selection(rng, kv, np.full(len(kv), nq), nq, hkv, 16) for kv in kvs])
+    kw = dict(k_scale=p["k_scale"], v_scale=p["v_scale"], return_lse=True, implementation="kernel")
+
+    def step(k_cache, v_cache, table, x):
+        q, kv, step_ids = x
+        dense = jax_msa.paged_attention(q, k_cache, v_cache, table, kv, **kw)
+        sparse = jax_msa.paged_attention(q, k_cache, v_cache, table, kv, step_ids, **kw)
+        return dense, sparse
+
+    scanned = _on(GPU, lambda k, v, t, xs: jax.lax.scan(lambda c, x: (c, step(k, v, t, x)), 0, xs)[1],
+                  p["k_cache"], p["v_cache"], p["table"], (qs, jnp.asarray(kvs), jnp.asarray(ids)))
+    for s in range(steps):
+        x = (qs[s], jnp.asarray(kvs[s]), jnp.asarray(ids[s]))
+        separate = _on(GPU, step, p["k_cache"], p["v_cache"], p["table"], x)
+        for mode, (out, lse), (sep_out, sep_lse), step_ids in zip(("dense", "sparse"),
+                                                                    jax.tree.map(lambda a: a[s], scanned),
+                                                                    separate, (None, x[2])):
+            what = f"step {s} {mode}"
+            assert rel_err(np.asarray(out, np.float32), np.asarray(sep_out, np.float32)) <= 1e-5, what
+            np.testing.assert_allclose(lse, sep_lse, rtol=0, atol=1e-5, err_msg=what)
+            want = _attention(GPU, dict(p, q=x[0], kv=x[1], ql=jnp.full(3, nq, jnp.int32), ids=step_ids), "reference")
+            _assert_close(out, lse, *want, cache_dtype, what)
+
+
+@pytest.mark.parametrize("cache", ["16-bit", "e4m3"])
+def test_paged_attention_bf16_and_float16_queries(cache):
+    """The same problem with bfloat16 and float16 queries (16-bit caches: of
+    the queries' dtype; e4m3: one cache for both): each matches the
+    reference, and the two agree."""
+    outs = []
+    for q_dtype in (jnp.bfloat16, jnp.float16):
+        cache_dtype = E4M3 if cache == "e4m3" else q_dtype
+        for sparse in (False, True):
+            p = _attention_problem(65, [2500, 129, 640], [8, 2, 8], 8, 16, 2, 20, cache_dtype, q_dtype=q_dtype,
+                                   holes=0.1, topk=16 if sparse else None)
+            assert p["q"].dtype == q_dtype
+            _check_attention(p, cache_dtype, out_dtypes=(jnp.float32,))
+            outs.append(_attention(GPU, p, "kernel")[0])
+    tol = _tolerances(E4M3 if cache == "e4m3" else jnp.bfloat16)[0]
+    for bf16_out, f16_out in zip(outs[:2], outs[2:]):  # dense, sparse
+        assert rel_err(f16_out, bf16_out) <= tol

@@ -69,6 +69,14 @@ NB_MODULE(_jax_msa, m) {
         return nb::make_tuple(w.index_ints, w.partial_bytes);
       },
       "Workspace sizes (index ints, partial bytes) of the CUDA KV-outer sparse attention forward.");
+  m.def(
+      "paged_attention_workspace",
+      [](int64_t B, int64_t Q, int64_t Hq, int64_t D, int64_t splits) {
+        jax_msa::cuda::PagedAttentionArgs a{};
+        a.B = B, a.Q = Q, a.Hq = Hq, a.D = D, a.splits = splits;
+        return jax_msa::cuda::paged_attention_workspace_floats(a);
+      },
+      "Float32 elements of the CUDA paged attention's split-KV workspace.");
 #else
   m.attr("with_cuda") = false;
 #endif

@@ -210,6 +210,67 @@ ffi::Error PagedIndexerScoresCuda(cudaStream_t stream, ffi::AnyBuffer ki_cache,
   }
   return ffi::Error::Success();
 }
+
+// paged_attention on CUDA: paged_attention's operands -> out, lse and the
+// split-KV workspace (an extra result, so nothing is allocated here); the
+// scales stay in device memory, read by the kernel.
+ffi::Error PagedAttentionCuda(cudaStream_t stream, ffi::AnyBuffer k_cache, ffi::AnyBuffer v_cache,
+                              ffi::AnyBuffer k_scale, ffi::AnyBuffer v_scale, ffi::AnyBuffer q,
+                              ffi::AnyBuffer page_table, ffi::AnyBuffer q_lengths,
+                              ffi::AnyBuffer kv_lengths, ffi::RemainingArgs rest,
+                              ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
+                              ffi::Result<ffi::AnyBuffer> workspace, float scale, int64_t splits) {
+  DType q_dtype;
+  if (auto e = FirstError({CheckCache(k_cache, k_scale, true, "k_cache", "k_scale"),
+                           CheckCache(v_cache, v_scale, true, "v_cache", "v_scale"),
+                           DecodeRequests(q, page_table, q_lengths, kv_lengths, "q", &q_dtype)});
+      e.failure()) {
+    return e;
+  }
+  auto qd = q.dimensions(), kd = k_cache.dimensions();
+  const cpu::PagedProblem p{qd[0], qd[1], qd[2], kd[1], qd[3], page_table.dimensions()[1], scale};
+  const int32_t* ids;
+  int64_t topk;
+  if (auto e = DecodeIds(rest, p, &ids, &topk); e.failure()) return e;
+  const cuda::PagedAttentionArgs args{q.untyped_data(),         k_cache.untyped_data(),
+                                      v_cache.untyped_data(),   DataOf<float>(k_scale),
+                                      DataOf<float>(v_scale),   DataOf<int32_t>(page_table),
+                                      DataOf<int32_t>(q_lengths), DataOf<int32_t>(kv_lengths),
+                                      ids,                      p.B,
+                                      p.Q,                      p.Hq,
+                                      p.Hkv,                    p.D,
+                                      kd[0],                    p.max_pages,
+                                      topk,                     scale,
+                                      splits};
+  auto cache = ToCacheType(k_cache.element_type());
+  auto out_dtype = ToDType(out->element_type());
+  // The Python lowering sends other inputs to the reference: this only fires
+  // for a direct caller of the target.
+  if (!cache || k_cache.element_type() != v_cache.element_type() || !out_dtype ||
+      !cuda::paged_attention_supported(q_dtype, *cache, args)) {
+    return ffi::Error::InvalidArgument(
+        "jax_msa: the CUDA paged attention takes bfloat16/float16 q with D = 128, "
+        "Hq / Hkv <= 128, topk <= 64, and k/v caches both of q's dtype or both float8_e4m3fn");
+  }
+  if (auto e = FirstError(
+          {CheckShape(v_cache, {kd[0], kd[1], cpu::kBlock, kd[3]}, "v_cache"),
+           CheckShape(k_cache, {kd[0], p.Hkv, cpu::kBlock, p.D}, "k_cache"),
+           CheckShape(*out, {p.B, p.Q, p.Hq, p.D}, "out"), CheckShape(*lse, {p.B, p.Q, p.Hq}, "lse"),
+           CheckType(*lse, ffi::DataType::F32, "lse"),
+           CheckShape(*workspace, {cuda::paged_attention_workspace_floats(args)}, "workspace"),
+           CheckType(*workspace, ffi::DataType::F32, "workspace")});
+      e.failure()) {
+    return e;
+  }
+  cudaError_t status = cuda::paged_attention(q_dtype, *cache, *out_dtype, args,
+                                             DataOf<float>(workspace), out->untyped_data(),
+                                             DataOf<float>(lse), stream);
+  if (status != cudaSuccess) {
+    return ffi::Error::Internal(std::string("jax_msa paged_attention: ") +
+                                cudaGetErrorString(status));
+  }
+  return ffi::Error::Success();
+}
 #endif
 
 }  // namespace
@@ -242,6 +303,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kPagedIndexerCpu, PagedIndexerCpu,
                                   .Attr<float>("scale"));
 
 #ifdef JAX_MSA_WITH_CUDA
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kPagedAttentionCuda, PagedAttentionCuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // k_cache
+                                  .Arg<ffi::AnyBuffer>()  // v_cache
+                                  .Arg<ffi::AnyBuffer>()  // k_scale
+                                  .Arg<ffi::AnyBuffer>()  // v_scale
+                                  .Arg<ffi::AnyBuffer>()  // q
+                                  .Arg<ffi::AnyBuffer>()  // page_table
+                                  .Arg<ffi::AnyBuffer>()  // q_lengths
+                                  .Arg<ffi::AnyBuffer>()  // kv_lengths
+                                  .RemainingArgs()        // ids (sparse) or none (dense)
+                                  .Ret<ffi::AnyBuffer>()  // out
+                                  .Ret<ffi::AnyBuffer>()  // lse
+                                  .Ret<ffi::AnyBuffer>()  // workspace
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("splits"));
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kPagedIndexerScoresCuda, PagedIndexerScoresCuda,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
@@ -259,6 +338,7 @@ void AddPagedTargets(TargetTable& table) {
   table.cpu.emplace_back("jax_msa_paged_attention", kPagedAttentionCpu);
   table.cpu.emplace_back("jax_msa_paged_indexer", kPagedIndexerCpu);
 #ifdef JAX_MSA_WITH_CUDA
+  table.cuda.emplace_back("jax_msa_paged_attention_cuda", kPagedAttentionCuda);
   table.cuda.emplace_back("jax_msa_paged_indexer_scores", kPagedIndexerScoresCuda);
 #endif
 }

@@ -100,6 +100,40 @@ bool paged_indexer_scores_supported(DType dtype, CacheType cache, int64_t Di);
 cudaError_t paged_indexer_scores(DType dtype, CacheType cache, const PagedIndexerArgs& a,
                                  float* scores, cudaStream_t stream);
 
+// The operands of paged_attention (cpu::paged_attention).
+struct PagedAttentionArgs {
+  const void* q;              // [B, Q, Hq, D]; 16-byte aligned
+  const void* k_cache;        // [num_pages, Hkv, 128, D]; 16-byte aligned
+  const void* v_cache;        // same shape and type as k_cache
+  const float* k_scale;       // float32 scalars, read by the kernel (never by the host)
+  const float* v_scale;
+  const int32_t* page_table;  // [B, max_pages]; entries < 0 or >= num_pages are holes
+  const int32_t* q_lengths;   // [B]
+  const int32_t* kv_lengths;  // [B]
+  const int32_t* ids;         // [B, Q, Hkv, topk] logical pages; null: dense
+  int64_t B, Q, Hq, Hkv, D, num_pages, max_pages, topk;  // topk 0: dense
+  float scale;
+  int64_t splits;  // CTAs sharing one tile's pages (split-KV), >= 1
+};
+
+// Whether paged_attention takes these inputs: bfloat16 or float16 q with
+// D = 128, G = Hq / Hkv <= 128, topk <= 64, and caches both of q's type or
+// both e4m3 (then q is rounded to e4m3 per row, with a power-of-two scale,
+// for the Q K^T product; V is widened to float16 exactly).
+bool paged_attention_supported(DType q_dtype, CacheType cache, const PagedAttentionArgs& a);
+
+// Float32 elements of paged_attention's workspace: per split, every output
+// row's partial O [D] and its lse.
+int64_t paged_attention_workspace_floats(const PagedAttentionArgs& a);
+
+// out [B, Q, Hq, D] (out_dtype), lse [B, Q, Hq] float32 of cpu::paged_attention:
+// the (request, kv head, query chunk) tiles' pages are split over a.splits
+// CTAs whose partials (in `workspace`, 16-byte aligned, not zeroed) an
+// lse-weighted combine merges. Holes and invalid ids are skipped, never read.
+cudaError_t paged_attention(DType q_dtype, CacheType cache, DType out_dtype,
+                            const PagedAttentionArgs& a, float* workspace, void* out, float* lse,
+                            cudaStream_t stream);
+
 // ---- Block-sparse attention (spec §3.4) on SM90 ----------------------------
 // One problem: q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] (bf16 or fp16),
 // ids [B, Sq, Hkv, topk] int32, lengths [B] int32, scale > 0 or < 0.

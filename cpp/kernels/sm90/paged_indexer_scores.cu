@@ -44,6 +44,7 @@
 
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/cuda/multiprocessors.h"
+#include "kernels/sm90/e4m3.hpp"
 
 namespace jax_msa::sm90 {
 namespace {
@@ -101,14 +102,6 @@ __device__ __forceinline__ void load_key(uint2& v, const uint8_t* p) {
   asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];"
                : "=r"(v.x), "=r"(v.y)
                : "l"(p));
-}
-
-// Two e4m3 (low 16 bits of `pair`) as two f16, exactly (every e4m3 value is
-// an f16 value), NaN kept as the reference keeps it.
-__device__ __forceinline__ uint32_t widen_e4m3x2(uint32_t pair) {
-  uint32_t h2;
-  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(static_cast<uint16_t>(pair)));
-  return h2;
 }
 
 // The 8 loaded elements of a key as 4 words of 2 kType values (word w holds
