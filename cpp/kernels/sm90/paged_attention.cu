@@ -27,7 +27,6 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
-#include <cfloat>
 #include <cstdint>
 #include <type_traits>
 
@@ -39,6 +38,7 @@
 
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/sm90/e4m3.hpp"
+#include "kernels/sm90/online_softmax.hpp"
 #include "kernels/sm90/rowmax_epilogue.hpp"
 #include "kernels/sm90/sparse_tile_producer.hpp"
 
@@ -510,16 +510,15 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   TileRows<kRowsPerThread> rows(tid);
   rows.start(s, tile, len.q_len, len.kv_len);
 
-  // Per row: the factor from the wgmma's S to log2-domain logits; row_max
-  // is kept in S's units.
-  float factor[kRowsPerThread], row_max[kRowsPerThread], row_sum[kRowsPerThread];
+  // Per row: the factor from the wgmma's S to log2-domain logits (>= 0).
+  OnlineSoftmax<kRowsPerThread> softmax;
+  float factors[kRowsPerThread];
   CUTE_UNROLL
   for (int r = 0; r < kRowsPerThread; ++r) {
     const float q_scale = Traits::kFp8 ? ss.row_scale[rows.row_base + 8 * r] : 1.0f;
-    factor[r] = fmaxf(fabsf(q_scale * k_scale * p.scale_log2), FLT_MIN);  // > 0: -inf * factor = -inf
-    row_max[r] = -INFINITY;
-    row_sum[r] = 0.0f;
+    factors[r] = fabsf(q_scale * k_scale * p.scale_log2);
   }
+  softmax.start(factors);
   clear(accO);
 
   ClusterBarrier::wait(&ss.q_full, 0);
@@ -557,60 +556,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     warpgroup_commit_batch();
     return slot;
   };
-  // Masks, then the online softmax of S in place: P = 2^(factor (S - max)),
-  // one FFMA and one MUFU per element. O is rescaled only when a row max of
-  // the warp moved (after the first pages, rarely).
-  float correction[kRowsPerThread];
-  bool rescale = false;
-  auto softmax = [&](int64_t c, uint64_t tokens) {
-    const int64_t key0 = c * Traits::kKeys;
-    const bool partial = rows.partial(key0, Traits::kKeys);
-    bool members = true;
-    CUTE_UNROLL
-    for (int r = 0; r < kRowsPerThread; ++r) members = members && rows.member(r, tokens);
-    // Most pages need no mask for any row of the warp; the vote keeps the
-    // branch uniform (quad_max follows).
-    const bool masked = __any_sync(0xFFFFFFFFu, partial || !members);
-    bool moved = false;
-    CUTE_UNROLL
-    for (int r = 0; r < kRowsPerThread; ++r) {
-      float m = row_max[r];
-      if (masked) {
-        const bool member = rows.member(r, tokens);
-        const int limit = rows.last_key[r] - static_cast<int>(key0);
-        CUTE_UNROLL
-        for (int j = 0; j < size<1>(accS_rc); ++j) {
-          if (!member || (partial && rows.column(j) > limit)) accS_rc(r, j) = -INFINITY;
-          m = fmaxf(m, accS_rc(r, j));
-        }
-      } else {
-        CUTE_UNROLL
-        for (int j = 0; j < size<1>(accS_rc); ++j) m = fmaxf(m, accS_rc(r, j));
-      }
-      m = quad_max(m);
-      moved = moved || m != row_max[r];
-      const float base = m == -INFINITY ? 0.0f : m * factor[r];
-      correction[r] = fast_exp2(row_max[r] * factor[r] - base);
-      row_max[r] = m;
-      float sum = 0.0f;
-      CUTE_UNROLL
-      for (int j = 0; j < size<1>(accS_rc); ++j) {
-        const float e = fast_exp2(fmaf(accS_rc(r, j), factor[r], -base));
-        accS_rc(r, j) = e;
-        sum += e;
-      }
-      row_sum[r] = row_sum[r] * correction[r] + sum;
-    }
-    rescale = __any_sync(0xFFFFFFFFu, moved);
-  };
   auto rescale_and_convert = [&] {
-    if (rescale) {
-      CUTE_UNROLL
-      for (int r = 0; r < kRowsPerThread; ++r) {
-        CUTE_UNROLL
-        for (int j = 0; j < size<1>(accO_rc); ++j) accO_rc(r, j) *= correction[r];
-      }
-    }
+    softmax.rescale_output(accO_rc);
     acc_to_operand(accS, tOrP);
   };
 
@@ -621,7 +568,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     warpgroup_wait<0>();
     warpgroup_fence_operand(accS);
     ClusterBarrier::arrive(&ss.k_empty[k_slot]);
-    softmax(c, tokens);
+    softmax.apply(accS_rc, rows, c * Traits::kKeys, Traits::kKeys, tokens);
     rescale_and_convert();
     for (int u = 1; u < pages; ++u) {
       k_slot = issue_s(c, tokens);
@@ -629,7 +576,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       warpgroup_wait<1>();
       warpgroup_fence_operand(accS);
       ClusterBarrier::arrive(&ss.k_empty[k_slot]);
-      softmax(c, tokens);
+      softmax.apply(accS_rc, rows, c * Traits::kKeys, Traits::kKeys, tokens);
       warpgroup_wait<0>();
       warpgroup_fence_operand(accO);
       ClusterBarrier::arrive(&ss.v_empty[v_slot]);
@@ -648,7 +595,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   float* partial_lse = p.partial_lse + split * p.rows_total;
   CUTE_UNROLL
   for (int r = 0; r < kRowsPerThread; ++r) {
-    const float total = quad_sum(row_sum[r]);  // the whole warp: before any lane leaves
+    const float total = quad_sum(softmax.row_sum[r]);  // the whole warp: before any lane leaves
     if (rows.token_of[r] < 0) continue;
     const float inv = total > 0.0f ? v_scale / total : 0.0f;
     float* dst = partial_o + rows.out_row[r] * Traits::kD;
@@ -657,11 +604,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       *reinterpret_cast<float2*>(dst + rows.column(j)) =
           make_float2(accO_rc(r, j) * inv, accO_rc(r, j + 1) * inv);
     }
-    if (tid % 4 == 0) {
-      partial_lse[rows.out_row[r]] =
-          total > 0.0f ? (row_max[r] * factor[r] + log2f(total)) * 0.6931471805599453f
-                       : -INFINITY;
-    }
+    if (tid % 4 == 0) partial_lse[rows.out_row[r]] = softmax.lse(r, total);
   }
 #endif
 }

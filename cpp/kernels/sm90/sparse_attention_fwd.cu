@@ -19,6 +19,7 @@
 #include <cutlass/numeric_conversion.h>
 
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/sm90/online_softmax.hpp"
 #include "kernels/sm90/rowmax_epilogue.hpp"
 #include "kernels/sm90/schedule_gate.hpp"
 #include "kernels/sm90/sparse_attention_traits.hpp"
@@ -89,6 +90,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   Tensor accO_rc = make_tensor(accO.data(), rowcol_layout(accO.layout()));
   constexpr int kRowsPerThread = decltype(size<0>(accS_rc))::value;
   TileRows<kRowsPerThread> rows(tid);
+  OnlineSoftmax<kRowsPerThread> softmax;
   cutlass::NumericArrayConverter<Element, float, 2> to_pair;
 
   uint32_t seq = 0;
@@ -98,12 +100,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     const int64_t q_len = s.q_lengths[tile.b];
     const int64_t kv_len = s.kv_lengths[tile.b];
     rows.start(s, tile, q_len, kv_len);
-    float row_max[kRowsPerThread], row_sum[kRowsPerThread];
+    float factors[kRowsPerThread];
     CUTE_UNROLL
-    for (int r = 0; r < kRowsPerThread; ++r) {
-      row_max[r] = -INFINITY;
-      row_sum[r] = 0.0f;
-    }
+    for (int r = 0; r < kRowsPerThread; ++r) factors[r] = p.scale_log2;
+    softmax.start(factors);
     clear(accO);
 
     ClusterBarrier::wait(&ss.q_full, static_cast<uint32_t>(round & 1));
@@ -141,59 +141,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       warpgroup_commit_batch();
       return slot;
     };
-    // Masks, then the online softmax of S in place (log2 domain): returns, per
-    // row, the factor that rescales O and the running sum.
-    float correction[kRowsPerThread];
-    auto softmax = [&](int64_t c, uint64_t tokens) {
-      const int64_t key0 = c * Traits::kKeys;
-      const bool partial = rows.partial(key0, Traits::kKeys);
-      bool members = true;
-      CUTE_UNROLL
-      for (int r = 0; r < kRowsPerThread; ++r) members = members && rows.member(r, tokens);
-      // Most blocks need no mask for any row of the warp (every token chose
-      // the block, every key is visible): skip the per-element tests then.
-      // The vote keeps the branch uniform over the warp (quad_max follows).
-      const bool masked = __any_sync(0xFFFFFFFFu, partial || !members);
-      CUTE_UNROLL
-      for (int r = 0; r < kRowsPerThread; ++r) {
-        float m = row_max[r];
-        if (masked) {
-          const bool member = rows.member(r, tokens);
-          const int limit = rows.last_key[r] - static_cast<int>(key0);  // last visible column
-          CUTE_UNROLL
-          for (int j = 0; j < size<1>(accS_rc); ++j) {
-            float x = accS_rc(r, j) * p.scale_log2;
-            if (!member || (partial && rows.column(j) > limit)) x = -INFINITY;
-            accS_rc(r, j) = x;
-            m = fmaxf(m, x);
-          }
-        } else {
-          CUTE_UNROLL
-          for (int j = 0; j < size<1>(accS_rc); ++j) {
-            accS_rc(r, j) *= p.scale_log2;
-            m = fmaxf(m, accS_rc(r, j));
-          }
-        }
-        m = quad_max(m);
-        const float base = m == -INFINITY ? 0.0f : m;
-        correction[r] = fast_exp2(row_max[r] - base);
-        row_max[r] = m;
-        float sum = 0.0f;
-        CUTE_UNROLL
-        for (int j = 0; j < size<1>(accS_rc); ++j) {
-          const float e = fast_exp2(accS_rc(r, j) - base);
-          accS_rc(r, j) = e;
-          sum += e;
-        }
-        row_sum[r] = row_sum[r] * correction[r] + sum;
-      }
-    };
     auto rescale_and_convert = [&] {
-      CUTE_UNROLL
-      for (int r = 0; r < kRowsPerThread; ++r) {
-        CUTE_UNROLL
-        for (int j = 0; j < size<1>(accO_rc); ++j) accO_rc(r, j) *= correction[r];
-      }
+      softmax.rescale_output(accO_rc);
       acc_to_operand(accS, tOrP);
     };
 
@@ -208,7 +157,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       warpgroup_fence_operand(accS);
       ClusterBarrier::arrive(&ss.empty[slot]);
       if (blocks == 1) ClusterBarrier::arrive(&ss.q_empty);
-      softmax(c, tokens);
+      softmax.apply(accS_rc, rows, c * Traits::kKeys, Traits::kKeys, tokens);
       rescale_and_convert();
       for (int u = 1; u < blocks; ++u) {
         const int k_slot = issue_s(seq, c, tokens);
@@ -218,7 +167,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         warpgroup_fence_operand(accS);
         ClusterBarrier::arrive(&ss.empty[k_slot]);
         if (u == blocks - 1) ClusterBarrier::arrive(&ss.q_empty);
-        softmax(c, tokens);
+        softmax.apply(accS_rc, rows, c * Traits::kKeys, Traits::kKeys, tokens);
         warpgroup_wait<0>();
         warpgroup_fence_operand(accO);
         ClusterBarrier::arrive(&ss.empty[v_slot]);
@@ -233,7 +182,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     // out = O / l, lse = ln(sum of exp): both zero / -inf for an empty row.
     CUTE_UNROLL
     for (int r = 0; r < kRowsPerThread; ++r) {
-      const float total = quad_sum(row_sum[r]);  // the whole warp: before any lane leaves
+      const float total = quad_sum(softmax.row_sum[r]);  // the whole warp: before any lane leaves
       if (rows.token_of[r] < 0) continue;
       const float inv = total > 0.0f ? 1.0f / total : 0.0f;
       const int64_t out_row = rows.out_row[r];
@@ -243,10 +192,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         auto pair = to_pair(cutlass::Array<float, 2>{accO_rc(r, j) * inv, accO_rc(r, j + 1) * inv});
         *reinterpret_cast<cutlass::Array<Element, 2>*>(dst + rows.column(j)) = pair;
       }
-      if (tid % 4 == 0) {
-        p.lse[out_row] = total > 0.0f ? (row_max[r] + log2f(total)) * 0.6931471805599453f
-                                      : -INFINITY;
-      }
+      if (tid % 4 == 0) p.lse[out_row] = softmax.lse(r, total);
     }
   }
 #endif

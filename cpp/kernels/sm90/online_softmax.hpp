@@ -1,0 +1,111 @@
+// The online softmax of the query-outer kernels (sparse_attention_fwd.cu,
+// paged_attention.cu): per (tile, block) product S of a consumer warpgroup
+// (64 rows x 128 keys, fp32 wgmma accumulator seen as rows x columns), the
+// masks (rows whose query did not select the block; keys past a row's causal
+// or length limit), then in place P = 2^(factor (S - max)) with a running max
+// and sum per row, and the factor that rescales O.
+//
+// The max is taken on the raw products, so that each element costs one FFMA
+// and one MUFU.EX2; a negative factor (a negative logit scale) negates S
+// first. O is rescaled only when the max of some row of the warp moved, which
+// after the first blocks is rare.
+#pragma once
+
+#include <cfloat>
+#include <cstdint>
+
+#include <cute/tensor.hpp>
+
+#include "kernels/sm90/rowmax_epilogue.hpp"
+#include "kernels/sm90/sparse_tile_producer.hpp"
+
+namespace jax_msa::sm90 {
+
+template <int kRowsPerThread>
+struct OnlineSoftmax {
+  float factor[kRowsPerThread];   // S -> log2-domain logits, > 0
+  float row_max[kRowsPerThread];  // running max of (+-) S
+  float row_sum[kRowsPerThread];  // running sum of P
+  float correction[kRowsPerThread];
+  bool negate;   // the logit scale is negative: the softmax runs on -S
+  bool rescale;  // some row of the warp has a new max: O *= correction
+
+  // Row r's logits are factor[r] * S; the factors of a thread share one sign.
+  __device__ void start(const float (&factors)[kRowsPerThread]) {
+    negate = factors[0] < 0.0f;
+    CUTE_UNROLL
+    for (int r = 0; r < kRowsPerThread; ++r) {
+      factor[r] = fmaxf(fabsf(factors[r]), FLT_MIN);  // > 0: -inf * factor stays -inf
+      row_max[r] = -INFINITY;
+      row_sum[r] = 0.0f;
+    }
+  }
+
+  // S (rows x columns view of the accumulator) of the block starting at key
+  // key0; `tokens`: bit t set when query t of the tile selected the block.
+  template <class AccRC>
+  __device__ void apply(AccRC& s, const TileRows<kRowsPerThread>& rows, int64_t key0, int keys,
+                        uint64_t tokens) {
+    const bool partial = rows.partial(key0, keys);
+    bool members = true;
+    CUTE_UNROLL
+    for (int r = 0; r < kRowsPerThread; ++r) members = members && rows.member(r, tokens);
+    // Most blocks need no mask for any row of the warp: skip the per-element
+    // tests then. The vote keeps the branch uniform (quad_max follows).
+    const bool masked = __any_sync(0xFFFFFFFFu, partial || !members);
+    bool moved = false;
+    CUTE_UNROLL
+    for (int r = 0; r < kRowsPerThread; ++r) {
+      if (negate) {
+        CUTE_UNROLL
+        for (int j = 0; j < size<1>(s); ++j) s(r, j) = -s(r, j);
+      }
+      float m = row_max[r];
+      if (masked) {
+        const bool member = rows.member(r, tokens);
+        const int limit = rows.last_key[r] - static_cast<int>(key0);  // last visible column
+        CUTE_UNROLL
+        for (int j = 0; j < size<1>(s); ++j) {
+          if (!member || (partial && rows.column(j) > limit)) s(r, j) = -INFINITY;
+          m = fmaxf(m, s(r, j));
+        }
+      } else {
+        CUTE_UNROLL
+        for (int j = 0; j < size<1>(s); ++j) m = fmaxf(m, s(r, j));
+      }
+      m = quad_max(m);
+      moved = moved || m != row_max[r];
+      const float base = m == -INFINITY ? 0.0f : m * factor[r];
+      correction[r] = fast_exp2(row_max[r] * factor[r] - base);
+      row_max[r] = m;
+      float sum = 0.0f;
+      CUTE_UNROLL
+      for (int j = 0; j < size<1>(s); ++j) {
+        const float e = fast_exp2(fmaf(s(r, j), factor[r], -base));
+        s(r, j) = e;
+        sum += e;
+      }
+      row_sum[r] = row_sum[r] * correction[r] + sum;
+    }
+    rescale = __any_sync(0xFFFFFFFFu, moved);
+  }
+
+  // O *= correction, row by row, when some row of the warp needs it.
+  template <class AccRC>
+  __device__ void rescale_output(AccRC& o) const {
+    if (!rescale) return;
+    CUTE_UNROLL
+    for (int r = 0; r < kRowsPerThread; ++r) {
+      CUTE_UNROLL
+      for (int j = 0; j < size<1>(o); ++j) o(r, j) *= correction[r];
+    }
+  }
+
+  // Row r's lse (natural log) given its total sum of P over the quad; -inf if 0.
+  __device__ float lse(int r, float total) const {
+    return total > 0.0f ? (row_max[r] * factor[r] + log2f(total)) * 0.6931471805599453f
+                        : -INFINITY;
+  }
+};
+
+}  // namespace jax_msa::sm90
