@@ -39,6 +39,7 @@
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/sm90/e4m3.hpp"
 #include "kernels/sm90/online_softmax.hpp"
+#include "kernels/sm90/query_outer_walk.hpp"
 #include "kernels/sm90/rowmax_epilogue.hpp"
 #include "kernels/sm90/sparse_tile_producer.hpp"
 
@@ -524,69 +525,39 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   ClusterBarrier::wait(&ss.q_full, 0);
   const int pages = ss.tile_pages;
   uint32_t k_seq = 0, v_seq = 0;
-
-  auto issue_s = [&](int64_t& c, uint64_t& tokens) {
-    const int slot = static_cast<int>(k_seq % Traits::kKSlots);
-    ClusterBarrier::wait(&ss.k_full[slot], (k_seq / Traits::kKSlots) & 1);
-    ++k_seq;
-    c = ss.slot_page[slot];
-    tokens = ss.slot_tokens[slot];
-    warpgroup_fence_operand(accS);
-    warpgroup_arrive();
-    mma_s.accumulate_ = GMMA::ScaleOut::Zero;
-    CUTE_UNROLL
-    for (int k = 0; k < size<2>(tSrQ); ++k) {
-      cute::gemm(mma_s, tSrQ(_, _, k), tSrK(_, _, k, slot), accS);
-      mma_s.accumulate_ = GMMA::ScaleOut::One;
-    }
-    warpgroup_commit_batch();
-    return slot;
-  };
-  auto issue_pv = [&] {
-    const int slot = static_cast<int>(v_seq % Traits::kVSlots);
-    ClusterBarrier::wait(&ss.v_ready[slot], (v_seq / Traits::kVSlots) & 1);
-    ++v_seq;
-    warpgroup_fence_operand(tOrP);
-    warpgroup_fence_operand(accO);
-    warpgroup_arrive();
-    CUTE_UNROLL
-    for (int k = 0; k < size<2>(tOrV); ++k) {
-      cute::gemm(mma_o, tOrP(_, _, k), tOrV(_, _, k, slot), accO);
-    }
-    warpgroup_commit_batch();
-    return slot;
-  };
-  auto rescale_and_convert = [&] {
-    softmax.rescale_output(accO_rc);
-    acc_to_operand(accS, tOrP);
-  };
-
-  if (pages > 0) {
-    int64_t c;
-    uint64_t tokens;
-    int k_slot = issue_s(c, tokens);
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(accS);
-    ClusterBarrier::arrive(&ss.k_empty[k_slot]);
-    softmax.apply(accS_rc, rows, c * Traits::kKeys, Traits::kKeys, tokens);
-    rescale_and_convert();
-    for (int u = 1; u < pages; ++u) {
-      k_slot = issue_s(c, tokens);
-      const int v_slot = issue_pv();
-      warpgroup_wait<1>();
-      warpgroup_fence_operand(accS);
-      ClusterBarrier::arrive(&ss.k_empty[k_slot]);
-      softmax.apply(accS_rc, rows, c * Traits::kKeys, Traits::kKeys, tokens);
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(accO);
-      ClusterBarrier::arrive(&ss.v_empty[v_slot]);
-      rescale_and_convert();
-    }
-    const int v_slot = issue_pv();
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(accO);
-    ClusterBarrier::arrive(&ss.v_empty[v_slot]);
-  }
+  int64_t c;  // the block of the last S issued, and its tokens
+  uint64_t tokens;
+  walk_blocks(
+      pages,
+      [&] {  // S = Q K^T for the next page
+        const int slot = static_cast<int>(k_seq % Traits::kKSlots);
+        ClusterBarrier::wait(&ss.k_full[slot], (k_seq / Traits::kKSlots) & 1);
+        ++k_seq;
+        c = ss.slot_page[slot];
+        tokens = ss.slot_tokens[slot];
+        issue_product(mma_s, tSrQ, tSrK(_, _, _, slot), accS);
+        return slot;
+      },
+      [&] {  // O += P V
+        const int slot = static_cast<int>(v_seq % Traits::kVSlots);
+        ClusterBarrier::wait(&ss.v_ready[slot], (v_seq / Traits::kVSlots) & 1);
+        ++v_seq;
+        issue_accumulate(mma_o, tOrP, tOrV(_, _, _, slot), accO);
+        return slot;
+      },
+      [&](int slot, int) {
+        warpgroup_fence_operand(accS);
+        ClusterBarrier::arrive(&ss.k_empty[slot]);
+      },
+      [&](int slot) {
+        warpgroup_fence_operand(accO);
+        ClusterBarrier::arrive(&ss.v_empty[slot]);
+      },
+      [&] { softmax.apply(accS_rc, rows, c * Traits::kKeys, Traits::kKeys, tokens); },
+      [&] {
+        softmax.rescale_output(accO_rc);
+        acc_to_operand(accS, tOrP);
+      });
 
   // Partials: O / l (times v_scale) and lse = ln(sum of exp), 0 / -inf for a
   // row that saw nothing.

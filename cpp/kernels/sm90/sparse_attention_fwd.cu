@@ -20,6 +20,7 @@
 
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/sm90/online_softmax.hpp"
+#include "kernels/sm90/query_outer_walk.hpp"
 #include "kernels/sm90/rowmax_epilogue.hpp"
 #include "kernels/sm90/schedule_gate.hpp"
 #include "kernels/sm90/sparse_attention_traits.hpp"
@@ -110,74 +111,41 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     const int blocks = ss.tile_blocks;
     if (blocks == 0) ClusterBarrier::arrive(&ss.q_empty);
 
-    // S = Q K^T for the block in ring position `at` (a K slot); returns the slot.
-    auto issue_s = [&](uint32_t at, int64_t& c, uint64_t& tokens) {
-      const int slot = static_cast<int>(at % kSlots);
-      ClusterBarrier::wait(&ss.full[slot], (at / kSlots) & 1);
-      c = ss.slot_block[slot];
-      tokens = ss.slot_tokens[slot];
-      warpgroup_fence_operand(accS);
-      warpgroup_arrive();
-      mma_s.accumulate_ = GMMA::ScaleOut::Zero;
-      CUTE_UNROLL
-      for (int k = 0; k < size<2>(tSrQ); ++k) {
-        cute::gemm(mma_s, tSrQ(_, _, k), tSrK(_, _, k, slot), accS);
-        mma_s.accumulate_ = GMMA::ScaleOut::One;
-      }
-      warpgroup_commit_batch();
-      return slot;
-    };
-    // O += P V for the V block in ring position `at`; returns the slot.
-    auto issue_pv = [&](uint32_t at) {
-      const int slot = static_cast<int>(at % kSlots);
-      ClusterBarrier::wait(&ss.full[slot], (at / kSlots) & 1);
-      warpgroup_fence_operand(tOrP);
-      warpgroup_fence_operand(accO);
-      warpgroup_arrive();
-      CUTE_UNROLL
-      for (int k = 0; k < size<2>(tOrV); ++k) {
-        cute::gemm(mma_o, tOrP(_, _, k), tOrV(_, _, k, slot), accO);
-      }
-      warpgroup_commit_batch();
-      return slot;
-    };
-    auto rescale_and_convert = [&] {
-      softmax.rescale_output(accO_rc);
-      acc_to_operand(accS, tOrP);
-    };
-
-    // Ring order K_0, K_1, V_0, K_2, V_1, ..., V_last (see produce_tiles):
-    // S_u is issued with P_{u-1} V_{u-1}, and the softmax of S_u runs while
-    // the tensor cores still work on P_{u-1} V_{u-1}.
-    if (blocks > 0) {
-      int64_t c;
-      uint64_t tokens;
-      int slot = issue_s(seq++, c, tokens);
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(accS);
-      ClusterBarrier::arrive(&ss.empty[slot]);
-      if (blocks == 1) ClusterBarrier::arrive(&ss.q_empty);
-      softmax.apply(accS_rc, rows, c * Traits::kKeys, Traits::kKeys, tokens);
-      rescale_and_convert();
-      for (int u = 1; u < blocks; ++u) {
-        const int k_slot = issue_s(seq, c, tokens);
-        const int v_slot = issue_pv(seq + 1);
-        seq += 2;
-        warpgroup_wait<1>();
-        warpgroup_fence_operand(accS);
-        ClusterBarrier::arrive(&ss.empty[k_slot]);
-        if (u == blocks - 1) ClusterBarrier::arrive(&ss.q_empty);
-        softmax.apply(accS_rc, rows, c * Traits::kKeys, Traits::kKeys, tokens);
-        warpgroup_wait<0>();
-        warpgroup_fence_operand(accO);
-        ClusterBarrier::arrive(&ss.empty[v_slot]);
-        rescale_and_convert();
-      }
-      slot = issue_pv(seq++);
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(accO);
-      ClusterBarrier::arrive(&ss.empty[slot]);
-    }
+    // Ring order K_0, K_1, V_0, K_2, V_1, ..., V_last (see produce_tiles).
+    int64_t c;  // the block of the last S issued, and its tokens
+    uint64_t tokens;
+    walk_blocks(
+        blocks,
+        [&] {  // S = Q K^T for the next block
+          const int slot = static_cast<int>(seq % kSlots);
+          ClusterBarrier::wait(&ss.full[slot], (seq / kSlots) & 1);
+          ++seq;
+          c = ss.slot_block[slot];
+          tokens = ss.slot_tokens[slot];
+          issue_product(mma_s, tSrQ, tSrK(_, _, _, slot), accS);
+          return slot;
+        },
+        [&] {  // O += P V
+          const int slot = static_cast<int>(seq % kSlots);
+          ClusterBarrier::wait(&ss.full[slot], (seq / kSlots) & 1);
+          ++seq;
+          issue_accumulate(mma_o, tOrP, tOrV(_, _, _, slot), accO);
+          return slot;
+        },
+        [&](int slot, int u) {
+          warpgroup_fence_operand(accS);
+          ClusterBarrier::arrive(&ss.empty[slot]);
+          if (u == blocks - 1) ClusterBarrier::arrive(&ss.q_empty);
+        },
+        [&](int slot) {
+          warpgroup_fence_operand(accO);
+          ClusterBarrier::arrive(&ss.empty[slot]);
+        },
+        [&] { softmax.apply(accS_rc, rows, c * Traits::kKeys, Traits::kKeys, tokens); },
+        [&] {
+          softmax.rescale_output(accO_rc);
+          acc_to_operand(accS, tOrP);
+        });
 
     // out = O / l, lse = ln(sum of exp): both zero / -inf for an empty row.
     CUTE_UNROLL

@@ -1,0 +1,70 @@
+// The consumer side of the query-outer kernels (sparse_attention_fwd.cu,
+// paged_attention.cu): issuing a warpgroup's two wgmma chains, and the order
+// in which a tile walks its blocks.
+#pragma once
+
+#include <cute/tensor.hpp>
+
+namespace jax_msa::sm90 {
+
+using namespace cute;
+
+// acc = A B over the k blocks of the fragments (MMA, 1, k): one wgmma batch,
+// committed, not waited for.
+template <class Mma, class FragA, class FragB, class Acc>
+__device__ __forceinline__ void issue_product(Mma& mma, const FragA& a, const FragB& b, Acc& acc) {
+  warpgroup_fence_operand(acc);
+  warpgroup_arrive();
+  mma.accumulate_ = GMMA::ScaleOut::Zero;
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(a); ++k) {
+    cute::gemm(mma, a(_, _, k), b(_, _, k), acc);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+}
+
+// acc += A B with A in registers (e.g. O += P V): one wgmma batch, committed.
+template <class Mma, class FragA, class FragB, class Acc>
+__device__ __forceinline__ void issue_accumulate(Mma& mma, FragA& a, const FragB& b, Acc& acc) {
+  warpgroup_fence_operand(a);
+  warpgroup_fence_operand(acc);
+  warpgroup_arrive();
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(b); ++k) cute::gemm(mma, a(_, _, k), b(_, _, k), acc);
+  warpgroup_commit_batch();
+}
+
+// A tile's walk over its `blocks` blocks: S_u = Q K_u^T is issued together
+// with O += P_{u-1} V_{u-1}, so that the softmax of S_u runs while the tensor
+// cores still work on P_{u-1} V_{u-1}. issue_s() / issue_pv() wait for their
+// block and issue its product, returning the ring slot; s_done(slot, u) runs
+// once S_u is complete (it frees the K slot), pv_done(slot) once the P V
+// product is; softmax() turns S_u into P_u, convert() rescales O and makes
+// P_u the A operand of the next P V.
+template <class IssueS, class IssuePV, class SDone, class PVDone, class Softmax, class Convert>
+__device__ __forceinline__ void walk_blocks(int blocks, IssueS issue_s, IssuePV issue_pv,
+                                            SDone s_done, PVDone pv_done, Softmax softmax,
+                                            Convert convert) {
+  if (blocks <= 0) return;
+  int k_slot = issue_s();
+  warpgroup_wait<0>();
+  s_done(k_slot, 0);
+  softmax();
+  convert();
+  for (int u = 1; u < blocks; ++u) {
+    k_slot = issue_s();
+    const int v_slot = issue_pv();
+    warpgroup_wait<1>();
+    s_done(k_slot, u);
+    softmax();
+    warpgroup_wait<0>();
+    pv_done(v_slot);
+    convert();
+  }
+  const int v_slot = issue_pv();
+  warpgroup_wait<0>();
+  pv_done(v_slot);
+}
+
+}  // namespace jax_msa::sm90
