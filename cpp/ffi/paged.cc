@@ -2,6 +2,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
 
 #include "ffi/ffi_common.h"
 #include "kernels/cpu/cpu_kernels.h"
@@ -46,14 +47,12 @@ ffi::Error CheckCache(const ffi::AnyBuffer& cache, const ffi::AnyBuffer& scale, 
   return CheckShape(cache, {d[0], cpu::kBlock, d[2]}, name);
 }
 
-// A checked cache for the CPU kernels, its scale read from host memory.
-ffi::Error DecodeCache(const ffi::AnyBuffer& cache, const ffi::AnyBuffer& scale, bool with_heads,
-                       const char* name, const char* scale_name, cpu::PagedCache* out) {
-  if (auto e = CheckCache(cache, scale, with_heads, name, scale_name); e.failure()) return e;
+// A cache checked by CheckCache, for the CPU kernels: its scale read from host memory.
+cpu::PagedCache HostCache(const ffi::AnyBuffer& cache, const ffi::AnyBuffer& scale,
+                          bool with_heads) {
   auto d = cache.dimensions();
-  *out = {cache.untyped_data(), *ToCacheType(cache.element_type()), *DataOf<float>(scale), d[0],
+  return {cache.untyped_data(), *ToCacheType(cache.element_type()), *DataOf<float>(scale), d[0],
           with_heads ? d[1] : 1, d[d.size() - 1]};
-  return ffi::Error::Success();
 }
 
 // q [B, Q, H, D] of a float type, page_table [B, max_pages], lengths [B], int32.
@@ -97,39 +96,60 @@ ffi::Error DecodeIds(const ffi::RemainingArgs& rest, const cpu::PagedProblem& p,
   return CheckShape(*buffer, {p.B, p.Q, p.Hkv, *topk}, "ids");
 }
 
-ffi::Error PagedAttentionCpu(ffi::AnyBuffer k_cache, ffi::AnyBuffer v_cache, ffi::AnyBuffer k_scale,
-                             ffi::AnyBuffer v_scale, ffi::AnyBuffer q, ffi::AnyBuffer page_table,
-                             ffi::AnyBuffer q_lengths, ffi::AnyBuffer kv_lengths,
-                             ffi::RemainingArgs rest, ffi::Result<ffi::AnyBuffer> out,
-                             ffi::Result<ffi::AnyBuffer> lse, float scale) {
-  cpu::PagedCache k, v;
-  DType q_dtype;
-  if (auto e = FirstError({DecodeCache(k_cache, k_scale, true, "k_cache", "k_scale", &k),
-                           DecodeCache(v_cache, v_scale, true, "v_cache", "v_scale", &v),
-                           DecodeRequests(q, page_table, q_lengths, kv_lengths, "q", &q_dtype)});
+// paged_attention's operands and results, checked (both platforms): the
+// problem, dtypes and the optional ids.
+struct AttentionOperands {
+  cpu::PagedProblem p;
+  int64_t num_pages;
+  DType q_dtype, out_dtype;
+  const int32_t* ids;
+  int64_t topk;  // 0: dense
+};
+
+ffi::Error DecodeAttention(const ffi::AnyBuffer& k_cache, const ffi::AnyBuffer& v_cache,
+                           const ffi::AnyBuffer& k_scale, const ffi::AnyBuffer& v_scale,
+                           const ffi::AnyBuffer& q, const ffi::AnyBuffer& page_table,
+                           const ffi::AnyBuffer& q_lengths, const ffi::AnyBuffer& kv_lengths,
+                           const ffi::RemainingArgs& rest, ffi::Result<ffi::AnyBuffer>& out,
+                           ffi::Result<ffi::AnyBuffer>& lse, float scale, AttentionOperands* a) {
+  if (auto e = FirstError({CheckCache(k_cache, k_scale, true, "k_cache", "k_scale"),
+                           CheckCache(v_cache, v_scale, true, "v_cache", "v_scale"),
+                           DecodeRequests(q, page_table, q_lengths, kv_lengths, "q", &a->q_dtype)});
       e.failure()) {
     return e;
   }
-  auto qd = q.dimensions();
-  const cpu::PagedProblem p{qd[0], qd[1], qd[2], k.heads, qd[3], page_table.dimensions()[1], scale};
+  auto qd = q.dimensions(), kd = k_cache.dimensions();
+  a->p = {qd[0], qd[1], qd[2], kd[1], qd[3], page_table.dimensions()[1], scale};
+  a->num_pages = kd[0];
+  const cpu::PagedProblem& p = a->p;
   if (p.Hkv == 0 || p.Hq % p.Hkv != 0) {
     return ffi::Error::InvalidArgument("jax_msa: q heads must be a multiple of the cache's kv heads");
   }
   auto out_dtype = ToDType(out->element_type());
   if (!out_dtype) return ffi::Error::InvalidArgument("jax_msa: out must be float32, bfloat16 or float16");
-  const int32_t* ids;
-  int64_t topk;
-  if (auto e = FirstError({CheckShape(k_cache, {k.num_pages, p.Hkv, cpu::kBlock, p.D}, "k_cache"),
-                           CheckShape(v_cache, {k.num_pages, p.Hkv, cpu::kBlock, p.D}, "v_cache"),
-                           CheckShape(*out, {p.B, p.Q, p.Hq, p.D}, "out"),
-                           CheckShape(*lse, {p.B, p.Q, p.Hq}, "lse"),
-                           CheckType(*lse, ffi::DataType::F32, "lse"),
-                           DecodeIds(rest, p, &ids, &topk)});
+  a->out_dtype = *out_dtype;
+  return FirstError({CheckShape(k_cache, {a->num_pages, p.Hkv, cpu::kBlock, p.D}, "k_cache"),
+                     CheckShape(v_cache, {a->num_pages, p.Hkv, cpu::kBlock, p.D}, "v_cache"),
+                     CheckShape(*out, {p.B, p.Q, p.Hq, p.D}, "out"),
+                     CheckShape(*lse, {p.B, p.Q, p.Hq}, "lse"),
+                     CheckType(*lse, ffi::DataType::F32, "lse"),
+                     DecodeIds(rest, p, &a->ids, &a->topk)});
+}
+
+ffi::Error PagedAttentionCpu(ffi::AnyBuffer k_cache, ffi::AnyBuffer v_cache, ffi::AnyBuffer k_scale,
+                             ffi::AnyBuffer v_scale, ffi::AnyBuffer q, ffi::AnyBuffer page_table,
+                             ffi::AnyBuffer q_lengths, ffi::AnyBuffer kv_lengths,
+                             ffi::RemainingArgs rest, ffi::Result<ffi::AnyBuffer> out,
+                             ffi::Result<ffi::AnyBuffer> lse, float scale) {
+  AttentionOperands a;
+  if (auto e = DecodeAttention(k_cache, v_cache, k_scale, v_scale, q, page_table, q_lengths,
+                               kv_lengths, rest, out, lse, scale, &a);
       e.failure()) {
     return e;
   }
-  cpu::paged_attention(q_dtype, *out_dtype, p, k, v, DataOf<int32_t>(page_table),
-                       DataOf<int32_t>(q_lengths), DataOf<int32_t>(kv_lengths), ids, topk,
+  cpu::paged_attention(a.q_dtype, a.out_dtype, a.p, HostCache(k_cache, k_scale, true),
+                       HostCache(v_cache, v_scale, true), DataOf<int32_t>(page_table),
+                       DataOf<int32_t>(q_lengths), DataOf<int32_t>(kv_lengths), a.ids, a.topk,
                        q.untyped_data(), out->untyped_data(), DataOf<float>(lse));
   return ffi::Error::Success();
 }
@@ -138,13 +158,13 @@ ffi::Error PagedIndexerCpu(ffi::AnyBuffer ki_cache, ffi::AnyBuffer ki_scale, ffi
                            ffi::AnyBuffer page_table, ffi::AnyBuffer q_lengths,
                            ffi::AnyBuffer kv_lengths, ffi::Result<ffi::AnyBuffer> ids,
                            int64_t topk, float scale) {
-  cpu::PagedCache ki;
   DType dtype;
-  if (auto e = FirstError({DecodeCache(ki_cache, ki_scale, false, "ki_cache", "ki_scale", &ki),
+  if (auto e = FirstError({CheckCache(ki_cache, ki_scale, false, "ki_cache", "ki_scale"),
                            DecodeRequests(qi, page_table, q_lengths, kv_lengths, "qi", &dtype)});
       e.failure()) {
     return e;
   }
+  const cpu::PagedCache ki = HostCache(ki_cache, ki_scale, false);
   auto d = qi.dimensions();
   const int64_t B = d[0], Q = d[1], Hi = d[2], Di = d[3], max_pages = page_table.dimensions()[1];
   if (auto e = FirstError({CheckShape(ki_cache, {ki.num_pages, cpu::kBlock, Di}, "ki_cache"),
@@ -220,49 +240,39 @@ ffi::Error PagedAttentionCuda(cudaStream_t stream, ffi::AnyBuffer k_cache, ffi::
                               ffi::AnyBuffer kv_lengths, ffi::RemainingArgs rest,
                               ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
                               ffi::Result<ffi::AnyBuffer> workspace, float scale, int64_t splits) {
-  DType q_dtype;
-  if (auto e = FirstError({CheckCache(k_cache, k_scale, true, "k_cache", "k_scale"),
-                           CheckCache(v_cache, v_scale, true, "v_cache", "v_scale"),
-                           DecodeRequests(q, page_table, q_lengths, kv_lengths, "q", &q_dtype)});
+  AttentionOperands a;
+  if (auto e = DecodeAttention(k_cache, v_cache, k_scale, v_scale, q, page_table, q_lengths,
+                               kv_lengths, rest, out, lse, scale, &a);
       e.failure()) {
     return e;
   }
-  auto qd = q.dimensions(), kd = k_cache.dimensions();
-  const cpu::PagedProblem p{qd[0], qd[1], qd[2], kd[1], qd[3], page_table.dimensions()[1], scale};
-  const int32_t* ids;
-  int64_t topk;
-  if (auto e = DecodeIds(rest, p, &ids, &topk); e.failure()) return e;
+  const cpu::PagedProblem& p = a.p;
   const cuda::PagedAttentionArgs args{q.untyped_data(),         k_cache.untyped_data(),
                                       v_cache.untyped_data(),   DataOf<float>(k_scale),
                                       DataOf<float>(v_scale),   DataOf<int32_t>(page_table),
                                       DataOf<int32_t>(q_lengths), DataOf<int32_t>(kv_lengths),
-                                      ids,                      p.B,
+                                      a.ids,                    p.B,
                                       p.Q,                      p.Hq,
                                       p.Hkv,                    p.D,
-                                      kd[0],                    p.max_pages,
-                                      topk,                     scale,
+                                      a.num_pages,              p.max_pages,
+                                      a.topk,                   scale,
                                       splits};
   auto cache = ToCacheType(k_cache.element_type());
-  auto out_dtype = ToDType(out->element_type());
   // The Python lowering sends other inputs to the reference: this only fires
   // for a direct caller of the target.
-  if (!cache || k_cache.element_type() != v_cache.element_type() || !out_dtype ||
-      !cuda::paged_attention_supported(q_dtype, *cache, args)) {
+  if (k_cache.element_type() != v_cache.element_type() ||
+      !cuda::paged_attention_supported(a.q_dtype, *cache, args)) {
     return ffi::Error::InvalidArgument(
         "jax_msa: the CUDA paged attention takes bfloat16/float16 q with D = 128, "
         "Hq / Hkv <= 128, topk <= 64, and k/v caches both of q's dtype or both float8_e4m3fn");
   }
   if (auto e = FirstError(
-          {CheckShape(v_cache, {kd[0], kd[1], cpu::kBlock, kd[3]}, "v_cache"),
-           CheckShape(k_cache, {kd[0], p.Hkv, cpu::kBlock, p.D}, "k_cache"),
-           CheckShape(*out, {p.B, p.Q, p.Hq, p.D}, "out"), CheckShape(*lse, {p.B, p.Q, p.Hq}, "lse"),
-           CheckType(*lse, ffi::DataType::F32, "lse"),
-           CheckShape(*workspace, {cuda::paged_attention_workspace_floats(args)}, "workspace"),
+          {CheckShape(*workspace, {cuda::paged_attention_workspace_floats(args)}, "workspace"),
            CheckType(*workspace, ffi::DataType::F32, "workspace")});
       e.failure()) {
     return e;
   }
-  cudaError_t status = cuda::paged_attention(q_dtype, *cache, *out_dtype, args,
+  cudaError_t status = cuda::paged_attention(a.q_dtype, *cache, a.out_dtype, args,
                                              DataOf<float>(workspace), out->untyped_data(),
                                              DataOf<float>(lse), stream);
   if (status != cudaSuccess) {
@@ -275,61 +285,58 @@ ffi::Error PagedAttentionCuda(cudaStream_t stream, ffi::AnyBuffer k_cache, ffi::
 
 }  // namespace
 
+// paged_attention's operands: k_cache, v_cache, k_scale, v_scale, q,
+// page_table, q_lengths, kv_lengths, then ids (sparse) or none (dense) ->
+// out, lse.
+template <class Binding>
+auto WithAttentionOperands(Binding binding) {
+  return std::move(binding)
+      .template Arg<ffi::AnyBuffer>()   // k_cache
+      .template Arg<ffi::AnyBuffer>()   // v_cache
+      .template Arg<ffi::AnyBuffer>()   // k_scale
+      .template Arg<ffi::AnyBuffer>()   // v_scale
+      .template Arg<ffi::AnyBuffer>()   // q
+      .template Arg<ffi::AnyBuffer>()   // page_table
+      .template Arg<ffi::AnyBuffer>()   // q_lengths
+      .template Arg<ffi::AnyBuffer>()   // kv_lengths
+      .RemainingArgs()                  // ids (sparse) or none (dense)
+      .template Ret<ffi::AnyBuffer>()   // out
+      .template Ret<ffi::AnyBuffer>();  // lse
+}
+
+// paged_indexer's operands: ki_cache, ki_scale, qi, page_table, q_lengths,
+// kv_lengths (its result differs by platform: ids, or the CUDA scores).
+template <class Binding>
+auto WithIndexerOperands(Binding binding) {
+  return std::move(binding)
+      .template Arg<ffi::AnyBuffer>()   // ki_cache
+      .template Arg<ffi::AnyBuffer>()   // ki_scale
+      .template Arg<ffi::AnyBuffer>()   // qi
+      .template Arg<ffi::AnyBuffer>()   // page_table
+      .template Arg<ffi::AnyBuffer>()   // q_lengths
+      .template Arg<ffi::AnyBuffer>();  // kv_lengths
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kPagedAttentionCpu, PagedAttentionCpu,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // k_cache
-                                  .Arg<ffi::AnyBuffer>()  // v_cache
-                                  .Arg<ffi::AnyBuffer>()  // k_scale
-                                  .Arg<ffi::AnyBuffer>()  // v_scale
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // page_table
-                                  .Arg<ffi::AnyBuffer>()  // q_lengths
-                                  .Arg<ffi::AnyBuffer>()  // kv_lengths
-                                  .RemainingArgs()        // ids (sparse) or none (dense)
-                                  .Ret<ffi::AnyBuffer>()  // out
-                                  .Ret<ffi::AnyBuffer>()  // lse
-                                  .Attr<float>("scale"));
+                              WithAttentionOperands(ffi::Ffi::Bind()).Attr<float>("scale"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kPagedIndexerCpu, PagedIndexerCpu,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // ki_cache
-                                  .Arg<ffi::AnyBuffer>()  // ki_scale
-                                  .Arg<ffi::AnyBuffer>()  // qi
-                                  .Arg<ffi::AnyBuffer>()  // page_table
-                                  .Arg<ffi::AnyBuffer>()  // q_lengths
-                                  .Arg<ffi::AnyBuffer>()  // kv_lengths
+                              WithIndexerOperands(ffi::Ffi::Bind())
                                   .Ret<ffi::AnyBuffer>()  // ids
                                   .Attr<int64_t>("topk")
                                   .Attr<float>("scale"));
 
 #ifdef JAX_MSA_WITH_CUDA
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kPagedAttentionCuda, PagedAttentionCuda,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // k_cache
-                                  .Arg<ffi::AnyBuffer>()  // v_cache
-                                  .Arg<ffi::AnyBuffer>()  // k_scale
-                                  .Arg<ffi::AnyBuffer>()  // v_scale
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // page_table
-                                  .Arg<ffi::AnyBuffer>()  // q_lengths
-                                  .Arg<ffi::AnyBuffer>()  // kv_lengths
-                                  .RemainingArgs()        // ids (sparse) or none (dense)
-                                  .Ret<ffi::AnyBuffer>()  // out
-                                  .Ret<ffi::AnyBuffer>()  // lse
+                              WithAttentionOperands(
+                                  ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
                                   .Ret<ffi::AnyBuffer>()  // workspace
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("splits"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kPagedIndexerScoresCuda, PagedIndexerScoresCuda,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // ki_cache
-                                  .Arg<ffi::AnyBuffer>()  // ki_scale
-                                  .Arg<ffi::AnyBuffer>()  // qi
-                                  .Arg<ffi::AnyBuffer>()  // page_table
-                                  .Arg<ffi::AnyBuffer>()  // q_lengths
-                                  .Arg<ffi::AnyBuffer>()  // kv_lengths
+                              WithIndexerOperands(
+                                  ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
                                   .Ret<ffi::AnyBuffer>()  // scores
                                   .Attr<float>("scale"));
 #endif
