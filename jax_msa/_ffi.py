@@ -44,6 +44,11 @@ def sparse_fwd_by_block_workspace(B: int, Sq: int, Sk: int, Hq: int, Hkv: int, D
     return tuple(int(n) for n in _jax_msa.sparse_fwd_by_block_workspace(B, Sq, Sk, Hq, Hkv, D, topk))
 
 
+def paged_attention_splits(B: int, Q: int, Hq: int, Hkv: int, max_pages: int, topk: int) -> int:
+    """CTAs per tile (split-KV) of the CUDA paged attention; topk 0: dense."""
+    return int(_jax_msa.paged_attention_splits(B, Q, Hq, Hkv, max_pages, topk))
+
+
 def paged_attention_workspace(B: int, Q: int, Hq: int, D: int, splits: int) -> int:
     """Float32 elements of the CUDA paged attention's split-KV workspace."""
     return int(_jax_msa.paged_attention_workspace(B, Q, Hq, D, splits))

@@ -31,6 +31,13 @@ class NoKernelError(NotImplementedError):
     """implementation="kernel" was asked for where no kernel exists."""
 
 
+def cuda_only(target: str) -> Callable:
+    """The `reference` of a hidden primitive that only exists on CUDA: it raises."""
+    def reference(*args, **params):
+        raise NotImplementedError(f"{target} has no reference: it exists only on CUDA")
+    return reference
+
+
 def define_primitive(
     name: str,
     *,

@@ -24,7 +24,7 @@ from jax.core import ShapedArray
 from jax_msa import _ffi
 from jax_msa import _validation as checks
 from jax_msa import reference
-from jax_msa._primitives import define_primitive
+from jax_msa._primitives import cuda_only, define_primitive
 from jax_msa.indexer import _indexer_select_p
 
 CACHE_DTYPES = checks.FLOAT_DTYPES + (jnp.dtype(jnp.float8_e4m3fn),)
@@ -48,10 +48,10 @@ def _attention_reference(k_cache, v_cache, k_scale, v_scale, q, page_table, q_le
 
 # paged_attention on CUDA (sm90/paged_attention.cu): each (request, kv head,
 # query chunk) tile's pages may be split over several CTAs (`splits`, chosen
-# here from the static shapes), whose float32 partials an lse-weighted combine
-# merges; the partials live in a workspace that is an extra result of the
-# hidden primitive below, so that the FFI handler allocates nothing.
-_SPLIT_SMS = 132  # SMs of an H100 / H200 SXM: only the split heuristic depends on it
+# from the static shapes by cuda::paged_attention_splits), whose float32
+# partials an lse-weighted combine merges; the partials live in a workspace
+# that is an extra result of the hidden primitive below, so that the FFI
+# handler allocates nothing.
 _E4M3 = jnp.dtype(jnp.float8_e4m3fn)
 
 
@@ -66,16 +66,6 @@ def _cuda_attention_takes(k_cache, v_cache, k_scale, v_scale, q, page_table, q_l
             and 1 <= k_cache.shape[0] < 2**31 and page_table.shape[1] <= (2**31 - 257) // checks.BLOCK_SIZE)
 
 
-def _cuda_splits(b: int, nq: int, hq: int, hkv: int, max_pages: int, topk: int) -> int:
-    """CTAs per tile: enough for about one wave, each with >= 4 pages to read."""
-    tokens = min(128 // (hq // hkv), 64, 128 // topk if topk else 64)
-    tiles = b * hkv * -(-nq // tokens)
-    if tiles == 0 or tiles >= _SPLIT_SMS:
-        return 1
-    pages = min(max_pages, tokens * topk) if topk else max_pages
-    return max(1, min(_SPLIT_SMS // tiles, pages // 4))
-
-
 def _cuda_attention_abstract(k_cache, v_cache, k_scale, v_scale, q, *rest, scale, splits, out_dtype):
     b, nq, hq, d = q.shape
     workspace = ShapedArray((_ffi.paged_attention_workspace(b, nq, hq, d, int(splits)),), jnp.float32)
@@ -83,19 +73,17 @@ def _cuda_attention_abstract(k_cache, v_cache, k_scale, v_scale, q, *rest, scale
             workspace]
 
 
-def _cuda_only(*args, **params):
-    raise NotImplementedError("jax_msa_paged_attention_cuda has no reference: it exists only on CUDA")
-
-
 _attention_cuda_p = define_primitive("paged_attention_cuda", abstract_eval=_cuda_attention_abstract,
-                                     reference=_cuda_only, ffi_attributes=("scale", "splits"), shared_operands=4)
+                                     reference=cuda_only("jax_msa_paged_attention_cuda"),
+                                     ffi_attributes=("scale", "splits"), shared_operands=4)
 
 
 def _attention_on_cuda(k_cache, v_cache, k_scale, v_scale, q, page_table, *rest, scale, out_dtype,
                        implementation):
     b, nq, hq, _ = q.shape
     ids = rest[2:]
-    splits = _cuda_splits(b, nq, hq, k_cache.shape[1], page_table.shape[1], ids[0].shape[3] if ids else 0)
+    splits = _ffi.paged_attention_splits(b, nq, hq, k_cache.shape[1], page_table.shape[1],
+                                         ids[0].shape[3] if ids else 0)
     return _attention_cuda_p.bind(k_cache, v_cache, k_scale, v_scale, q, page_table, *rest, scale=scale,
                                   splits=np.int64(splits), out_dtype=out_dtype, implementation=implementation)[:2]
 

@@ -24,7 +24,7 @@ from jax_msa import _validation as checks
 from jax_msa import reference
 from jax_msa._attention_common import (backward_abstract, check_attention_inputs, forward_abstract,
                                        reference_vjp)
-from jax_msa._primitives import define_primitive
+from jax_msa._primitives import cuda_only, define_primitive
 
 
 def _reference_forward(q, k, v, ids, q_lengths, kv_lengths, *, scale, schedule=None):
@@ -46,12 +46,6 @@ def _cuda_kernel_takes(q, k, v, ids, *rest, implementation, **params) -> bool:
             and q.shape[0] * k.shape[2] <= 65535)
 
 
-def _cuda_only(name):
-    def reference(*args, **params):
-        raise NotImplementedError(f"{name} has no reference: it exists only on CUDA")
-    return reference
-
-
 # The forward on CUDA has two schedules (cuda_kernels.h), hidden primitives
 # bound only inside the lowering of _fwd_p:
 #   "query": query-outer tiles walk the union of their tokens' blocks: fast
@@ -60,7 +54,7 @@ def _cuda_only(name):
 #            per-block partials merged by lse (workspaces as extra results):
 #            its cost does not depend on the sharing.
 _fwd_query_p = define_primitive("sparse_attention_fwd_query", abstract_eval=forward_abstract,
-                                reference=_cuda_only("jax_msa_sparse_attention_fwd_query"),
+                                reference=cuda_only("jax_msa_sparse_attention_fwd_query"),
                                 ffi_attributes=("scale",))
 
 
@@ -71,13 +65,13 @@ def _fwd_by_block_abstract(q, k, v, ids, *rest, scale):
 
 
 _fwd_by_block_p = define_primitive("sparse_attention_fwd_by_block", abstract_eval=_fwd_by_block_abstract,
-                                   reference=_cuda_only("jax_msa_sparse_attention_fwd_by_block"),
+                                   reference=cuda_only("jax_msa_sparse_attention_fwd_by_block"),
                                    ffi_attributes=("scale",))
 # "auto": both schedules enqueued, the device picks one from the ids (a cost
 # estimate over the query-outer tiles; cuda_kernels.h). The by-block
 # workspaces; the last 4 ints of `index` hold the two cost sums.
 _fwd_auto_p = define_primitive("sparse_attention_fwd_auto", abstract_eval=_fwd_by_block_abstract,
-                               reference=_cuda_only("jax_msa_sparse_attention_fwd_auto"),
+                               reference=cuda_only("jax_msa_sparse_attention_fwd_auto"),
                                ffi_attributes=("scale",))
 _FWD_ON_CUDA = {"query": _fwd_query_p, "block": _fwd_by_block_p, "auto": _fwd_auto_p}
 
@@ -110,7 +104,7 @@ def _bwd_cuda_abstract(q, k, v, ids, *rest, scale, deterministic):
 
 
 _bwd_cuda_p = define_primitive("sparse_attention_bwd_cuda", abstract_eval=_bwd_cuda_abstract,
-                               reference=_cuda_only("jax_msa_sparse_attention_bwd_cuda"),
+                               reference=cuda_only("jax_msa_sparse_attention_bwd_cuda"),
                                ffi_attributes=("scale", "deterministic"))
 
 

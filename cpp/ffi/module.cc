@@ -77,6 +77,14 @@ NB_MODULE(_jax_msa, m) {
         return jax_msa::cuda::paged_attention_workspace_floats(a);
       },
       "Float32 elements of the CUDA paged attention's split-KV workspace.");
+  m.def(
+      "paged_attention_splits",
+      [](int64_t B, int64_t Q, int64_t Hq, int64_t Hkv, int64_t max_pages, int64_t topk) {
+        jax_msa::cuda::PagedAttentionArgs a{};
+        a.B = B, a.Q = Q, a.Hq = Hq, a.Hkv = Hkv, a.max_pages = max_pages, a.topk = topk;
+        return jax_msa::cuda::paged_attention_splits(a);
+      },
+      "CTAs per tile of the CUDA paged attention (split-KV) for these shapes on this device.");
 #else
   m.attr("with_cuda") = false;
 #endif

@@ -122,6 +122,11 @@ struct PagedAttentionArgs {
 // for the Q K^T product; V is widened to float16 exactly).
 bool paged_attention_supported(DType q_dtype, CacheType cache, const PagedAttentionArgs& a);
 
+// The CTAs per tile that paged_attention's callers should pass as a.splits
+// (a.splits is ignored here): about one wave over the device's SMs, each CTA
+// with >= 4 pages to read, 1 when the tiles alone fill the device.
+int64_t paged_attention_splits(const PagedAttentionArgs& a);
+
 // Float32 elements of paged_attention's workspace: per split, every output
 // row's partial O [D] and its lse.
 int64_t paged_attention_workspace_floats(const PagedAttentionArgs& a);

@@ -37,6 +37,7 @@
 #include <cutlass/numeric_types.h>
 
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/multiprocessors.h"
 #include "kernels/sm90/e4m3.hpp"
 #include "kernels/sm90/online_softmax.hpp"
 #include "kernels/sm90/query_outer_walk.hpp"
@@ -688,6 +689,16 @@ bool paged_attention_supported(DType q_dtype, CacheType cache, const PagedAttent
          (a.topk > 0) == (a.ids != nullptr) && a.num_pages >= 1 && a.num_pages <= INT_MAX &&
          a.Hkv <= INT_MAX && a.max_pages <= (INT_MAX - 256) / 128 && a.B >= 0 && a.Q >= 0 &&
          a.splits >= 1 && a.splits <= 4096;
+}
+
+int64_t paged_attention_splits(const PagedAttentionArgs& a) {
+  if (a.Hkv < 1 || a.Hq % a.Hkv != 0 || a.Hq / a.Hkv > 128 || a.topk < 0 || a.topk > 64) return 1;
+  const sm90::SparseShape s = sm90::make_paged_shape(a);
+  const int64_t sms = multiprocessor_count(132);
+  if (s.tiles == 0 || s.tiles >= sms) return 1;
+  // Sparse: a tile reads at most its tokens' candidates.
+  const int64_t pages = a.topk > 0 ? std::min<int64_t>(a.max_pages, s.tokens * a.topk) : a.max_pages;
+  return std::max<int64_t>(1, std::min(sms / s.tiles, pages / 4));
 }
 
 int64_t paged_attention_workspace_floats(const PagedAttentionArgs& a) {
