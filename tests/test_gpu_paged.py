@@ -321,7 +321,8 @@ def _check_attention(p, cache_dtype, out_dtypes=(jnp.float32, jnp.bfloat16), **k
 
 # (name, kv_lengths, q_lengths, Q, Hq, Hkv, max_pages, holes, topk, kwargs): decode,
 # MTP, Q 16 and a prefill chunk (Q 40); groups 16, 4, 1, 8 and 128; unaligned
-# lengths (1, 127, 129, 1000, 5000...), padded queries, holes, topk 4..64.
+# lengths (1, 127, 129, 1000, 5000...), padded queries, holes, topk 4..64, a
+# negative logit scale.
 ATTENTION_CASES = [
     ("decode-g16", [5000, 129, 1, 1000], None, 1, 16, 1, 48, 0.0, 16, {}),
     ("mtp8-g16", [1000, 127, 1, 5000], [8, 3, 1, 6], 8, 16, 1, 42, 0.1, 16, {}),
@@ -329,6 +330,7 @@ ATTENTION_CASES = [
     ("mtp8-g1", [3000, 1, 700], [8, 1, 6], 8, 2, 2, 30, 0.0, 4, dict(scale=0.2)),
     ("prefill-q40-g8", [4100, 40, 1000], [40, 23, 40], 40, 16, 2, 34, 0.1, 16, {}),
     ("mtp2-g128", [2000, 300], [2, 1], 2, 128, 1, 16, 0.0, 64, {}),
+    ("mtp8-g16-negative-scale", [1500, 200], [8, 5], 8, 16, 1, 12, 0.0, 16, dict(scale=-0.08)),
 ]
 
 

@@ -382,13 +382,11 @@ __device__ void prepare_values(typename Traits::SharedStorage& ss, int ctid) {
 }
 
 // A consumer warpgroup's 64 Q rows (rows 64 wg .. 64 wg + 63 of the tile) into
-// shared memory, two threads per row, negated if `negate` (so that the
-// softmax's factor is >= 0 and its running max can be taken on the raw
-// products); for e4m3, rounded with the row's power-of-two scale
-// (row_scale). Rows of missing queries are zeros.
+// shared memory, two threads per row; for e4m3, rounded with the row's
+// power-of-two scale (row_scale). Rows of missing queries are zeros.
 template <class Traits>
 __device__ void load_q_rows(typename Traits::SharedStorage& ss, const PagedParams<Traits>& p,
-                            const SparseTile& tile, int64_t q_len, int wg, int wtid, bool negate) {
+                            const SparseTile& tile, int64_t q_len, int wg, int wtid) {
   using QElement = typename Traits::QElement;
   const SparseShape& s = p.shape;
   Tensor sQ = make_tensor(make_smem_ptr(ss.q), typename Traits::SmemLayoutQ{});
@@ -419,7 +417,7 @@ __device__ void load_q_rows(typename Traits::SharedStorage& ss, const PagedParam
     // amax < 2^e: the row scaled by 2^(8 - e) stays below 256 (e4m3 max 448).
     int e = 0;
     if (amax > 0.0f && amax < INFINITY) frexpf(amax, &e);
-    const float inv = negate ? -ldexpf(1.0f, 8 - e) : ldexpf(1.0f, 8 - e);
+    const float inv = ldexpf(1.0f, 8 - e);
     CUTE_UNROLL
     for (int i = 0; i < 4; ++i) {
       uint32_t w[4];
@@ -433,12 +431,8 @@ __device__ void load_q_rows(typename Traits::SharedStorage& ss, const PagedParam
     }
     if (wtid % 2 == 0) ss.row_scale[row] = ldexpf(1.0f, e - 8);
   } else {
-    const uint32_t sign = negate ? 0x80008000u : 0u;  // 16-bit sign bits
     CUTE_UNROLL
-    for (int i = 0; i < 8; ++i) {
-      *reinterpret_cast<uint4*>(&sQ(row, d0 + 8 * i)) =
-          make_uint4(raw[i].x ^ sign, raw[i].y ^ sign, raw[i].z ^ sign, raw[i].w ^ sign);
-    }
+    for (int i = 0; i < 8; ++i) *reinterpret_cast<uint4*>(&sQ(row, d0 + 8 * i)) = raw[i];
   }
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
   // Only this warpgroup reads these rows (and their scales).
@@ -486,10 +480,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   cutlass::arch::warpgroup_reg_alloc<224>();
   const int tid = threadIdx.x - 128;
   const RequestLengths len(s, tile.b, p.max_pages);
-  // Logits = factor * (the wgmma's S), factor >= 0 (negative scales go into Q).
-  const float k_scale = *p.k_scale;
-  const bool negate = k_scale * p.scale_log2 < 0.0f;
-  load_q_rows<Traits>(ss, p, tile, len.q_len, warpgroup - 1, tid % 128, negate);
+  load_q_rows<Traits>(ss, p, tile, len.q_len, warpgroup - 1, tid % 128);
 
   Tensor sQ = make_tensor(make_smem_ptr(ss.q), typename Traits::SmemLayoutQ{});
   Tensor sK = make_tensor(make_smem_ptr(ss.k), typename Traits::SmemLayoutKRing{});
@@ -512,13 +503,15 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   TileRows<kRowsPerThread> rows(tid);
   rows.start(s, tile, len.q_len, len.kv_len);
 
-  // Per row: the factor from the wgmma's S to log2-domain logits (>= 0).
+  // Per row: the factor from the wgmma's S to log2-domain logits (row_scale > 0:
+  // one sign for all rows).
   OnlineSoftmax<kRowsPerThread> softmax;
+  const float k_scale = *p.k_scale;
   float factors[kRowsPerThread];
   CUTE_UNROLL
   for (int r = 0; r < kRowsPerThread; ++r) {
     const float q_scale = Traits::kFp8 ? ss.row_scale[rows.row_base + 8 * r] : 1.0f;
-    factors[r] = fabsf(q_scale * k_scale * p.scale_log2);
+    factors[r] = q_scale * k_scale * p.scale_log2;
   }
   softmax.start(factors);
   clear(accO);
