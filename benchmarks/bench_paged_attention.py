@@ -56,7 +56,7 @@ import numpy as np
 import jax_msa
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import announce_device, fmt, median_ms, write_results  # noqa: E402  (benchmarks/timing.py, shared)
+from timing import announce_device, copy_ms, fmt, median_ms, write_results  # noqa: E402  (benchmarks/timing.py, shared)
 
 BLOCK = 128
 DIM = 128
@@ -184,17 +184,6 @@ def _time(fn, sets, args) -> float:
     return median_ms(jax.jit(fn), sets, args.samples, args.min_sample_ms, args.warmup)
 
 
-def _copy(args) -> tuple[float, int]:
-    """Time (ms) and bytes (read + write) of a device copy of --copy-gib (int32)."""
-    n = int(args.copy_gib * (1 << 30)) // 4
-    keys = jax.random.split(jax.random.PRNGKey(args.seed + 1), 2)
-    bits = jax.jit(lambda k: jax.lax.bitcast_convert_type(jax.random.bits(k, (n,), jnp.uint32), jnp.int32))
-    sets = [(bits(k),) for k in keys]
-    ms = median_ms(jax.jit(lambda x: x + 1), sets, args.samples, args.min_sample_ms, args.warmup)
-    _free(sets)
-    return ms, 2 * 4 * n
-
-
 def _paged_fn(implementation, scales, kv):
     def fn(q, k_cache, v_cache, table, ids=None):
         return jax_msa.paged_attention(q, k_cache, v_cache, table, kv, ids, implementation=implementation, **scales)
@@ -238,7 +227,7 @@ class Bench:
 
     def run(self) -> list[dict]:
         a = self.args
-        ms, nbytes = _copy(a)
+        ms, nbytes = copy_ms(a.copy_gib, a.seed + 1, a.samples, a.min_sample_ms, a.warmup)
         self.copy_gbps = nbytes / ms / 1e6
         self.add(op="copy", B=0, T=0, ms=ms, bytes=nbytes, of_copy=1.0)
         for b in a.batch:

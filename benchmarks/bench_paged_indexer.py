@@ -8,7 +8,7 @@ of a random permutation of the physical pages. Times:
   scores         its first step alone (the hidden paged_indexer_scores)
   select         its second step alone (indexer_select) on precomputed scores
   reference      the pure-JAX paged_indexer, where B * T <= --reference-max
-  copy           a device copy (jitted x + 1 over a --copy-gib float32 buffer,
+  copy           a device copy (jitted x + 1 over a --copy-gib int32 buffer,
                  read + write bytes counted): the card's copy bandwidth,
                  measured in the same run
 Bytes: paged_indexer and reference count the index keys visible to the
@@ -38,7 +38,7 @@ import numpy as np
 import jax_msa
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import announce_device, fmt, median_ms, write_results  # noqa: E402  (benchmarks/timing.py, shared)
+from timing import announce_device, copy_ms, fmt, median_ms, write_results  # noqa: E402  (benchmarks/timing.py, shared)
 
 BLOCK = 128
 # The hidden primitives of paged_indexer on CUDA, timed alone where this build has them.
@@ -64,19 +64,11 @@ def _fits(nbytes: int) -> bool:
     return limit is None or nbytes <= 0.7 * limit
 
 
-def _copy(args) -> tuple[float, int]:
-    """Time (ms) and bytes (read + write) of a device copy of --copy-gib."""
-    n = int(args.copy_gib * (1 << 30)) // 4
-    keys = jax.random.split(jax.random.PRNGKey(args.seed + 1), 2)
-    sets = [(jax.random.normal(k, (n,), jnp.float32),) for k in keys]
-    return median_ms(jax.jit(lambda x: x + 1), sets, args.samples, args.min_sample_ms, args.warmup), 2 * 4 * n
-
-
 def run(args) -> list[dict]:
     rows = []
-    ms, nbytes = _copy(args)
+    ms, nbytes = copy_ms(args.copy_gib, args.seed + 1, args.samples, args.min_sample_ms, args.warmup)
     copy = nbytes / ms / 1e6
-    rows.append(dict(op="copy", B=0, T=0, Hi=0, cache="float32", ms=ms, bytes=nbytes, gbps=copy, of_copy=1.0))
+    rows.append(dict(op="copy", B=0, T=0, Hi=0, cache="int32", ms=ms, bytes=nbytes, gbps=copy, of_copy=1.0))
     _print(rows[-1])
     q, di, topk = args.queries, args.dim, args.topk
     key = jax.random.PRNGKey(args.seed)

@@ -64,6 +64,19 @@ def median_ms(fn: Callable, input_sets: Sequence[tuple], samples: int = 20, min_
     return statistics.median(per_call)
 
 
+def copy_ms(gib: float, seed: int, samples: int, min_sample_ms: float, warmup: int) -> tuple[float, int]:
+    """The device's copy rate, the yardstick of the memory-bound benchmarks:
+    median ms (median_ms) of a jitted `x + 1` over `gib` GiB of random int32,
+    two rotated buffers, and the bytes it moves (read + write)."""
+    n = int(gib * (1 << 30)) // 4
+    bits = jax.jit(lambda k: jax.lax.bitcast_convert_type(jax.random.bits(k, (n,), jnp.uint32), jnp.int32))
+    sets = [(bits(k),) for k in jax.random.split(jax.random.PRNGKey(seed), 2)]
+    ms = median_ms(jax.jit(lambda x: x + 1), sets, samples, min_sample_ms, warmup)
+    for (x,) in sets:
+        x.delete()
+    return ms, 2 * 4 * n
+
+
 def normal(key: jax.Array, shape: Sequence[int], dtype) -> jax.Array:
     """Standard normal samples drawn in float32 and cast to `dtype`."""
     return jax.random.normal(key, tuple(shape), jnp.float32).astype(dtype)
