@@ -34,10 +34,13 @@ Method (spec §7): random data (never zeros); caches generated on the device
 (random e4m3 / bf16 bit patterns of magnitude in [0.5, 2), no NaN); rotated
 over several page tables on a pool of disjoint page sets (>= 2 when they fit,
 up to --max-sets, enough to exceed L2 several times; sparse rows also rotate
-their ids); compile and warm-up excluded; each sample runs the op `reps` times
-back to back (a sample lasts >= --min-sample-ms) and waits with
-block_until_ready; the reported time is the median over --samples samples,
-divided by reps. Arrays are freed between cases.
+their ids); compile and warm-up excluded; each jitted call runs the op on
+--layers consecutive input sets (default 8, as one decode step runs every
+layer's attention; a call of one ~30 us op would time JAX's dispatch, not the
+GPU); each sample makes `reps` such calls back to back (a sample lasts >=
+--min-sample-ms) and waits with block_until_ready; the reported time is the
+median over --samples samples, divided by reps and by --layers. Arrays are
+freed between cases.
 
   python benchmarks/bench_paged_attention.py --json out.json --tsv out.tsv
   JAX_PLATFORMS=cpu python benchmarks/bench_paged_attention.py --batch 2 --context 4096 --samples 2 --skip-peers
@@ -181,7 +184,16 @@ def _rotation(set_bytes: int, max_sets: int, extra: int = 0) -> int:
 # Timed ops ----------------------------------------------------------------------------------------------------------
 
 def _time(fn, sets, args) -> float:
-    return median_ms(jax.jit(fn), sets, args.samples, args.min_sample_ms, args.warmup)
+    """Median ms of one op. With --layers L > 1 each jitted call runs the op L
+    times on consecutive input sets, as a decode step runs its layers, and the
+    time is the call's / L: one op per call would time JAX's dispatch (tens of
+    us) instead of the GPU when the op is shorter than that."""
+    layers = args.layers
+    if layers == 1:
+        return median_ms(jax.jit(fn), sets, args.samples, args.min_sample_ms, args.warmup)
+    step = jax.jit(lambda *ops: [fn(*inputs) for inputs in ops])
+    calls = [tuple(sets[(i * layers + j) % len(sets)] for j in range(layers)) for i in range(len(sets))]
+    return median_ms(step, calls, args.samples, args.min_sample_ms, args.warmup) / layers
 
 
 def _paged_fn(implementation, scales, kv):
@@ -399,6 +411,8 @@ def main(argv=None):
                         const="independent",
                         help="sparse ids: the Q queries of a request share their earlier pages (shared, the "
                              "default), or draw them per query (independent; the bare flag means this)")
+    parser.add_argument("--layers", type=int, default=8,
+                        help="ops per jitted call (a decode step's layers); times are per op (see _time)")
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--min-sample-ms", type=float, default=5.0)
@@ -413,10 +427,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.copy_gib is None:
         args.copy_gib = 2.0 if jax.default_backend() == "gpu" else 0.25
+    if args.layers < 1:
+        parser.error(f"--layers must be >= 1, got {args.layers}")
     if not 1 <= args.topk <= 64:
         parser.error(f"--topk must be in 1..64, got {args.topk}")
     meta = dict(announce_device(), queries=args.queries, heads=list(args.heads), dim=DIM, topk=args.topk,
-                sparse_overlap=args.sparse_overlap, implementation=args.implementation)
+                layers=args.layers, sparse_overlap=args.sparse_overlap, implementation=args.implementation)
     bench = Bench(args)
     rows = bench.run()
     meta["copy_gbps"] = bench.copy_gbps

@@ -278,12 +278,11 @@ __device__ void produce_pages(typename Traits::SharedStorage& ss, const PagedPar
     TileUnion<Traits> u(s, tile, len.q_len, len.kv_len, lane);
     constexpr int kRegs = TileUnion<Traits>::kRegs;
     int32_t page[kRegs];
-    int total = 0;
     CUTE_UNROLL
-    for (int i = 0; i < kRegs; ++i) {
-      page[i] = u.first[i] ? physical(u.cand[i]) : -1;
-      total += __popc(__ballot_sync(kFull, page[i] >= 0));
-    }
+    for (int i = 0; i < kRegs; ++i) page[i] = u.first[i] ? physical(u.cand[i]) : -1;
+    int total = 0;  // (after all the table loads are in flight)
+    CUTE_UNROLL
+    for (int i = 0; i < kRegs; ++i) total += __popc(__ballot_sync(kFull, page[i] >= 0));
     const int per = (total + p.splits - 1) / p.splits;
     const int lo = std::min(total, split * per), hi = std::min(total, lo + per);
     if (lane == 0) ss.tile_pages = hi - lo;

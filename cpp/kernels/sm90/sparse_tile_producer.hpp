@@ -182,28 +182,41 @@ struct TileUnion {
     const int64_t offset = kv_len - q_len;
     const int64_t valid_blocks = (kv_len + Traits::kKeys - 1) / Traits::kKeys;
     const int n = s.tokens * static_cast<int>(s.topk);
+    // Every id is loaded before any is checked, and without waiting for the
+    // lengths: one memory latency instead of kRegs + 1 in a row.
+    int32_t id[kRegs];
     CUTE_UNROLL
     for (int i = 0; i < kRegs; ++i) {
       const int idx = lane + 32 * i;
-      cand[i] = -1;
-      const int t = idx / static_cast<int>(s.topk);
-      const int64_t token = tile.token0 + t;
-      if (idx < n && token < q_len) {
-        const int32_t c =
-            s.ids[((tile.b * s.Sq + token) * s.Hkv + tile.g) * s.topk + idx % s.topk];
-        if (c >= 0 && c < valid_blocks && c <= (offset + token) / Traits::kKeys) cand[i] = c;
-      }
-      tokens_of[i] = 0;
-      first[i] = cand[i] >= 0;
+      const int64_t token = tile.token0 + idx / static_cast<int>(s.topk);
+      id[i] = idx < n && token < s.Sq
+                  ? s.ids[((tile.b * s.Sq + token) * s.Hkv + tile.g) * s.topk + idx % s.topk]
+                  : -1;
     }
     CUTE_UNROLL
+    for (int i = 0; i < kRegs; ++i) {
+      const int64_t token = tile.token0 + (lane + 32 * i) / static_cast<int>(s.topk);
+      const int32_t c = id[i];
+      const bool attends = token < q_len && c >= 0 && c < valid_blocks &&
+                           c <= (offset + token) / Traits::kKeys;
+      cand[i] = attends ? c : -1;
+      tokens_of[i] = 0;
+      first[i] = attends;
+    }
+    // Candidate j against this lane's: a rolled loop (unrolled by 4 only) so
+    // that the code stays small, as each CTA of a decode runs it once, from a
+    // cold instruction cache.
+    const int topk = static_cast<int>(s.topk);
+    CUTE_UNROLL
     for (int jr = 0; jr < kRegs; ++jr) {
-      if (32 * jr >= n) break;
-      for (int src = 0; src < 32; ++src) {
+      const int m = std::min(32, n - 32 * jr);
+      int t = 32 * jr / topk, k = 32 * jr % topk;  // candidate j = t * topk + k
+#pragma unroll 4
+      for (int src = 0; src < m; ++src) {
         const int j = 32 * jr + src;
         const int32_t cj = __shfl_sync(kFull, cand[jr], src);
-        if (j >= n) break;
-        const uint64_t bit = uint64_t{1} << (j / static_cast<int>(s.topk));
+        const uint64_t bit = uint64_t{1} << t;
+        if (++k == topk) k = 0, ++t;
         CUTE_UNROLL
         for (int i = 0; i < kRegs; ++i) {
           if (cj >= 0 && cj == cand[i]) {
