@@ -480,3 +480,52 @@ def test_paged_attention_bf16_and_float16_queries(cache):
     tol = _tolerances(E4M3 if cache == "e4m3" else jnp.bfloat16)[0]
     for bf16_out, f16_out in zip(outs[:2], outs[2:]):  # dense, sparse
         assert rel_err(f16_out, bf16_out) <= tol
+
+
+# Run in a child process: XLA_FLAGS are read once per process. Dense and sparse
+# paged attention (and the paged indexer's scores) with every custom call
+# allowed into command buffers, however short the sequence.
+_COMMAND_BUFFER_CHILD = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"
+import jax, jax.numpy as jnp, numpy as np, jax_msa
+x = dict(np.load(sys.argv[1]))
+def step(q, k_cache, v_cache, table, kv, ids, k_scale, v_scale):
+    kw = dict(k_scale=k_scale, v_scale=v_scale, return_lse=True, implementation="kernel")
+    dense = jax_msa.paged_attention(q, k_cache, v_cache, table, kv, **kw)
+    sparse = jax_msa.paged_attention(q * 2, k_cache, v_cache, table, kv, ids, **kw)
+    return [y.astype(jnp.float32) for y in (*dense, *sparse)]
+args = [jnp.asarray(x[k]).astype(jnp.float8_e4m3fn) if k.endswith("cache") else jnp.asarray(x[k])
+        for k in ("q", "k_cache", "v_cache", "table", "kv", "ids", "k_scale", "v_scale")]
+fn = jax.jit(step)
+text = fn.lower(*args).compile().as_text()
+np.savez(sys.argv[2], *fn(*args))
+captured = [line for line in text.split("\\n") if "jax_msa_paged_attention" in line and "custom-call" in line]
+print("COMMAND_BUFFER", "command_buffer" in text, len(captured))
+"""
+
+
+def test_paged_attention_in_command_buffers(tmp_path):
+    """The CUDA handlers declare XLA's command-buffer trait: with custom calls
+    recorded into CUDA graphs, dense and sparse paged attention give exactly
+    what they give when launched one by one, and XLA does build a command
+    buffer around them."""
+    import subprocess
+    p = _attention_problem(65, [1282, 130, 701], None, 4, 16, 1, 12, E4M3, topk=16)
+    inputs = {k: np.asarray(jnp.asarray(v).astype(jnp.float32)) if k.endswith("cache") else np.asarray(v)
+              for k, v in p.items() if k in ("q", "k_cache", "v_cache", "table", "kv", "ids")}
+    inputs |= dict(k_scale=np.float32(p["k_scale"]), v_scale=np.float32(p["v_scale"]))
+    np.savez(tmp_path / "in.npz", **inputs)
+    proc = subprocess.run([sys.executable, "-c", _COMMAND_BUFFER_CHILD, str(tmp_path / "in.npz"),
+                           str(tmp_path / "out.npz")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [x for x in proc.stdout.split("\n") if x.startswith("COMMAND_BUFFER")][-1].split()
+    assert line[1] == "True" and int(line[2]) == 2, f"no command buffer around the paged custom calls: {line}"
+    graphed = np.load(tmp_path / "out.npz")
+    kw = dict(k_scale=p["k_scale"], v_scale=p["v_scale"], return_lse=True, implementation="kernel")
+    dense = _on(GPU, lambda q, k, v, t, kv: jax_msa.paged_attention(q, k, v, t, kv, **kw),
+                p["q"], p["k_cache"], p["v_cache"], p["table"], p["kv"])
+    sparse = _on(GPU, lambda q, k, v, t, kv, ids: jax_msa.paged_attention(q * 2, k, v, t, kv, ids, **kw),
+                 p["q"], p["k_cache"], p["v_cache"], p["table"], p["kv"], p["ids"])
+    for i, want in enumerate((*dense, *sparse)):
+        np.testing.assert_array_equal(graphed[f"arr_{i}"], np.asarray(want, np.float32), err_msg=f"result {i}")

@@ -12,6 +12,13 @@
 #include "kernels/dtype.h"
 #include "xla/ffi/api/ffi.h"
 
+// Defines the CUDA handler `fn`: every one only launches kernels on XLA's
+// stream, allocates nothing and never waits for the device, so XLA may record
+// it into a command buffer (a CUDA graph) with the ops around it.
+#define JAX_MSA_CUDA_HANDLER(fn, impl, ...)          \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(fn, impl, (__VA_ARGS__), \
+                                {::xla::ffi::Traits::kCmdBufferCompatible})
+
 namespace jax_msa {
 
 namespace ffi = ::xla::ffi;

@@ -275,54 +275,54 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kIndexerCpu, IndexerCpu,
                                   .Attr<float>("scale"));
 
 #ifdef JAX_MSA_WITH_CUDA
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kTopkSelectCuda, TopkSelectCuda,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("topk"));
+JAX_MSA_CUDA_HANDLER(kTopkSelectCuda, TopkSelectCuda,
+                     ffi::Ffi::Bind()
+                         .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                         .Arg<ffi::AnyBuffer>()
+                         .Arg<ffi::AnyBuffer>()
+                         .Arg<ffi::AnyBuffer>()
+                         .Ret<ffi::AnyBuffer>()
+                         .Attr<int64_t>("topk"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kBlockScoresCuda, BlockScoresCuda,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<float>("scale"));
+JAX_MSA_CUDA_HANDLER(kBlockScoresCuda, BlockScoresCuda,
+                     ffi::Ffi::Bind()
+                         .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                         .Arg<ffi::AnyBuffer>()
+                         .Arg<ffi::AnyBuffer>()
+                         .Arg<ffi::AnyBuffer>()
+                         .Arg<ffi::AnyBuffer>()
+                         .Ret<ffi::AnyBuffer>()
+                         .Attr<float>("scale"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kIndexerScoresCuda, IndexerScoresCuda,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .RemainingRets()
-                                  .Attr<float>("scale"));
+JAX_MSA_CUDA_HANDLER(kIndexerScoresCuda, IndexerScoresCuda,
+                     ffi::Ffi::Bind()
+                         .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                         .Arg<ffi::AnyBuffer>()
+                         .Arg<ffi::AnyBuffer>()
+                         .Arg<ffi::AnyBuffer>()
+                         .Arg<ffi::AnyBuffer>()
+                         .Ret<ffi::AnyBuffer>()
+                         .RemainingRets()
+                         .Attr<float>("scale"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kIndexerSelectCuda, IndexerSelectCuda,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("topk"));
+JAX_MSA_CUDA_HANDLER(kIndexerSelectCuda, IndexerSelectCuda,
+                     ffi::Ffi::Bind()
+                         .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                         .Arg<ffi::AnyBuffer>()
+                         .Arg<ffi::AnyBuffer>()
+                         .Arg<ffi::AnyBuffer>()
+                         .Ret<ffi::AnyBuffer>()
+                         .Attr<int64_t>("topk"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kSelectedLseCuda, SelectedLseCuda,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+JAX_MSA_CUDA_HANDLER(kSelectedLseCuda, SelectedLseCuda,
+                     ffi::Ffi::Bind()
+                         .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                         .Arg<ffi::AnyBuffer>()
+                         .Arg<ffi::AnyBuffer>()
+                         .Arg<ffi::AnyBuffer>()
+                         .Arg<ffi::AnyBuffer>()
+                         .Arg<ffi::AnyBuffer>()
+                         .Ret<ffi::AnyBuffer>());
 #endif
 
 void AddIndexerTargets(TargetTable& table) {

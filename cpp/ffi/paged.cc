@@ -327,18 +327,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kPagedIndexerCpu, PagedIndexerCpu,
                                   .Attr<float>("scale"));
 
 #ifdef JAX_MSA_WITH_CUDA
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kPagedAttentionCuda, PagedAttentionCuda,
-                              WithAttentionOperands(
-                                  ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
-                                  .Ret<ffi::AnyBuffer>()  // workspace
-                                  .Attr<float>("scale")
-                                  .Attr<int64_t>("splits"));
+JAX_MSA_CUDA_HANDLER(kPagedAttentionCuda, PagedAttentionCuda,
+                     WithAttentionOperands(
+                         ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
+                         .Ret<ffi::AnyBuffer>()  // workspace
+                         .Attr<float>("scale")
+                         .Attr<int64_t>("splits"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kPagedIndexerScoresCuda, PagedIndexerScoresCuda,
-                              WithIndexerOperands(
-                                  ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
-                                  .Ret<ffi::AnyBuffer>()  // scores
-                                  .Attr<float>("scale"));
+JAX_MSA_CUDA_HANDLER(kPagedIndexerScoresCuda, PagedIndexerScoresCuda,
+                     WithIndexerOperands(
+                         ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
+                         .Ret<ffi::AnyBuffer>()  // scores
+                         .Attr<float>("scale"));
 #endif
 
 void AddPagedTargets(TargetTable& table) {

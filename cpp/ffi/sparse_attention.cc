@@ -294,20 +294,20 @@ auto FwdWithWorkspacesBinding() {
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kSparseAttentionFwdCuda, SparseAttentionFwdCuda,
-                              WithFwdOperands(CudaBind()).Attr<float>("scale"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kSparseAttentionFwdByBlockCuda, SparseAttentionFwdByBlockCuda<false>,
-                              FwdWithWorkspacesBinding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kSparseAttentionFwdAutoCuda, SparseAttentionFwdByBlockCuda<true>,
-                              FwdWithWorkspacesBinding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kSparseAttentionBwdCuda, SparseAttentionBwdCuda,
-                              WithBwdOperands(CudaBind())
-                                  .Ret<ffi::AnyBuffer>()  // delta workspace
-                                  .Ret<ffi::AnyBuffer>()  // index workspace
-                                  .Ret<ffi::AnyBuffer>()  // partial workspace
-                                  .Ret<ffi::AnyBuffer>()  // dq_accum workspace
-                                  .Attr<float>("scale")
-                                  .Attr<bool>("deterministic"));
+JAX_MSA_CUDA_HANDLER(kSparseAttentionFwdCuda, SparseAttentionFwdCuda,
+                     WithFwdOperands(CudaBind()).Attr<float>("scale"));
+JAX_MSA_CUDA_HANDLER(kSparseAttentionFwdByBlockCuda, SparseAttentionFwdByBlockCuda<false>,
+                     FwdWithWorkspacesBinding());
+JAX_MSA_CUDA_HANDLER(kSparseAttentionFwdAutoCuda, SparseAttentionFwdByBlockCuda<true>,
+                     FwdWithWorkspacesBinding());
+JAX_MSA_CUDA_HANDLER(kSparseAttentionBwdCuda, SparseAttentionBwdCuda,
+                     WithBwdOperands(CudaBind())
+                         .Ret<ffi::AnyBuffer>()  // delta workspace
+                         .Ret<ffi::AnyBuffer>()  // index workspace
+                         .Ret<ffi::AnyBuffer>()  // partial workspace
+                         .Ret<ffi::AnyBuffer>()  // dq_accum workspace
+                         .Attr<float>("scale")
+                         .Attr<bool>("deterministic"));
 #endif
 
 void AddSparseAttentionTargets(TargetTable& table) {
