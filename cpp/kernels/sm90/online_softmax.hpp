@@ -15,6 +15,8 @@
 #include <cstdint>
 
 #include <cute/tensor.hpp>
+#include <cutlass/array.h>
+#include <cutlass/numeric_conversion.h>
 
 #include "kernels/sm90/rowmax_epilogue.hpp"
 #include "kernels/sm90/sparse_tile_producer.hpp"
@@ -43,9 +45,10 @@ struct OnlineSoftmax {
 
   // S (rows x columns view of the accumulator) of the block starting at key
   // key0; `tokens`: bit t set when query t of the tile selected the block.
-  template <class AccRC>
-  __device__ void apply(AccRC& s, const TileRows<kRowsPerThread>& rows, int64_t key0, int keys,
-                        uint64_t tokens) {
+  // Rows: TileRows<kRowsPerThread>, or a kind of it whose member() differs
+  // (dense attention: every row takes every block).
+  template <class AccRC, class Rows>
+  __device__ void apply(AccRC& s, const Rows& rows, int64_t key0, int keys, uint64_t tokens) {
     const bool partial = rows.partial(key0, keys);
     bool members = true;
     CUTE_UNROLL
@@ -105,6 +108,29 @@ struct OnlineSoftmax {
   __device__ float lse(int r, float total) const {
     return total > 0.0f ? (row_max[r] * factor[r] + log2f(total)) * 0.6931471805599453f
                         : -INFINITY;
+  }
+
+  // The tile's results: out = O / l (rows of out viewed as [rows, D]) and
+  // lse = ln(sum of exp), 0 and -inf for a row that saw no key; rows with
+  // token_of < 0 (missing) are not written. kD: the head dim.
+  template <int kD, class Element, class AccRC, class Rows>
+  __device__ void store(const AccRC& o, const Rows& rows, Element* out, float* lse_out,
+                        int tid) const {
+    cutlass::NumericArrayConverter<Element, float, 2> to_pair;
+    CUTE_UNROLL
+    for (int r = 0; r < kRowsPerThread; ++r) {
+      const float total = quad_sum(row_sum[r]);  // the whole warp: before any lane leaves
+      if (rows.token_of[r] < 0) continue;
+      const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+      const int64_t out_row = rows.out_row[r];
+      Element* dst = out + out_row * kD;
+      CUTE_UNROLL
+      for (int j = 0; j < size<1>(o); j += 2) {
+        auto pair = to_pair(cutlass::Array<float, 2>{o(r, j) * inv, o(r, j + 1) * inv});
+        *reinterpret_cast<cutlass::Array<Element, 2>*>(dst + rows.column(j)) = pair;
+      }
+      if (tid % 4 == 0) lse_out[out_row] = lse(r, total);
+    }
   }
 };
 

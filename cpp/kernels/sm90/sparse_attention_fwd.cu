@@ -92,7 +92,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   constexpr int kRowsPerThread = decltype(size<0>(accS_rc))::value;
   TileRows<kRowsPerThread> rows(tid);
   OnlineSoftmax<kRowsPerThread> softmax;
-  cutlass::NumericArrayConverter<Element, float, 2> to_pair;
 
   uint32_t seq = 0;
   int64_t round = 0;
@@ -148,20 +147,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         });
 
     // out = O / l, lse = ln(sum of exp): both zero / -inf for an empty row.
-    CUTE_UNROLL
-    for (int r = 0; r < kRowsPerThread; ++r) {
-      const float total = quad_sum(softmax.row_sum[r]);  // the whole warp: before any lane leaves
-      if (rows.token_of[r] < 0) continue;
-      const float inv = total > 0.0f ? 1.0f / total : 0.0f;
-      const int64_t out_row = rows.out_row[r];
-      Element* dst = p.out + out_row * Traits::kD;
-      CUTE_UNROLL
-      for (int j = 0; j < size<1>(accO_rc); j += 2) {
-        auto pair = to_pair(cutlass::Array<float, 2>{accO_rc(r, j) * inv, accO_rc(r, j + 1) * inv});
-        *reinterpret_cast<cutlass::Array<Element, 2>*>(dst + rows.column(j)) = pair;
-      }
-      if (tid % 4 == 0) p.lse[out_row] = softmax.lse(r, total);
-    }
+    softmax.template store<Traits::kD>(accO_rc, rows, p.out, p.lse, tid);
   }
 #endif
 }
