@@ -255,4 +255,33 @@ cudaError_t sparse_attention_fwd_by_block(DType dtype, const SparseAttentionArgs
 cudaError_t sparse_attention_fwd_auto(DType dtype, const SparseAttentionArgs& a, int32_t* index,
                                       void* partial, void* out, float* lse, cudaStream_t stream);
 
+// ---- Dense attention (spec §3.6) on SM90 ------------------------------------
+// The forward of cpu::attention_fwd with a dense selection: q [B, Sq, Hq, D],
+// k/v [B, Sk, Hkv, D] (bf16 or fp16), lengths [B] int32 (clamped to [0, Sq]
+// and [0, Sk]), query i of row b at position kv_len - q_len + i; it sees the
+// keys j < kv_len, and j <= position when causal. Padded rows and rows that
+// see no key: out 0, lse -inf.
+struct DenseAttentionArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  const int32_t* q_lengths;
+  const int32_t* kv_lengths;
+  int64_t B, Sq, Sk, Hq, Hkv, D;
+  float scale;
+  bool causal;
+};
+
+// Whether the SM90 dense kernel takes these inputs: bf16/fp16 with D == 128.
+bool dense_attention_supported(DType dtype, int64_t D);
+
+// dense_attention_supported plus the size limits of the kernel:
+// Hq % Hkv == 0, 0 < Sk <= 2^31 - 257, Sq <= 65535 * 128, B * Hq < 2^31.
+bool dense_attention_args_valid(DType dtype, const DenseAttentionArgs& a);
+
+// Forward: out [B, Sq, Hq, D] (dtype of q), lse [B, Sq, Hq] float32.
+// Asynchronous, no allocation, no host sync.
+cudaError_t dense_attention_fwd(DType dtype, const DenseAttentionArgs& a, void* out, float* lse,
+                                cudaStream_t stream);
+
 }  // namespace jax_msa::cuda

@@ -1,0 +1,315 @@
+// Dense flash-attention forward on SM90 (spec §3.6): the dense sibling of the
+// query-outer sparse forward (sparse_attention_fwd.cu), with the same tile
+// shape, ring and consumers; the tile walks every visible key block.
+//
+// One CTA per (tile of 128 query tokens, query head, batch row); under a
+// causal mask the grid starts with the last tiles (the most blocks), so that
+// the short ones fill the tail of the wave.
+//   warpgroup 0: one thread loads Q by TMA once, then K_0, K_1, V_0, K_2, V_1,
+//     ..., V_last by TMA through the ring of K-or-V slots (the order in which
+//     the consumers use them: S_u is issued together with P_{u-1} V_{u-1});
+//   warpgroups 1, 2: 64 rows each. Per block: S = Q K^T (wgmma, both from
+//     shared memory), the causal / length mask (only on blocks that need it),
+//     the online softmax in exp2 with lazy rescaling of O, O += P V (wgmma, P
+//     from registers). The softmax of S_u runs while the tensor cores work on
+//     P_{u-1} V_{u-1} (query_outer_walk.hpp), and the two warpgroups take
+//     turns issuing their products (two named barriers), so that one's
+//     softmax runs under the other's wgmma.
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/cutlass.h>
+
+#include "kernels/cuda/cuda_kernels.h"
+#include "kernels/sm90/kv_block_tma.hpp"
+#include "kernels/sm90/online_softmax.hpp"
+#include "kernels/sm90/query_outer_walk.hpp"
+#include "kernels/sm90/rowmax_epilogue.hpp"
+#include "kernels/sm90/sparse_block_index.hpp"
+#include "kernels/sm90/sparse_attention_traits.hpp"
+#include "kernels/sm90/sparse_tile_producer.hpp"
+#include "kernels/sm90/tile_geometry.hpp"
+
+namespace jax_msa::sm90 {
+namespace {
+
+using namespace cute;
+using block_index::clamp_len;
+
+// The query-outer tile shape with one row tensor: 128 rows of Q (here 128
+// tokens of one head) and the ring of 128-key K/V slots.
+template <class Element>
+using DenseTraits = SparseAttentionTraits<Element, 1>;
+
+// Whether the consumers take turns issuing their products (see the top).
+constexpr bool kTakeTurns = true;
+
+struct DenseShape {
+  const int32_t* q_lengths;
+  const int32_t* kv_lengths;
+  int64_t B, Sq, Sk, Hq, Hkv;
+};
+
+template <class Traits>
+struct DenseFwdParams {
+  TmaKV<Traits> tma_q, tma_k, tma_v;  // [S, D, H, B] views (kv_block_tma.hpp)
+  DenseShape shape;
+  typename Traits::Element* out;
+  float* lse;
+  float scale_log2;  // scale * log2(e)
+};
+
+// The rows of TileRows (same fragment positions, masks and output rows),
+// where every row takes every block: a padded row masks itself out with
+// last_key = -1 (it then sees nothing: out 0, lse -inf).
+template <int kRowsPerThread>
+struct DenseRows : TileRows<kRowsPerThread> {
+  using TileRows<kRowsPerThread>::TileRows;
+
+  __device__ bool member(int, uint64_t) const { return true; }
+
+  template <bool kCausal>
+  __device__ void start(const TileGeometry& geo, const DenseShape& s, int64_t b, int64_t h) {
+    const int64_t kv_len = geo.offset + geo.q_len;
+    this->kv_len = kv_len;
+    // partial() compares with the smallest position of the tile: no causal
+    // limit without the mask, -1 (always partial) where a row is padded.
+    this->first_position =
+        kCausal || geo.first_position < 0 ? geo.first_position : int64_t{INT_MAX};
+    CUTE_UNROLL
+    for (int r = 0; r < kRowsPerThread; ++r) {
+      const int row = this->row_base + 8 * r;
+      const int64_t token = geo.row0 + row;
+      const int64_t position = geo.offset + token;
+      const int64_t last = kCausal ? std::min(position, kv_len - 1) : kv_len - 1;
+      this->token_of[r] = geo.row_exists(row) ? row : -1;
+      this->last_key[r] = token < geo.q_len ? static_cast<int>(std::max<int64_t>(last, -1)) : -1;
+      this->out_row[r] = (b * s.Sq + token) * s.Hq + h;
+    }
+  }
+};
+
+// Key blocks the tile walks: up to the last one any valid row sees.
+template <bool kCausal>
+__device__ int dense_tile_blocks(const TileGeometry& geo) {
+  const int64_t kv_len = geo.offset + geo.q_len;
+  if (kCausal) return static_cast<int>(std::max<int64_t>(geo.blocks, 0));
+  return geo.row0 < geo.q_len ? static_cast<int>((kv_len + kBlockKeys - 1) / kBlockKeys) : 0;
+}
+
+// The producer thread: Q once, then the K/V blocks in the consumers' order.
+template <class Traits, class SharedStorage>
+__device__ void produce_dense_tile(SharedStorage& ss, const DenseFwdParams<Traits>& p, int64_t b,
+                                   int64_t h, int64_t tile, int blocks) {
+  constexpr int kSlots = Traits::kSlots;
+  constexpr int kSlotElements = cosize_v<typename Traits::SmemLayoutKV>;
+  const DenseShape& s = p.shape;
+  const int64_t g = h / (s.Hq / s.Hkv);
+  cute::prefetch_tma_descriptor(p.tma_k.get_tma_descriptor());
+  cute::prefetch_tma_descriptor(p.tma_v.get_tma_descriptor());
+  ClusterTransactionBarrier::arrive_and_expect_tx(&ss.q_full, Traits::kBytesKV);
+  load_kv_block<Traits>(p.tma_q, s.Sq, s.Hq, s.B, b, h, tile, ss.rows[0], ss.q_full);
+  uint32_t seq = 0;  // ring position
+  auto issue = [&](const TmaKV<Traits>& tma, int c) {
+    const int slot = static_cast<int>(seq % kSlots);
+    ClusterBarrier::wait(&ss.empty[slot], ((seq / kSlots) & 1) ^ 1);
+    ClusterTransactionBarrier::arrive_and_expect_tx(&ss.full[slot], Traits::kBytesKV);
+    load_kv_block<Traits>(tma, s.Sk, s.Hkv, s.B, b, g, c, ss.kv + slot * kSlotElements,
+                          ss.full[slot]);
+    ++seq;
+  };
+  for (int c = 0; c < blocks; ++c) {
+    issue(p.tma_k, c);
+    if (c > 0) issue(p.tma_v, c - 1);
+  }
+  issue(p.tma_v, blocks - 1);
+}
+
+template <class Traits, bool kCausal>
+__global__ void __launch_bounds__(Traits::kThreads, 1)
+    dense_attention_fwd_kernel(const __grid_constant__ DenseFwdParams<Traits> p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using Element = typename Traits::Element;
+  using SharedStorage = typename Traits::SharedStorage;
+  constexpr int kSlots = Traits::kSlots;
+  extern __shared__ char smem_raw[];
+  SharedStorage& ss = *reinterpret_cast<SharedStorage*>(smem_raw);
+  const DenseShape& s = p.shape;
+
+  // x: the head, then the batch row (neighbouring CTAs share K/V in L2);
+  // y: the tile, the last first when causal.
+  const int64_t h = blockIdx.x % s.Hq;
+  const int64_t b = blockIdx.x / s.Hq;
+  const int64_t tile = kCausal ? gridDim.y - 1 - blockIdx.y : blockIdx.y;
+  const int64_t q_len = clamp_len(s.q_lengths, b, s.Sq);
+  const int64_t kv_len = clamp_len(s.kv_lengths, b, s.Sk);
+  const TileGeometry geo(tile * Traits::kRows, s.Sq, 1, q_len, kv_len, Traits::kRows);
+  const int blocks = dense_tile_blocks<kCausal>(geo);
+
+  if (threadIdx.x == 0) {
+    ClusterBarrier::init(&ss.q_full, 1);
+    for (int i = 0; i < kSlots; ++i) {
+      ClusterBarrier::init(&ss.full[i], 1);
+      ClusterBarrier::init(&ss.empty[i], 128 * Traits::kConsumers);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  const int warpgroup = threadIdx.x / 128;
+  if (warpgroup == 0) {
+    cutlass::arch::warpgroup_reg_dealloc<56>();
+    if (threadIdx.x == 0 && blocks > 0) produce_dense_tile<Traits>(ss, p, b, h, tile, blocks);
+    return;
+  }
+
+  cutlass::arch::warpgroup_reg_alloc<224>();
+  const int tid = threadIdx.x - 128;
+  const int w = warpgroup - 1;
+  Tensor sQ = make_tensor(make_smem_ptr(ss.rows[0]), typename Traits::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(ss.kv), typename Traits::SmemLayoutRing{});
+  Tensor sVt = make_tensor(make_smem_ptr(ss.kv), typename Traits::SmemLayoutRingT{});
+
+  typename Traits::MmaS mma_s;
+  typename Traits::MmaO mma_o;
+  auto thr_s = mma_s.get_thread_slice(tid);
+  auto thr_o = mma_o.get_thread_slice(tid);
+  Tensor tSrQ = thr_s.partition_fragment_A(sQ);   // (MMA, 1, D/16)
+  Tensor tSrK = thr_s.partition_fragment_B(sK);   // (MMA, 1, D/16, slot)
+  Tensor tOrV = thr_o.partition_fragment_B(sVt);  // (MMA, 1, keys/16, slot)
+  using TileS = Shape<Int<Traits::kRows>, Int<Traits::kKeys>>;
+  using TileO = Shape<Int<Traits::kRows>, Int<Traits::kD>>;
+  Tensor accS = partition_fragment_C(mma_s, TileS{});
+  Tensor accO = partition_fragment_C(mma_o, TileO{});
+  Tensor tOrP = make_tensor<Element>(partition_shape_A(mma_o, TileS{}));  // P as O's A operand
+  Tensor accS_rc = make_tensor(accS.data(), rowcol_layout(accS.layout()));
+  Tensor accO_rc = make_tensor(accO.data(), rowcol_layout(accO.layout()));
+  constexpr int kRowsPerThread = decltype(size<0>(accS_rc))::value;
+  DenseRows<kRowsPerThread> rows(tid);
+  rows.template start<kCausal>(geo, s, b, h);
+  OnlineSoftmax<kRowsPerThread> softmax;
+  float factors[kRowsPerThread];
+  CUTE_UNROLL
+  for (int r = 0; r < kRowsPerThread; ++r) factors[r] = p.scale_log2;
+  softmax.start(factors);
+  clear(accO);
+
+  // Turns: named barrier w is warpgroup w's, warpgroup 0 goes first; each
+  // turn issues S_u (and P_{u-1} V_{u-1}). Warpgroup 1 does not pass its last
+  // turn, so that every arrival is waited for.
+  auto take_turn = [&] {
+    if constexpr (kTakeTurns) cutlass::arch::NamedBarrier::sync(256, w);
+  };
+  auto pass_turn = [&](int u) {
+    if constexpr (kTakeTurns) {
+      if (!(u == blocks - 1 && w == 1)) cutlass::arch::NamedBarrier::arrive(256, 1 - w);
+    }
+  };
+  if (blocks > 0) {
+    ClusterBarrier::wait(&ss.q_full, 0);
+    if (kTakeTurns && w == 1) cutlass::arch::NamedBarrier::arrive(256, 0);
+  }
+
+  uint32_t seq = 0;
+  int s_issued = 0, pv_issued = 0;
+  walk_blocks(
+      blocks,
+      [&] {  // S = Q K^T for block s_issued
+        const int slot = static_cast<int>(seq % kSlots);
+        ClusterBarrier::wait(&ss.full[slot], (seq / kSlots) & 1);
+        ++seq;
+        take_turn();
+        issue_product(mma_s, tSrQ, tSrK(_, _, _, slot), accS);
+        if (s_issued == 0) pass_turn(0);
+        ++s_issued;
+        return slot;
+      },
+      [&] {  // O += P V for block pv_issued; all but the last share a turn with an S
+        const int slot = static_cast<int>(seq % kSlots);
+        ClusterBarrier::wait(&ss.full[slot], (seq / kSlots) & 1);
+        ++seq;
+        issue_accumulate(mma_o, tOrP, tOrV(_, _, _, slot), accO);
+        if (pv_issued + 1 < blocks) pass_turn(pv_issued + 1);
+        ++pv_issued;
+        return slot;
+      },
+      [&](int slot, int) {
+        warpgroup_fence_operand(accS);
+        ClusterBarrier::arrive(&ss.empty[slot]);
+      },
+      [&](int slot) {
+        warpgroup_fence_operand(accO);
+        ClusterBarrier::arrive(&ss.empty[slot]);
+      },
+      [&] {
+        softmax.apply(accS_rc, rows, int64_t{s_issued - 1} * Traits::kKeys, Traits::kKeys,
+                      ~uint64_t{0});
+      },
+      [&] {
+        softmax.rescale_output(accO_rc);
+        acc_to_operand(accS, tOrP);
+      });
+
+  softmax.template store<Traits::kD>(accO_rc, rows, p.out, p.lse, tid);
+#endif
+}
+
+template <class Element, bool kCausal>
+cudaError_t launch(const cuda::DenseAttentionArgs& a, void* out, float* lse, cudaStream_t stream) {
+  using Traits = DenseTraits<Element>;
+  static_assert(Traits::kRows == Traits::kKeys, "Q tiles load through the K/V block TMA");
+  const DenseFwdParams<Traits> p{
+      make_tma_kv<Traits>(static_cast<const Element*>(a.q), a.Sq, a.Hq, a.B),
+      make_tma_kv<Traits>(static_cast<const Element*>(a.k), a.Sk, a.Hkv, a.B),
+      make_tma_kv<Traits>(static_cast<const Element*>(a.v), a.Sk, a.Hkv, a.B),
+      DenseShape{a.q_lengths, a.kv_lengths, a.B, a.Sq, a.Sk, a.Hq, a.Hkv},
+      static_cast<Element*>(out),
+      lse,
+      a.scale * 1.4426950408889634f};
+  auto kernel = dense_attention_fwd_kernel<Traits, kCausal>;
+  cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            Traits::kSmemBytes);
+  if (status != cudaSuccess) return status;
+  const dim3 grid(static_cast<unsigned>(a.B * a.Hq),
+                  static_cast<unsigned>((a.Sq + Traits::kRows - 1) / Traits::kRows));
+  kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+}  // namespace jax_msa::sm90
+
+namespace jax_msa::cuda {
+
+bool dense_attention_supported(DType dtype, int64_t D) {
+  return (dtype == DType::kBF16 || dtype == DType::kF16) && D == 128;
+}
+
+bool dense_attention_args_valid(DType dtype, const DenseAttentionArgs& a) {
+  // Grid: x = B * Hq, y = query tiles of 128 (<= 65535); TMA takes 32-bit
+  // extents, and an empty k has no TMA view.
+  return dense_attention_supported(dtype, a.D) && a.Hkv >= 1 && a.Hq % a.Hkv == 0 && a.B >= 0 &&
+         a.Sq >= 0 && a.Sq <= 65535 * int64_t{128} && a.Sk > 0 && a.Sk <= INT_MAX - 256 &&
+         a.B * a.Hq <= INT_MAX;
+}
+
+cudaError_t dense_attention_fwd(DType dtype, const DenseAttentionArgs& a, void* out, float* lse,
+                                cudaStream_t stream) {
+  if (!dense_attention_args_valid(dtype, a)) return cudaErrorInvalidValue;
+  if (a.B == 0 || a.Sq == 0 || a.Hq == 0) return cudaSuccess;
+  // The instantiations: {bf16, f16} x {causal, not}.
+  using BF16 = cutlass::bfloat16_t;
+  using F16 = cutlass::half_t;
+  if (dtype == DType::kBF16) {
+    return a.causal ? sm90::launch<BF16, true>(a, out, lse, stream)
+                    : sm90::launch<BF16, false>(a, out, lse, stream);
+  }
+  return a.causal ? sm90::launch<F16, true>(a, out, lse, stream)
+                  : sm90::launch<F16, false>(a, out, lse, stream);
+}
+
+}  // namespace jax_msa::cuda
