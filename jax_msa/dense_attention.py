@@ -4,7 +4,10 @@ Primitives:
   jax_msa_dot_product_attention_fwd(q, k, v, q_lengths, kv_lengths; scale, causal) -> out, lse
   jax_msa_dot_product_attention_bwd(q, k, v, out, lse, dout, dlse, q_lengths, kv_lengths;
       scale, causal) -> dq, dk, dv
-joined by a custom_vjp.
+joined by a custom_vjp. On CUDA the forward runs the SM90 kernel where
+cuda::dense_attention_args_valid holds (bfloat16/float16, D = 128), else the
+reference; the backward runs the reference there (it recomputes from q, k, v
+and does not depend on the forward's out / lse).
 """
 
 from __future__ import annotations
@@ -32,9 +35,17 @@ def _reference_backward(q, k, v, out, lse, dout, dlse, q_lengths, kv_lengths, *,
     return reference_vjp(fn, q, k, v, out, lse, dout, dlse)
 
 
+def _cuda_kernel_takes(q, k, v, *rest, implementation, **params) -> bool:
+    """Whether the SM90 forward serves these inputs (cuda::dense_attention_args_valid)."""
+    b, sq, hq, d = q.shape
+    return (q.dtype in (jnp.bfloat16, jnp.float16) and d == 128 and 0 < k.shape[1] < 2**31 - 256
+            and sq <= 65535 * 128 and b * hq < 2**31)
+
+
 _fwd_p = define_primitive("dot_product_attention_fwd", abstract_eval=forward_abstract,
                           reference=_reference_forward, ffi_attributes=("scale", "causal"),
-                          sharding="bqhd,bkgd,bkgd,b,b->bqhd,bqh")
+                          sharding="bqhd,bkgd,bkgd,b,b->bqhd,bqh",
+                          kernel_takes={"cuda": _cuda_kernel_takes})
 _bwd_p = define_primitive("dot_product_attention_bwd", abstract_eval=backward_abstract,
                           reference=_reference_backward, ffi_attributes=("scale", "causal"),
                           sharding="bqhd,bkgd,bkgd,bqhd,bqh,bqhd,bqh,b,b->bqhd,bkgd,bkgd")

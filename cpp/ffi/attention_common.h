@@ -1,6 +1,8 @@
 // Decoding shared by the sparse and dense attention handlers.
 #pragma once
 
+#include <utility>
+
 #include "ffi/ffi_common.h"
 #include "kernels/cpu/cpu_kernels.h"
 
@@ -82,6 +84,26 @@ inline ffi::Error RunCpuBackward(const cpu::AttentionProblem& p, DType dtype,
                      DataOf<float>(dlse), DataOf<int32_t>(q_lengths), DataOf<int32_t>(kv_lengths),
                      dq.untyped_data(), dk.untyped_data(), dv.untyped_data());
   return ffi::Error::Success();
+}
+
+// Handler bindings, after what `binding` holds already (the CUDA stream or
+// nothing): the operands q, k, v ...
+template <class Binding>
+auto WithQKV(Binding&& binding) {  // by reference: a Binding cannot be moved
+  return std::move(binding)
+      .template Arg<ffi::AnyBuffer>()   // q
+      .template Arg<ffi::AnyBuffer>()   // k
+      .template Arg<ffi::AnyBuffer>();  // v
+}
+
+// ... and q_lengths, kv_lengths -> out, lse, which end every forward's operands.
+template <class Binding>
+auto WithLengthsOutLse(Binding&& binding) {
+  return std::move(binding)
+      .template Arg<ffi::AnyBuffer>()   // q_lengths
+      .template Arg<ffi::AnyBuffer>()   // kv_lengths
+      .template Ret<ffi::AnyBuffer>()   // out
+      .template Ret<ffi::AnyBuffer>();  // lse
 }
 
 }  // namespace jax_msa

@@ -1,7 +1,11 @@
 // FFI handlers of dense attention (spec §3.6): forward and backward.
 #include <cstdint>
+#include <utility>
 
 #include "ffi/attention_common.h"
+#ifdef JAX_MSA_WITH_CUDA
+#include "kernels/cuda/cuda_kernels.h"
+#endif
 
 namespace jax_msa {
 namespace {
@@ -38,19 +42,53 @@ ffi::Error DenseAttentionBwdCpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuff
                         kv_lengths, *dq, *dk, *dv);
 }
 
+#ifdef JAX_MSA_WITH_CUDA
+// The SM90 forward takes what cuda::dense_attention_args_valid says; the
+// Python lowering sends every other case to the pure-JAX reference, so this
+// error only reaches a direct caller of the target.
+ffi::Error DenseAttentionFwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                                 ffi::AnyBuffer v, ffi::AnyBuffer q_lengths,
+                                 ffi::AnyBuffer kv_lengths, ffi::Result<ffi::AnyBuffer> out,
+                                 ffi::Result<ffi::AnyBuffer> lse, float scale, bool causal) {
+  cpu::AttentionProblem p;
+  DType dtype;
+  if (auto e = DecodeAttentionInputs(q, k, v, q_lengths, kv_lengths, scale, &p, &dtype);
+      e.failure()) {
+    return e;
+  }
+  if (auto e = FirstError({CheckForwardOutputs(p, *out, *lse),
+                           CheckType(*out, q.element_type(), "out")});
+      e.failure()) {
+    return e;
+  }
+  const cuda::DenseAttentionArgs args{q.untyped_data(), k.untyped_data(), v.untyped_data(),
+                                      DataOf<int32_t>(q_lengths), DataOf<int32_t>(kv_lengths),
+                                      p.B, p.Sq, p.Sk, p.Hq, p.Hkv, p.D, p.scale, causal};
+  if (!cuda::dense_attention_args_valid(dtype, args)) {
+    return ffi::Error::InvalidArgument(
+        "jax_msa: the CUDA dense-attention forward takes bfloat16/float16 inputs with head dim "
+        "128, 0 < Sk < 2^31 - 256, Sq <= 65535 * 128 and B * Hq < 2^31");
+  }
+  return CudaStatus("dot_product_attention_fwd",
+                    cuda::dense_attention_fwd(dtype, args, out->untyped_data(),
+                                              DataOf<float>(lse), stream));
+}
+#endif
+
+// The forward's operands, results and attributes after what `binding` holds
+// already (the CUDA stream or nothing): q, k, v, q_lengths, kv_lengths ->
+// out, lse; scale, causal.
+template <class Binding>
+auto WithFwdOperands(Binding binding) {
+  return WithLengthsOutLse(WithQKV(std::move(binding)))
+      .template Attr<float>("scale")
+      .template Attr<bool>("causal");
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kDenseAttentionFwdCpu, DenseAttentionFwdCpu,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Arg<ffi::AnyBuffer>()  // q_lengths
-                                  .Arg<ffi::AnyBuffer>()  // kv_lengths
-                                  .Ret<ffi::AnyBuffer>()  // out
-                                  .Ret<ffi::AnyBuffer>()  // lse
-                                  .Attr<float>("scale")
-                                  .Attr<bool>("causal"));
+                              WithFwdOperands(ffi::Ffi::Bind()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kDenseAttentionBwdCpu, DenseAttentionBwdCpu,
                               ffi::Ffi::Bind()
@@ -69,9 +107,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kDenseAttentionBwdCpu, DenseAttentionBwdCpu,
                                   .Attr<float>("scale")
                                   .Attr<bool>("causal"));
 
+#ifdef JAX_MSA_WITH_CUDA
+// Command-buffer compatible: it only enqueues kernels on the stream, with
+// no allocation and no host sync.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kDenseAttentionFwdCuda, DenseAttentionFwdCuda,
+                              WithFwdOperands(
+                                  ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
+                              {ffi::Traits::kCmdBufferCompatible});
+#endif
+
 void AddDenseAttentionTargets(TargetTable& table) {
   table.cpu.emplace_back("jax_msa_dot_product_attention_fwd", kDenseAttentionFwdCpu);
   table.cpu.emplace_back("jax_msa_dot_product_attention_bwd", kDenseAttentionBwdCpu);
+#ifdef JAX_MSA_WITH_CUDA
+  table.cuda.emplace_back("jax_msa_dot_product_attention_fwd", kDenseAttentionFwdCuda);
+#endif
 }
 
 }  // namespace jax_msa

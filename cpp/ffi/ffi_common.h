@@ -11,6 +11,9 @@
 
 #include "kernels/dtype.h"
 #include "xla/ffi/api/ffi.h"
+#ifdef JAX_MSA_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
 
 // Defines the CUDA handler `fn`: every one only launches kernels on XLA's
 // stream, allocates nothing and never waits for the device, so XLA may record
@@ -109,5 +112,13 @@ template <typename T>
 T* DataOf(ffi::Result<ffi::AnyBuffer>& buffer) {
   return static_cast<T*>(buffer->untyped_data());
 }
+
+#ifdef JAX_MSA_WITH_CUDA
+// A launch status as an FFI error naming the step.
+inline ffi::Error CudaStatus(const char* step, cudaError_t status) {
+  if (status == cudaSuccess) return ffi::Error::Success();
+  return ffi::Error::Internal(std::string("jax_msa ") + step + ": " + cudaGetErrorString(status));
+}
+#endif
 
 }  // namespace jax_msa

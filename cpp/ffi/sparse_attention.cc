@@ -93,12 +93,6 @@ ffi::Error DecodeCudaProblem(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
   return CudaArgs(*p, *dtype, q, k, v, ids, q_lengths, kv_lengths, args);
 }
 
-// A launch status as an FFI error naming the step.
-ffi::Error CudaStatus(const char* step, cudaError_t status) {
-  if (status == cudaSuccess) return ffi::Error::Success();
-  return ffi::Error::Internal(std::string("jax_msa ") + step + ": " + cudaGetErrorString(status));
-}
-
 ffi::Error SparseAttentionFwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
                                   ffi::AnyBuffer v, ffi::AnyBuffer ids, ffi::AnyBuffer q_lengths,
                                   ffi::AnyBuffer kv_lengths, ffi::Result<ffi::AnyBuffer> out,
@@ -241,15 +235,7 @@ namespace {
 // against each handler's signature at compile time.
 template <class Binding>
 auto WithFwdOperands(Binding binding) {
-  return std::move(binding)
-      .template Arg<ffi::AnyBuffer>()   // q
-      .template Arg<ffi::AnyBuffer>()   // k
-      .template Arg<ffi::AnyBuffer>()   // v
-      .template Arg<ffi::AnyBuffer>()   // ids
-      .template Arg<ffi::AnyBuffer>()   // q_lengths
-      .template Arg<ffi::AnyBuffer>()   // kv_lengths
-      .template Ret<ffi::AnyBuffer>()   // out
-      .template Ret<ffi::AnyBuffer>();  // lse
+  return WithLengthsOutLse(WithQKV(std::move(binding)).template Arg<ffi::AnyBuffer>());  // ids
 }
 
 // Likewise for the backward: q, k, v, ids, out, lse, dout, dlse, q_lengths,

@@ -133,7 +133,6 @@ template <class Traits, bool kCausal>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     dense_attention_fwd_kernel(const __grid_constant__ DenseFwdParams<Traits> p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  using Element = typename Traits::Element;
   using SharedStorage = typename Traits::SharedStorage;
   constexpr int kSlots = Traits::kSlots;
   extern __shared__ char smem_raw[];
@@ -150,15 +149,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const TileGeometry geo(tile * Traits::kRows, s.Sq, 1, q_len, kv_len, Traits::kRows);
   const int blocks = dense_tile_blocks<kCausal>(geo);
 
-  if (threadIdx.x == 0) {
-    ClusterBarrier::init(&ss.q_full, 1);
-    for (int i = 0; i < kSlots; ++i) {
-      ClusterBarrier::init(&ss.full[i], 1);
-      ClusterBarrier::init(&ss.empty[i], 128 * Traits::kConsumers);
-    }
-    cutlass::arch::fence_barrier_init();
-  }
-  __syncthreads();
+  init_tile_barriers<Traits>(ss, 1);  // q_full: one expect-tx arrival (Q by TMA)
 
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {
@@ -170,24 +161,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   cutlass::arch::warpgroup_reg_alloc<224>();
   const int tid = threadIdx.x - 128;
   const int w = warpgroup - 1;
-  Tensor sQ = make_tensor(make_smem_ptr(ss.rows[0]), typename Traits::SmemLayoutQ{});
-  Tensor sK = make_tensor(make_smem_ptr(ss.kv), typename Traits::SmemLayoutRing{});
-  Tensor sVt = make_tensor(make_smem_ptr(ss.kv), typename Traits::SmemLayoutRingT{});
-
-  typename Traits::MmaS mma_s;
-  typename Traits::MmaO mma_o;
-  auto thr_s = mma_s.get_thread_slice(tid);
-  auto thr_o = mma_o.get_thread_slice(tid);
-  Tensor tSrQ = thr_s.partition_fragment_A(sQ);   // (MMA, 1, D/16)
-  Tensor tSrK = thr_s.partition_fragment_B(sK);   // (MMA, 1, D/16, slot)
-  Tensor tOrV = thr_o.partition_fragment_B(sVt);  // (MMA, 1, keys/16, slot)
-  using TileS = Shape<Int<Traits::kRows>, Int<Traits::kKeys>>;
-  using TileO = Shape<Int<Traits::kRows>, Int<Traits::kD>>;
-  Tensor accS = partition_fragment_C(mma_s, TileS{});
-  Tensor accO = partition_fragment_C(mma_o, TileO{});
-  Tensor tOrP = make_tensor<Element>(partition_shape_A(mma_o, TileS{}));  // P as O's A operand
-  Tensor accS_rc = make_tensor(accS.data(), rowcol_layout(accS.layout()));
-  Tensor accO_rc = make_tensor(accO.data(), rowcol_layout(accO.layout()));
+  QueryOuterFragments<Traits> f(ss.rows[0], ss.kv, tid);
+  Tensor accS_rc = f.s_rows();
+  Tensor accO_rc = f.o_rows();
   constexpr int kRowsPerThread = decltype(size<0>(accS_rc))::value;
   DenseRows<kRowsPerThread> rows(tid);
   rows.template start<kCausal>(geo, s, b, h);
@@ -196,7 +172,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   CUTE_UNROLL
   for (int r = 0; r < kRowsPerThread; ++r) factors[r] = p.scale_log2;
   softmax.start(factors);
-  clear(accO);
+  clear(f.accO);
 
   // Turns: named barrier w is warpgroup w's, warpgroup 0 goes first; each
   // turn issues S_u (and P_{u-1} V_{u-1}). Warpgroup 1 does not pass its last
@@ -223,7 +199,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         ClusterBarrier::wait(&ss.full[slot], (seq / kSlots) & 1);
         ++seq;
         take_turn();
-        issue_product(mma_s, tSrQ, tSrK(_, _, _, slot), accS);
+        issue_product(f.mma_s, f.tSrQ, f.tSrK(_, _, _, slot), f.accS);
         if (s_issued == 0) pass_turn(0);
         ++s_issued;
         return slot;
@@ -232,17 +208,17 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         const int slot = static_cast<int>(seq % kSlots);
         ClusterBarrier::wait(&ss.full[slot], (seq / kSlots) & 1);
         ++seq;
-        issue_accumulate(mma_o, tOrP, tOrV(_, _, _, slot), accO);
+        issue_accumulate(f.mma_o, f.tOrP, f.tOrV(_, _, _, slot), f.accO);
         if (pv_issued + 1 < blocks) pass_turn(pv_issued + 1);
         ++pv_issued;
         return slot;
       },
       [&](int slot, int) {
-        warpgroup_fence_operand(accS);
+        warpgroup_fence_operand(f.accS);
         ClusterBarrier::arrive(&ss.empty[slot]);
       },
       [&](int slot) {
-        warpgroup_fence_operand(accO);
+        warpgroup_fence_operand(f.accO);
         ClusterBarrier::arrive(&ss.empty[slot]);
       },
       [&] {
@@ -251,7 +227,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       },
       [&] {
         softmax.rescale_output(accO_rc);
-        acc_to_operand(accS, tOrP);
+        acc_to_operand(f.accS, f.tOrP);
       });
 
   softmax.template store<Traits::kD>(accO_rc, rows, p.out, p.lse, tid);

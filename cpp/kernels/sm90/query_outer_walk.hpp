@@ -3,11 +3,61 @@
 // in which a tile walks its blocks.
 #pragma once
 
+#include <utility>
+
 #include <cute/tensor.hpp>
+
+#include "kernels/sm90/rowmax_epilogue.hpp"
 
 namespace jax_msa::sm90 {
 
 using namespace cute;
+
+// A consumer warpgroup's operands of the query-outer forwards with
+// SparseAttentionTraits-like `Traits` (sparse_attention_fwd.cu,
+// dense_attention_fwd.cu): the two wgmma chains, Q and the ring's K and V as
+// their shared-memory operands, the S and O accumulators, and P (S rounded)
+// as the register A operand of O += P V. `tid` counts the consumer threads.
+template <class Traits>
+struct QueryOuterFragments {
+  using Element = typename Traits::Element;
+  using MmaS = typename Traits::MmaS;
+  using MmaO = typename Traits::MmaO;
+  using TileS = Shape<Int<Traits::kRows>, Int<Traits::kKeys>>;
+  using TileO = Shape<Int<Traits::kRows>, Int<Traits::kD>>;
+  template <class Layout>
+  using Smem = decltype(make_tensor(make_smem_ptr(std::declval<Element*>()), Layout{}));
+  using ThrS = decltype(std::declval<MmaS>().get_thread_slice(0));
+  using ThrO = decltype(std::declval<MmaO>().get_thread_slice(0));
+
+  MmaS mma_s;
+  MmaO mma_o;
+  // (MMA, 1, D/16), (MMA, 1, D/16, slot), (MMA, 1, keys/16, slot)
+  decltype(std::declval<ThrS>().partition_fragment_A(
+      std::declval<Smem<typename Traits::SmemLayoutQ>>())) tSrQ;
+  decltype(std::declval<ThrS>().partition_fragment_B(
+      std::declval<Smem<typename Traits::SmemLayoutRing>>())) tSrK;
+  decltype(std::declval<ThrO>().partition_fragment_B(
+      std::declval<Smem<typename Traits::SmemLayoutRingT>>())) tOrV;
+  decltype(partition_fragment_C(std::declval<MmaS>(), TileS{})) accS;
+  decltype(partition_fragment_C(std::declval<MmaO>(), TileO{})) accO;
+  decltype(make_tensor<Element>(partition_shape_A(std::declval<MmaO>(), TileS{}))) tOrP;
+
+  __device__ QueryOuterFragments(Element* q, Element* ring, int tid)
+      : tSrQ(mma_s.get_thread_slice(tid).partition_fragment_A(
+            make_tensor(make_smem_ptr(q), typename Traits::SmemLayoutQ{}))),
+        tSrK(mma_s.get_thread_slice(tid).partition_fragment_B(
+            make_tensor(make_smem_ptr(ring), typename Traits::SmemLayoutRing{}))),
+        tOrV(mma_o.get_thread_slice(tid).partition_fragment_B(
+            make_tensor(make_smem_ptr(ring), typename Traits::SmemLayoutRingT{}))),
+        accS(partition_fragment_C(mma_s, TileS{})),
+        accO(partition_fragment_C(mma_o, TileO{})),
+        tOrP(make_tensor<Element>(partition_shape_A(mma_o, TileS{}))) {}
+
+  // The accumulators seen as rows x columns (rowmax_epilogue.hpp).
+  __device__ auto s_rows() { return make_tensor(accS.data(), rowcol_layout(accS.layout())); }
+  __device__ auto o_rows() { return make_tensor(accO.data(), rowcol_layout(accO.layout())); }
+};
 
 // acc = A B over the k blocks of the fragments (MMA, 1, k): one wgmma batch,
 // committed, not waited for.

@@ -71,24 +71,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
   cutlass::arch::warpgroup_reg_alloc<224>();
   const int tid = threadIdx.x - 128;
-  Tensor sQ = make_tensor(make_smem_ptr(ss.rows[0]), typename Traits::SmemLayoutQ{});
-  Tensor sK = make_tensor(make_smem_ptr(ss.kv), typename Traits::SmemLayoutRing{});
-  Tensor sVt = make_tensor(make_smem_ptr(ss.kv), typename Traits::SmemLayoutRingT{});
-
-  typename Traits::MmaS mma_s;
-  typename Traits::MmaO mma_o;
-  auto thr_s = mma_s.get_thread_slice(tid);
-  auto thr_o = mma_o.get_thread_slice(tid);
-  Tensor tSrQ = thr_s.partition_fragment_A(sQ);   // (MMA, 1, D/16)
-  Tensor tSrK = thr_s.partition_fragment_B(sK);   // (MMA, 1, D/16, slot)
-  Tensor tOrV = thr_o.partition_fragment_B(sVt);  // (MMA, 1, keys/16, slot)
-  using TileS = Shape<Int<Traits::kRows>, Int<Traits::kKeys>>;
-  using TileO = Shape<Int<Traits::kRows>, Int<Traits::kD>>;
-  Tensor accS = partition_fragment_C(mma_s, TileS{});
-  Tensor accO = partition_fragment_C(mma_o, TileO{});
-  Tensor tOrP = make_tensor<Element>(partition_shape_A(mma_o, TileS{}));  // P as O's A operand
-  Tensor accS_rc = make_tensor(accS.data(), rowcol_layout(accS.layout()));
-  Tensor accO_rc = make_tensor(accO.data(), rowcol_layout(accO.layout()));
+  QueryOuterFragments<Traits> f(ss.rows[0], ss.kv, tid);
+  Tensor accS_rc = f.s_rows();
+  Tensor accO_rc = f.o_rows();
   constexpr int kRowsPerThread = decltype(size<0>(accS_rc))::value;
   TileRows<kRowsPerThread> rows(tid);
   OnlineSoftmax<kRowsPerThread> softmax;
@@ -104,7 +89,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     CUTE_UNROLL
     for (int r = 0; r < kRowsPerThread; ++r) factors[r] = p.scale_log2;
     softmax.start(factors);
-    clear(accO);
+    clear(f.accO);
 
     ClusterBarrier::wait(&ss.q_full, static_cast<uint32_t>(round & 1));
     const int blocks = ss.tile_blocks;
@@ -121,29 +106,29 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
           ++seq;
           c = ss.slot_block[slot];
           tokens = ss.slot_tokens[slot];
-          issue_product(mma_s, tSrQ, tSrK(_, _, _, slot), accS);
+          issue_product(f.mma_s, f.tSrQ, f.tSrK(_, _, _, slot), f.accS);
           return slot;
         },
         [&] {  // O += P V
           const int slot = static_cast<int>(seq % kSlots);
           ClusterBarrier::wait(&ss.full[slot], (seq / kSlots) & 1);
           ++seq;
-          issue_accumulate(mma_o, tOrP, tOrV(_, _, _, slot), accO);
+          issue_accumulate(f.mma_o, f.tOrP, f.tOrV(_, _, _, slot), f.accO);
           return slot;
         },
         [&](int slot, int u) {
-          warpgroup_fence_operand(accS);
+          warpgroup_fence_operand(f.accS);
           ClusterBarrier::arrive(&ss.empty[slot]);
           if (u == blocks - 1) ClusterBarrier::arrive(&ss.q_empty);
         },
         [&](int slot) {
-          warpgroup_fence_operand(accO);
+          warpgroup_fence_operand(f.accO);
           ClusterBarrier::arrive(&ss.empty[slot]);
         },
         [&] { softmax.apply(accS_rc, rows, c * Traits::kKeys, Traits::kKeys, tokens); },
         [&] {
           softmax.rescale_output(accO_rc);
-          acc_to_operand(accS, tOrP);
+          acc_to_operand(f.accS, f.tOrP);
         });
 
     // out = O / l, lse = ln(sum of exp): both zero / -inf for an empty row.

@@ -146,13 +146,13 @@ __device__ void load_tile_rows(const typename Traits::Element* src, typename Tra
   }
 }
 
-// Initialises the tile and ring barriers (arrivals: the producer warp's 32
-// lanes for q_full, every consumer thread for q_empty and empty, one
-// expect-tx arrival for full), then syncs the CTA.
+// Initialises the tile and ring barriers (arrivals: `q_arrivals` for q_full,
+// by default the producer warp's 32 lanes, every consumer thread for q_empty
+// and empty, one expect-tx arrival for full), then syncs the CTA.
 template <class Traits, class SharedStorage>
-__device__ void init_tile_barriers(SharedStorage& ss) {
+__device__ void init_tile_barriers(SharedStorage& ss, int q_arrivals = 32) {
   if (threadIdx.x == 0) {
-    ClusterBarrier::init(&ss.q_full, 32);
+    ClusterBarrier::init(&ss.q_full, q_arrivals);
     ClusterBarrier::init(&ss.q_empty, 128 * Traits::kConsumers);
     for (int i = 0; i < Traits::kSlots; ++i) {
       ClusterBarrier::init(&ss.full[i], 1);

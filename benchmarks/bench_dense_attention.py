@@ -1,0 +1,195 @@
+"""Benchmark of the dense attention forward (spec §3.6) on one device.
+
+For each sequence length S (self-attention, Sq = Sk = S, batch B = --tokens / S,
+so that every row of the grid holds the same number of tokens), each head
+configuration Hq:Hkv and causal / non-causal, with D = 128 and bf16, it times
+the forward (out only) of
+
+  msa_fwd    jax_msa.dot_product_attention(q, k, v, causal=...)  (jit; the SM90
+             kernel where the build has it, --implementation)
+  cudnn_fwd  jax.nn.dot_product_attention(q, k, v, is_causal=..., implementation="cudnn")
+             (GQA as is: k, v with Hkv heads; should cuDNN refuse, k and v are
+             repeated to Hq heads and the row's note says so; skip: --no-cudnn)
+  mgpu_fwd   jax.experimental.pallas.ops.gpu.attention_mgpu.attention, the
+             Mosaic-GPU FA3-style kernel, block_q 64 and the fastest block_kv of
+             --mgpu-block-kv (its note names it); a failure is recorded as the
+             row's error (skip: --no-mgpu)
+
+Method (spec §7, benchmarks/timing.py): random normal inputs, --rotate input
+sets cycled; compile and --warmup calls excluded; each sample repeats the op
+until it lasts >= --min-sample-ms, then block_until_ready; median of --samples.
+FLOPs: 4 * D * Hq * B * S^2, half of it when causal. cudnn_ratio = cuDNN ms /
+this op's ms (> 1: faster than cuDNN).
+
+  python3 benchmarks/bench_dense_attention.py --json dense.json --tsv dense.tsv
+
+JSON and TSV are rewritten after every (S, Hq:Hkv, causal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+TSV_COLUMNS = ("op", "S", "B", "Hq", "Hkv", "D", "causal", "ms", "tflops", "cudnn_ratio", "note", "error")
+
+
+def _error(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}".splitlines()[0][:300]
+
+
+class Bench:
+    """Runs the grid; collects rows; rewrites JSON/TSV after every shape."""
+
+    def __init__(self, args):
+        from jax_msa import _ffi
+        from timing import announce_device
+
+        self.args = args
+        self.rows: list[dict] = []
+        self.meta = dict(announce_device(), dtype=args.dtype, dim=args.dim, tokens=args.tokens,
+                         implementation=args.implementation,
+                         dense_kernel=_ffi.has_kernel("jax_msa_dot_product_attention_fwd", "cuda"),
+                         samples=args.samples, warmup=args.warmup, min_sample_ms=args.min_sample_ms,
+                         rotate=args.rotate, seed=args.seed)
+        print(f"dense kernel in this build: {self.meta['dense_kernel']}", flush=True)
+
+    def _time(self, fn, sets):
+        """(median ms, None) or (None, the error)."""
+        from timing import median_ms
+
+        try:
+            return median_ms(fn, sets, self.args.samples, self.args.min_sample_ms, self.args.warmup), None
+        except Exception as e:  # OOM, a refused shape, ...: record it and go on with the grid
+            return None, _error(e)
+
+    def _row(self, op, s, b, hq, hkv, causal, ms, flop, cudnn_ms, note=None, error=None):
+        row = dict(op=op, S=s, B=b, Hq=hq, Hkv=hkv, D=self.args.dim, causal=causal, ms=ms,
+                   tflops=flop / ms / 1e9 if ms else None,
+                   cudnn_ratio=cudnn_ms / ms if (cudnn_ms and ms) else None, note=note, error=error)
+        self.rows.append(row)
+        print(format_row(row), flush=True)
+
+    def _cudnn(self, sets, causal, hq, hkv):
+        """(ms, note, error) of cuDNN, with k/v repeated to Hq heads if it refuses GQA."""
+        import jax
+        import jax.numpy as jnp
+
+        def plain(q, k, v):
+            return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+
+        ms, err = self._time(jax.jit(plain), sets)
+        if ms is not None or hq == hkv:
+            return ms, None, err
+
+        def repeated(q, k, v):
+            return plain(q, jnp.repeat(k, hq // hkv, axis=2), jnp.repeat(v, hq // hkv, axis=2))
+
+        ms, err2 = self._time(jax.jit(repeated), sets)
+        return ms, f"k, v repeated to {hq} heads (GQA refused: {err})", err2
+
+    def _mgpu(self, sets, causal):
+        """(ms, note, error) of the Mosaic-GPU kernel at its fastest block_kv."""
+        import jax
+
+        try:
+            from jax.experimental.pallas.ops.gpu import attention_mgpu
+        except Exception as e:  # not in this jax, or no Mosaic GPU
+            return None, None, f"import attention_mgpu: {_error(e)}"
+        best, errors = None, []
+        for block_kv in self.args.mgpu_block_kv:
+            try:
+                config = attention_mgpu.TuningConfig(block_q=64, block_kv=block_kv, max_concurrent_steps=2,
+                                                     causal=causal)
+            except Exception as e:
+                errors.append(f"block_kv={block_kv}: {_error(e)}")
+                continue
+            ms, err = self._time(jax.jit(lambda q, k, v, c=config: attention_mgpu.attention(q, k, v, c)), sets)
+            if ms is None:
+                errors.append(f"block_kv={block_kv}: {err}")
+            elif best is None or ms < best[0]:
+                best = (ms, block_kv)
+        if best is None:
+            return None, None, "; ".join(errors)[:600]
+        return best[0], f"block_q=64 block_kv={best[1]}", None
+
+    def run(self):
+        import jax
+        import jax.numpy as jnp
+        import jax_msa
+        from timing import normal, write_results
+
+        a = self.args
+        dtype = jnp.dtype(a.dtype)
+        for s in a.seq:
+            b = max(1, a.tokens // s)
+            for hq, hkv in a.heads:
+                keys = jax.random.split(jax.random.PRNGKey(a.seed), 3 * a.rotate)
+                sets = [tuple(normal(keys[3 * i + j], shape, dtype) for j, shape in
+                              enumerate(((b, s, hq, a.dim), (b, s, hkv, a.dim), (b, s, hkv, a.dim))))
+                        for i in range(a.rotate)]
+                for causal in a.causal:
+                    flop = 4 * a.dim * hq * b * s * s * (0.5 if causal else 1.0)
+                    cudnn_ms = None
+                    if not a.no_cudnn:
+                        cudnn_ms, note, err = self._cudnn(sets, causal, hq, hkv)
+                        self._row("cudnn_fwd", s, b, hq, hkv, causal, cudnn_ms, flop, cudnn_ms, note, err)
+                    ours = jax.jit(lambda q, k, v, c=causal: jax_msa.dot_product_attention(
+                        q, k, v, causal=c, implementation=a.implementation))
+                    ms, err = self._time(ours, sets)
+                    self._row("msa_fwd", s, b, hq, hkv, causal, ms, flop, cudnn_ms, None, err)
+                    if not a.no_mgpu:
+                        ms, note, err = self._mgpu(sets, causal)
+                        self._row("mgpu_fwd", s, b, hq, hkv, causal, ms, flop, cudnn_ms, note, err)
+                    write_results(a.json, a.tsv, self.meta, self.rows, TSV_COLUMNS)
+                del sets
+
+
+def format_row(row: dict) -> str:
+    from timing import fmt
+
+    text = (f"{row['op']:>9} S={row['S']:>6} B={row['B']:>3} H={row['Hq']}:{row['Hkv']:<2} "
+            f"{'causal' if row['causal'] else 'full  '} {fmt(row['ms'], '9.3f')} ms "
+            f"{fmt(row['tflops'], '6.1f')} TFLOP/s cudnn/this={fmt(row['cudnn_ratio'], '.2f')}")
+    if row.get("note"):
+        text += f"  ({row['note']})"
+    if row.get("error"):
+        text += f"  ERROR {row['error']}"
+    return text
+
+
+def main(argv=None):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/timing.py
+    from bench_sparse_attention import parse_heads
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--seq", type=int, nargs="+", default=[1024, 4096, 8192, 16384, 32768])
+    parser.add_argument("--tokens", type=int, default=32768, help="B * S for every S (B = tokens // S)")
+    parser.add_argument("--heads", type=parse_heads, nargs="+", default=[(16, 16), (16, 1), (64, 4)],
+                        help="HQ:HKV pairs")
+    parser.add_argument("--causal", type=lambda x: x.lower() in ("1", "true", "yes", "causal"), nargs="+",
+                        default=[True, False], help="causal settings to time (true / false)")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--implementation", choices=("kernel", "auto"), default="kernel",
+                        help="passed to jax_msa.dot_product_attention")
+    parser.add_argument("--mgpu-block-kv", type=int, nargs="+", default=[128, 256, 64])
+    parser.add_argument("--no-cudnn", action="store_true")
+    parser.add_argument("--no-mgpu", action="store_true")
+    parser.add_argument("--samples", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--min-sample-ms", type=float, default=5.0)
+    parser.add_argument("--rotate", type=int, default=2, help="input sets cycled through")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="write meta and rows here")
+    parser.add_argument("--tsv", help="write the rows here")
+    args = parser.parse_args(argv)
+    if args.rotate < 1 or args.samples < 1:
+        parser.error("--rotate and --samples must be >= 1")
+    Bench(args).run()
+
+
+if __name__ == "__main__":
+    main()
