@@ -5,7 +5,7 @@ Primitives:
   jax_msa_dot_product_attention_bwd(q, k, v, out, lse, dout, dlse, q_lengths, kv_lengths;
       scale, causal) -> dq, dk, dv
 joined by a custom_vjp. On CUDA the forward runs the SM90 kernel where
-cuda::dense_attention_args_valid holds (bfloat16/float16, D = 128), else the
+cuda::dense_attention_args_valid holds (bfloat16/float16, D 128 or 64), else the
 reference; the backward runs the reference there (it recomputes from q, k, v
 and does not depend on the forward's out / lse).
 """
@@ -38,7 +38,7 @@ def _reference_backward(q, k, v, out, lse, dout, dlse, q_lengths, kv_lengths, *,
 def _cuda_kernel_takes(q, k, v, *rest, implementation, **params) -> bool:
     """Whether the SM90 forward serves these inputs (cuda::dense_attention_args_valid)."""
     b, sq, hq, d = q.shape
-    return (q.dtype in (jnp.bfloat16, jnp.float16) and d == 128 and 0 < k.shape[1] < 2**31 - 256
+    return (q.dtype in (jnp.bfloat16, jnp.float16) and d in (64, 128) and 0 < k.shape[1] < 2**31 - 256
             and sq <= 65535 * 128 and b * hq < 2**31)
 
 

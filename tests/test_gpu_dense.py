@@ -1,8 +1,8 @@
 """The SM90 dense attention forward (skipped without a GPU): out and lse
 against the float32 reference on random inputs, causal (bottom-right) or not,
-with unaligned and padded lengths, GQA groups, bfloat16 and float16; the
-gradient (the reference backward on GPU, fed by the kernel's forward), jit
-and vmap; the fallbacks to the reference."""
+with unaligned and padded lengths, GQA groups, bfloat16 and float16, head
+dims 128 and 64; the gradient (the reference backward on GPU, fed by the
+kernel's forward), jit and vmap; the fallbacks to the reference."""
 
 from __future__ import annotations
 
@@ -97,6 +97,15 @@ def test_forward_matches_reference(shape, causal, dtype):
     _check(out, lse, *_reference(a, causal), a, dtype)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[4], (1, 2048, 2048, 4, 1, "full")])
+def test_forward_head_dim_64(shape, causal, dtype):
+    a = _inputs(shape, dtype, d=64)
+    out, lse = _kernel(a, causal)
+    _check(out, lse, *_reference(a, causal), a, dtype)
+
+
 def test_forward_negative_scale_and_large_logits():
     """A negative logit scale (OnlineSoftmax's negation) and a large one (the
     running max moves often: lazy rescaling of O)."""
@@ -161,8 +170,8 @@ def test_grad_through_kernel_forward(causal):
 
 
 def test_other_dtypes_and_head_dims_fall_back():
-    """float32 and D = 64 have no kernel: "auto" runs the reference, "kernel" raises."""
-    for dtype, d in ((jnp.float32, 128), (jnp.bfloat16, 64)):
+    """float32 and D = 96 have no kernel: "auto" runs the reference, "kernel" raises."""
+    for dtype, d in ((jnp.float32, 128), (jnp.bfloat16, 96)):
         a = _inputs((1, 200, 200, 4, 2, "full"), dtype, d=d)
         args = [jax.device_put(a[n], GPU) for n in "qkv"]
         auto = jax.jit(lambda q, k, v: jax_msa.dot_product_attention(q, k, v, return_lse=True))

@@ -272,7 +272,7 @@ struct DenseAttentionArgs {
   bool causal;
 };
 
-// Whether the SM90 dense kernel takes these inputs: bf16/fp16 with D == 128.
+// Whether the SM90 dense kernel takes these inputs: bf16/fp16 with D 128 or 64.
 bool dense_attention_supported(DType dtype, int64_t D);
 
 // dense_attention_supported plus the size limits of the kernel:

@@ -41,9 +41,9 @@ using namespace cute;
 using block_index::clamp_len;
 
 // The query-outer tile shape with one row tensor: 128 rows of Q (here 128
-// tokens of one head) and the ring of 128-key K/V slots.
-template <class Element>
-using DenseTraits = SparseAttentionTraits<Element, 1>;
+// tokens of one head) and the ring of 128-key K/V slots; head dim kD.
+template <class Element, int kD>
+using DenseTraits = SparseAttentionTraits<Element, 1, kD>;
 
 // Whether the consumers take turns issuing their products (see the top).
 constexpr bool kTakeTurns = true;
@@ -234,9 +234,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 #endif
 }
 
-template <class Element, bool kCausal>
+template <class Element, int kD, bool kCausal>
 cudaError_t launch(const cuda::DenseAttentionArgs& a, void* out, float* lse, cudaStream_t stream) {
-  using Traits = DenseTraits<Element>;
+  using Traits = DenseTraits<Element, kD>;
   static_assert(Traits::kRows == Traits::kKeys, "Q tiles load through the K/V block TMA");
   const DenseFwdParams<Traits> p{
       make_tma_kv<Traits>(static_cast<const Element*>(a.q), a.Sq, a.Hq, a.B),
@@ -262,7 +262,7 @@ cudaError_t launch(const cuda::DenseAttentionArgs& a, void* out, float* lse, cud
 namespace jax_msa::cuda {
 
 bool dense_attention_supported(DType dtype, int64_t D) {
-  return (dtype == DType::kBF16 || dtype == DType::kF16) && D == 128;
+  return (dtype == DType::kBF16 || dtype == DType::kF16) && (D == 128 || D == 64);
 }
 
 bool dense_attention_args_valid(DType dtype, const DenseAttentionArgs& a) {
@@ -277,15 +277,17 @@ cudaError_t dense_attention_fwd(DType dtype, const DenseAttentionArgs& a, void* 
                                 cudaStream_t stream) {
   if (!dense_attention_args_valid(dtype, a)) return cudaErrorInvalidValue;
   if (a.B == 0 || a.Sq == 0 || a.Hq == 0) return cudaSuccess;
-  // The instantiations: {bf16, f16} x {causal, not}.
+  // The instantiations: {bf16, f16} x {D 128, 64} x {causal, not}.
   using BF16 = cutlass::bfloat16_t;
   using F16 = cutlass::half_t;
-  if (dtype == DType::kBF16) {
-    return a.causal ? sm90::launch<BF16, true>(a, out, lse, stream)
-                    : sm90::launch<BF16, false>(a, out, lse, stream);
-  }
-  return a.causal ? sm90::launch<F16, true>(a, out, lse, stream)
-                  : sm90::launch<F16, false>(a, out, lse, stream);
+  using Launch = cudaError_t (*)(const DenseAttentionArgs&, void*, float*, cudaStream_t);
+  static constexpr Launch kLaunch[2][2][2] = {
+      {{sm90::launch<BF16, 128, false>, sm90::launch<BF16, 128, true>},
+       {sm90::launch<BF16, 64, false>, sm90::launch<BF16, 64, true>}},
+      {{sm90::launch<F16, 128, false>, sm90::launch<F16, 128, true>},
+       {sm90::launch<F16, 64, false>, sm90::launch<F16, 64, true>}}};
+  return kLaunch[dtype == DType::kBF16 ? 0 : 1][a.D == 128 ? 0 : 1][a.causal ? 1 : 0](a, out, lse,
+                                                                                      stream);
 }
 
 }  // namespace jax_msa::cuda

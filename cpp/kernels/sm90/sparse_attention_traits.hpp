@@ -27,16 +27,24 @@ using namespace cute;
 
 // kRowTensors: the per-row operands a tile keeps in shared memory, 1 for the
 // forward (Q), 2 for dQ (Q and dO); the ring takes the rest of shared memory.
-template <class Element_, int kRowTensors_>
+// kD: the head dim, 128 (the sparse kernels) or 64 (the dense forward too).
+template <class Element_, int kRowTensors_, int kD_ = 128>
 struct SparseAttentionTraits {
   using Element = Element_;
   static constexpr int kRowTensors = kRowTensors_;
-  static constexpr int kD = 128;     // head dim
+  static constexpr int kD = kD_;     // head dim
   static constexpr int kKeys = 128;  // keys per block (spec §2)
   static constexpr int kConsumers = 2;
   static constexpr int kRows = 64 * kConsumers;  // (token, head) rows per tile
   static constexpr int kThreads = 128 * (1 + kConsumers);
-  static constexpr int kSlots = 7 - kRowTensors;  // K and V blocks in flight
+  // K and V blocks in flight: what shared memory holds besides the rows and
+  // 1 KiB of barriers and slot data (6 for the forward at D = 128, 5 for dQ),
+  // at most 12.
+  static constexpr int kTileBytes = 128 * kD * static_cast<int>(sizeof(Element));
+  static constexpr int kSlots =
+      (227 * 1024 - kRowTensors * kTileBytes - 1024) / kTileBytes < 12
+          ? (227 * 1024 - kRowTensors * kTileBytes - 1024) / kTileBytes
+          : 12;
   // tokens * topk <= kMaxCandidates: the union is built in one warp's
   // registers; tokens <= 64: one bit per token.
   static constexpr int kMaxCandidates = 128;
