@@ -108,12 +108,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kDenseAttentionBwdCpu, DenseAttentionBwdCpu,
                                   .Attr<bool>("causal"));
 
 #ifdef JAX_MSA_WITH_CUDA
-// Command-buffer compatible: it only enqueues kernels on the stream, with
-// no allocation and no host sync.
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kDenseAttentionFwdCuda, DenseAttentionFwdCuda,
-                              WithFwdOperands(
-                                  ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
-                              {ffi::Traits::kCmdBufferCompatible});
+JAX_MSA_CUDA_HANDLER(kDenseAttentionFwdCuda, DenseAttentionFwdCuda,
+                     WithFwdOperands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()));
 #endif
 
 void AddDenseAttentionTargets(TargetTable& table) {
