@@ -6,6 +6,12 @@ import jax
 
 from jax_msa import _jax_msa
 
+try:  # XLA reads a handler's traits from its registration, not from the handler.
+    from jaxlib.xla_client import CustomCallTargetTraits
+    _CUDA_TRAITS = dict(traits=CustomCallTargetTraits.COMMAND_BUFFER_COMPATIBLE)
+except ImportError:  # a jaxlib without traits: the targets stay out of command buffers
+    _CUDA_TRAITS = {}
+
 # Lowering platform name (as JAX spells it) -> FFI targets with a kernel there.
 _KERNEL_TARGETS: dict[str, frozenset[str]] = {}
 
@@ -17,7 +23,8 @@ def _register() -> None:
     _KERNEL_TARGETS["cpu"] = frozenset(cpu)
     cuda = _jax_msa.cuda_targets()
     for name, capsule in cuda.items():
-        jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
+        # Every CUDA handler may be recorded into a CUDA graph (JAX_MSA_CUDA_HANDLER).
+        jax.ffi.register_ffi_target(name, capsule, platform="CUDA", **_CUDA_TRAITS)
     _KERNEL_TARGETS["cuda"] = frozenset(cuda)
 
 

@@ -39,7 +39,7 @@ def _cuda_kernel_takes(q, k, v, *rest, implementation, **params) -> bool:
     """Whether the SM90 forward serves these inputs (cuda::dense_attention_args_valid)."""
     b, sq, hq, d = q.shape
     return (q.dtype in (jnp.bfloat16, jnp.float16) and d in (64, 128) and 0 < k.shape[1] < 2**31 - 256
-            and sq <= 65535 * 128 and b * hq < 2**31)
+            and -(-sq // 128) * b * hq < 2**31)
 
 
 _fwd_p = define_primitive("dot_product_attention_fwd", abstract_eval=forward_abstract,

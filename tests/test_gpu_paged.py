@@ -495,7 +495,8 @@ def step(q, k_cache, v_cache, table, kv, ids, k_scale, v_scale):
     dense = jax_msa.paged_attention(q, k_cache, v_cache, table, kv, **kw)
     sparse = jax_msa.paged_attention(q * 2, k_cache, v_cache, table, kv, ids, **kw)
     return [y.astype(jnp.float32) for y in (*dense, *sparse)]
-args = [jnp.asarray(x[k]).astype(jnp.float8_e4m3fn) if k.endswith("cache") else jnp.asarray(x[k])
+dtypes = dict(q=jnp.bfloat16, k_cache=jnp.float8_e4m3fn, v_cache=jnp.float8_e4m3fn)
+args = [jnp.asarray(x[k]).astype(dtypes.get(k, x[k].dtype))
         for k in ("q", "k_cache", "v_cache", "table", "kv", "ids", "k_scale", "v_scale")]
 fn = jax.jit(step)
 text = fn.lower(*args).compile().as_text()
@@ -512,8 +513,9 @@ def test_paged_attention_in_command_buffers(tmp_path):
     buffer around them."""
     import subprocess
     p = _attention_problem(65, [1282, 130, 701], None, 4, 16, 1, 12, E4M3, topk=16)
-    inputs = {k: np.asarray(jnp.asarray(v).astype(jnp.float32)) if k.endswith("cache") else np.asarray(v)
-              for k, v in p.items() if k in ("q", "k_cache", "v_cache", "table", "kv", "ids")}
+    # float32 in the file (numpy cannot save bfloat16 / e4m3): exact, cast back in the child.
+    inputs = {k: np.asarray(jnp.asarray(v).astype(jnp.float32)) if k in ("q", "k_cache", "v_cache")
+              else np.asarray(v) for k, v in p.items() if k in ("q", "k_cache", "v_cache", "table", "kv", "ids")}
     inputs |= dict(k_scale=np.float32(p["k_scale"]), v_scale=np.float32(p["v_scale"]))
     np.savez(tmp_path / "in.npz", **inputs)
     proc = subprocess.run([sys.executable, "-c", _COMMAND_BUFFER_CHILD, str(tmp_path / "in.npz"),

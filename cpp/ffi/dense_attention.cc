@@ -67,7 +67,7 @@ ffi::Error DenseAttentionFwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::Any
   if (!cuda::dense_attention_args_valid(dtype, args)) {
     return ffi::Error::InvalidArgument(
         "jax_msa: the CUDA dense-attention forward takes bfloat16/float16 inputs with head dim "
-        "128 or 64, 0 < Sk < 2^31 - 256, Sq <= 65535 * 128 and B * Hq < 2^31");
+        "128 or 64, 0 < Sk < 2^31 - 256 and ceil(Sq / 128) * B * Hq < 2^31");
   }
   return CudaStatus("dot_product_attention_fwd",
                     cuda::dense_attention_fwd(dtype, args, out->untyped_data(),

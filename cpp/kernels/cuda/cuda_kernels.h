@@ -276,7 +276,7 @@ struct DenseAttentionArgs {
 bool dense_attention_supported(DType dtype, int64_t D);
 
 // dense_attention_supported plus the size limits of the kernel:
-// Hq % Hkv == 0, 0 < Sk <= 2^31 - 257, Sq <= 65535 * 128, B * Hq < 2^31.
+// Hq % Hkv == 0, 0 < Sk <= 2^31 - 257, ceil(Sq / 128) * B * Hq < 2^31.
 bool dense_attention_args_valid(DType dtype, const DenseAttentionArgs& a);
 
 // Forward: out [B, Sq, Hq, D] (dtype of q), lse [B, Sq, Hq] float32.

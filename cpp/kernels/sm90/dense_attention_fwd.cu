@@ -139,11 +139,15 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   SharedStorage& ss = *reinterpret_cast<SharedStorage*>(smem_raw);
   const DenseShape& s = p.shape;
 
-  // x: the head, then the batch row (neighbouring CTAs share K/V in L2);
-  // y: the tile, the last first when causal.
-  const int64_t h = blockIdx.x % s.Hq;
-  const int64_t b = blockIdx.x / s.Hq;
-  const int64_t tile = kCausal ? gridDim.y - 1 - blockIdx.y : blockIdx.y;
+  // The tile varies fastest, then the head, then the batch row: the CTAs in
+  // flight together read the K/V of one or two heads, which stay in L2 (head
+  // fastest made a wave stream the K/V of up to 132 heads from HBM). Causal:
+  // a head's last (longest) tile first.
+  const int64_t tiles = (s.Sq + Traits::kRows - 1) / Traits::kRows;
+  const int64_t index = blockIdx.x % tiles;
+  const int64_t h = blockIdx.x / tiles % s.Hq;
+  const int64_t b = blockIdx.x / tiles / s.Hq;
+  const int64_t tile = kCausal ? tiles - 1 - index : index;
   const int64_t q_len = clamp_len(s.q_lengths, b, s.Sq);
   const int64_t kv_len = clamp_len(s.kv_lengths, b, s.Sk);
   const TileGeometry geo(tile * Traits::kRows, s.Sq, 1, q_len, kv_len, Traits::kRows);
@@ -250,9 +254,9 @@ cudaError_t launch(const cuda::DenseAttentionArgs& a, void* out, float* lse, cud
   cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             Traits::kSmemBytes);
   if (status != cudaSuccess) return status;
-  const dim3 grid(static_cast<unsigned>(a.B * a.Hq),
-                  static_cast<unsigned>((a.Sq + Traits::kRows - 1) / Traits::kRows));
-  kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p);
+  const int64_t tiles = (a.Sq + Traits::kRows - 1) / Traits::kRows;
+  kernel<<<static_cast<unsigned>(tiles * a.B * a.Hq), Traits::kThreads, Traits::kSmemBytes,
+           stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -266,11 +270,11 @@ bool dense_attention_supported(DType dtype, int64_t D) {
 }
 
 bool dense_attention_args_valid(DType dtype, const DenseAttentionArgs& a) {
-  // Grid: x = B * Hq, y = query tiles of 128 (<= 65535); TMA takes 32-bit
-  // extents, and an empty k has no TMA view.
+  // One CTA per (query tile of 128, head, batch row) on grid x (< 2^31); TMA
+  // takes 32-bit extents, and an empty k has no TMA view.
   return dense_attention_supported(dtype, a.D) && a.Hkv >= 1 && a.Hq % a.Hkv == 0 && a.B >= 0 &&
-         a.Sq >= 0 && a.Sq <= 65535 * int64_t{128} && a.Sk > 0 && a.Sk <= INT_MAX - 256 &&
-         a.B * a.Hq <= INT_MAX;
+         a.Sq >= 0 && a.Sq <= INT_MAX && a.Sk > 0 && a.Sk <= INT_MAX - 256 &&
+         a.B * a.Hq <= INT_MAX / std::max<int64_t>(1, (a.Sq + 127) / 128);
 }
 
 cudaError_t dense_attention_fwd(DType dtype, const DenseAttentionArgs& a, void* out, float* lse,
