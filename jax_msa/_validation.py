@@ -72,8 +72,7 @@ def lengths_or_default(lengths: jax.Array | None, batch: int, maximum: int, name
 
     Values are checked when they are known at trace time (not tracers)."""
     if lengths is None:
-        # A constant, not jnp.full: under jit that would be one more kernel per call.
-        return jnp.asarray(np.full((batch,), maximum, np.int32))
+        return jnp.full((batch,), maximum, jnp.int32)
     if jnp.shape(lengths) != (batch,):
         raise ValueError(f"{name} has shape {tuple(jnp.shape(lengths))}, expected ({batch},)")
     if not jnp.issubdtype(jnp.result_type(lengths), jnp.integer):
