@@ -46,6 +46,11 @@ def sparse_bwd_workspace(B: int, Sq: int, Sk: int, Hq: int, Hkv: int, D: int, to
     return tuple(int(n) for n in _jax_msa.sparse_bwd_workspace(B, Sq, Sk, Hq, Hkv, D, topk))
 
 
+def dense_bwd_workspace(B: int, Sq: int, Sk: int, Hq: int, Hkv: int, D: int) -> tuple[int, ...]:
+    """Element counts (delta floats, index ints, partial floats, dq_accum floats) of the CUDA dense backward's workspaces."""
+    return tuple(int(n) for n in _jax_msa.dense_bwd_workspace(B, Sq, Sk, Hq, Hkv, D))
+
+
 def sparse_fwd_by_block_workspace(B: int, Sq: int, Sk: int, Hq: int, Hkv: int, D: int, topk: int) -> tuple[int, int]:
     """Sizes (index int32 elements, partial bytes) of the CUDA KV-outer sparse forward's workspaces."""
     return tuple(int(n) for n in _jax_msa.sparse_fwd_by_block_workspace(B, Sq, Sk, Hq, Hkv, D, topk))

@@ -6,8 +6,10 @@ Primitives:
       scale, causal) -> dq, dk, dv
 joined by a custom_vjp. On CUDA the forward runs the SM90 kernel where
 cuda::dense_attention_args_valid holds (bfloat16/float16, D 128 or 64), else the
-reference; the backward runs the reference there (it recomputes from q, k, v
-and does not depend on the forward's out / lse).
+reference; the backward lowers to the hidden jax_msa_dot_product_attention_bwd_cuda
+(dq, dk, dv and four workspaces as results; see _bwd_cuda_abstract) where
+cuda::dense_attention_bwd_args_valid holds (bfloat16/float16, D 128, Hq / Hkv
+<= 64), else to the reference (which recomputes from q, k, v).
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.core import ShapedArray
+
+from jax_msa import _ffi
 from jax_msa import _validation as checks
 from jax_msa import reference
 from jax_msa._attention_common import (backward_abstract, check_attention_inputs, forward_abstract,
                                        reference_vjp)
-from jax_msa._primitives import define_primitive
+from jax_msa._primitives import cuda_only, define_primitive
 
 
 def _reference_forward(q, k, v, q_lengths, kv_lengths, *, scale, causal):
@@ -46,9 +51,43 @@ _fwd_p = define_primitive("dot_product_attention_fwd", abstract_eval=forward_abs
                           reference=_reference_forward, ffi_attributes=("scale", "causal"),
                           sharding="bqhd,bkgd,bkgd,b,b->bqhd,bqh",
                           kernel_takes={"cuda": _cuda_kernel_takes})
+
+
+def _cuda_bwd_takes(q, k, v, *rest, implementation, **params) -> bool:
+    """Whether the SM90 backward serves these inputs (cuda::dense_attention_bwd_args_valid)."""
+    b, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    return (q.dtype in (jnp.bfloat16, jnp.float16) and d == 128 and hq // hkv <= 64
+            and 0 < sk < 2**31 - 256 and sq < 2**31 - 1 and b * hkv * -(-sk // 128) < 2**31)
+
+
+# The backward on CUDA: delta, the dense block -> queries index, dK / dV with
+# dQ fused (float32 atomic sums into dq_accum) and its conversion, in one
+# call whose four workspaces are extra (discarded) results, so that the
+# handler allocates nothing. A hidden primitive, bound only inside the
+# lowering of _bwd_p.
+def _bwd_cuda_abstract(q, k, v, *rest, scale, causal):
+    b, sq, hq, d = q.shape
+    sizes = _ffi.dense_bwd_workspace(b, sq, k.shape[1], hq, k.shape[2], d)
+    workspaces = [ShapedArray((n,), t) for n, t in zip(sizes, (jnp.float32, jnp.int32, jnp.float32, jnp.float32))]
+    return [*backward_abstract(q, k, v), *workspaces]
+
+
+_bwd_cuda_p = define_primitive("dot_product_attention_bwd_cuda", abstract_eval=_bwd_cuda_abstract,
+                               reference=cuda_only("jax_msa_dot_product_attention_bwd_cuda"),
+                               ffi_attributes=("scale", "causal"))
+
+
+def _bwd_on_cuda(*args, scale, causal, implementation):
+    return _bwd_cuda_p.bind(*args, scale=scale, causal=causal, implementation=implementation)[:3]
+
+
 _bwd_p = define_primitive("dot_product_attention_bwd", abstract_eval=backward_abstract,
                           reference=_reference_backward, ffi_attributes=("scale", "causal"),
-                          sharding="bqhd,bkgd,bkgd,bqhd,bqh,bqhd,bqh,b,b->bqhd,bkgd,bkgd")
+                          sharding="bqhd,bkgd,bkgd,bqhd,bqh,bqhd,bqh,b,b->bqhd,bkgd,bkgd",
+                          kernel_takes={"cuda": _cuda_bwd_takes},
+                          kernel_lowering={"cuda": _bwd_on_cuda}
+                          if _ffi.has_kernel("jax_msa_dot_product_attention_bwd_cuda", "cuda") else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))

@@ -73,6 +73,63 @@ ffi::Error DenseAttentionFwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::Any
                     cuda::dense_attention_fwd(dtype, args, out->untyped_data(),
                                               DataOf<float>(lse), stream));
 }
+
+// The SM90 backward (cuda::dense_attention_bwd_args_valid; the Python
+// lowering sends other cases to the reference): dq, dk, dv and the four
+// workspaces of cuda::dense_attention_bwd_workspace as extra results, so that
+// the handler allocates nothing.
+ffi::Error DenseAttentionBwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                                 ffi::AnyBuffer v, ffi::AnyBuffer out, ffi::AnyBuffer lse,
+                                 ffi::AnyBuffer dout, ffi::AnyBuffer dlse,
+                                 ffi::AnyBuffer q_lengths, ffi::AnyBuffer kv_lengths,
+                                 ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                                 ffi::Result<ffi::AnyBuffer> dv,
+                                 ffi::Result<ffi::AnyBuffer> delta,
+                                 ffi::Result<ffi::AnyBuffer> index,
+                                 ffi::Result<ffi::AnyBuffer> partial,
+                                 ffi::Result<ffi::AnyBuffer> dq_accum, float scale, bool causal) {
+  cpu::AttentionProblem p;
+  DType dtype;
+  if (auto e = DecodeAttentionInputs(q, k, v, q_lengths, kv_lengths, scale, &p, &dtype);
+      e.failure()) {
+    return e;
+  }
+  if (auto e = FirstError({CheckForwardOutputs(p, out, lse), CheckForwardOutputs(p, dout, dlse),
+                           CheckGradients(p, *dq, *dk, *dv),
+                           CheckType(out, q.element_type(), "out"),
+                           CheckType(dout, q.element_type(), "dout"),
+                           CheckType(dlse, ffi::DataType::F32, "dlse"),
+                           CheckType(*delta, ffi::DataType::F32, "delta workspace"),
+                           CheckType(*index, ffi::DataType::S32, "index workspace"),
+                           CheckType(*partial, ffi::DataType::F32, "partial workspace"),
+                           CheckType(*dq_accum, ffi::DataType::F32, "dq_accum workspace")});
+      e.failure()) {
+    return e;
+  }
+  const cuda::DenseAttentionArgs args{q.untyped_data(), k.untyped_data(), v.untyped_data(),
+                                      DataOf<int32_t>(q_lengths), DataOf<int32_t>(kv_lengths),
+                                      p.B, p.Sq, p.Sk, p.Hq, p.Hkv, p.D, p.scale, causal};
+  if (!cuda::dense_attention_bwd_args_valid(dtype, args)) {
+    return ffi::Error::InvalidArgument(
+        "jax_msa: the CUDA dense-attention backward takes bfloat16/float16 inputs with head dim "
+        "128, Hq / Hkv <= 64, 0 < Sk < 2^31 - 256 and B * Hkv * ceil(Sk / 128) < 2^31");
+  }
+  const cuda::DenseBwdWorkspace need = cuda::dense_attention_bwd_workspace(args);
+  if (auto e = FirstError({CheckShape(*delta, {need.delta_floats}, "delta workspace"),
+                           CheckShape(*index, {need.index_ints}, "index workspace"),
+                           CheckShape(*partial, {need.partial_floats}, "partial workspace"),
+                           CheckShape(*dq_accum, {need.dq_accum_floats}, "dq_accum workspace")});
+      e.failure()) {
+    return e;
+  }
+  const cuda::DenseBwdWorkspacePtrs ws{DataOf<float>(delta), DataOf<int32_t>(index),
+                                       DataOf<float>(partial), DataOf<float>(dq_accum)};
+  return CudaStatus("dot_product_attention_bwd",
+                    cuda::dense_attention_bwd(dtype, args, out.untyped_data(), DataOf<float>(lse),
+                                              dout.untyped_data(), DataOf<float>(dlse), ws,
+                                              dq->untyped_data(), dk->untyped_data(),
+                                              dv->untyped_data(), stream));
+}
 #endif
 
 // The forward's operands, results and attributes after what `binding` holds
@@ -85,31 +142,46 @@ auto WithFwdOperands(Binding binding) {
       .template Attr<bool>("causal");
 }
 
+// The backward's: q, k, v, out, lse, dout, dlse, q_lengths, kv_lengths ->
+// dq, dk, dv.
+template <class Binding>
+auto WithBwdOperands(Binding binding) {
+  return std::move(binding)
+      .template Arg<ffi::AnyBuffer>()   // q
+      .template Arg<ffi::AnyBuffer>()   // k
+      .template Arg<ffi::AnyBuffer>()   // v
+      .template Arg<ffi::AnyBuffer>()   // out
+      .template Arg<ffi::AnyBuffer>()   // lse
+      .template Arg<ffi::AnyBuffer>()   // dout
+      .template Arg<ffi::AnyBuffer>()   // dlse
+      .template Arg<ffi::AnyBuffer>()   // q_lengths
+      .template Arg<ffi::AnyBuffer>()   // kv_lengths
+      .template Ret<ffi::AnyBuffer>()   // dq
+      .template Ret<ffi::AnyBuffer>()   // dk
+      .template Ret<ffi::AnyBuffer>();  // dv
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kDenseAttentionFwdCpu, DenseAttentionFwdCpu,
                               WithFwdOperands(ffi::Ffi::Bind()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kDenseAttentionBwdCpu, DenseAttentionBwdCpu,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Arg<ffi::AnyBuffer>()  // out
-                                  .Arg<ffi::AnyBuffer>()  // lse
-                                  .Arg<ffi::AnyBuffer>()  // dout
-                                  .Arg<ffi::AnyBuffer>()  // dlse
-                                  .Arg<ffi::AnyBuffer>()  // q_lengths
-                                  .Arg<ffi::AnyBuffer>()  // kv_lengths
-                                  .Ret<ffi::AnyBuffer>()  // dq
-                                  .Ret<ffi::AnyBuffer>()  // dk
-                                  .Ret<ffi::AnyBuffer>()  // dv
+                              WithBwdOperands(ffi::Ffi::Bind())
                                   .Attr<float>("scale")
                                   .Attr<bool>("causal"));
 
 #ifdef JAX_MSA_WITH_CUDA
 JAX_MSA_CUDA_HANDLER(kDenseAttentionFwdCuda, DenseAttentionFwdCuda,
                      WithFwdOperands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()));
+JAX_MSA_CUDA_HANDLER(kDenseAttentionBwdCuda, DenseAttentionBwdCuda,
+                     WithBwdOperands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
+                         .Ret<ffi::AnyBuffer>()  // delta workspace
+                         .Ret<ffi::AnyBuffer>()  // index workspace
+                         .Ret<ffi::AnyBuffer>()  // partial workspace
+                         .Ret<ffi::AnyBuffer>()  // dq_accum workspace
+                         .Attr<float>("scale")
+                         .Attr<bool>("causal"));
 #endif
 
 void AddDenseAttentionTargets(TargetTable& table) {
@@ -117,6 +189,7 @@ void AddDenseAttentionTargets(TargetTable& table) {
   table.cpu.emplace_back("jax_msa_dot_product_attention_bwd", kDenseAttentionBwdCpu);
 #ifdef JAX_MSA_WITH_CUDA
   table.cuda.emplace_back("jax_msa_dot_product_attention_fwd", kDenseAttentionFwdCuda);
+  table.cuda.emplace_back("jax_msa_dot_product_attention_bwd_cuda", kDenseAttentionBwdCuda);
 #endif
 }
 

@@ -62,6 +62,16 @@ NB_MODULE(_jax_msa, m) {
       "Workspace element counts (delta floats, index ints, partial floats, dq_accum floats) of "
       "the CUDA sparse attention backward.");
   m.def(
+      "dense_bwd_workspace",
+      [](int64_t B, int64_t Sq, int64_t Sk, int64_t Hq, int64_t Hkv, int64_t D) {
+        jax_msa::cuda::DenseAttentionArgs a{};
+        a.B = B, a.Sq = Sq, a.Sk = Sk, a.Hq = Hq, a.Hkv = Hkv, a.D = D;
+        const auto w = jax_msa::cuda::dense_attention_bwd_workspace(a);
+        return nb::make_tuple(w.delta_floats, w.index_ints, w.partial_floats, w.dq_accum_floats);
+      },
+      "Workspace element counts (delta floats, index ints, partial floats, dq_accum floats) of "
+      "the CUDA dense attention backward.");
+  m.def(
       "sparse_fwd_by_block_workspace",
       [](int64_t B, int64_t Sq, int64_t Sk, int64_t Hq, int64_t Hkv, int64_t D, int64_t topk) {
         const auto w = jax_msa::cuda::sparse_attention_fwd_by_block_workspace(

@@ -287,4 +287,36 @@ bool dense_attention_args_valid(DType dtype, const DenseAttentionArgs& a);
 cudaError_t dense_attention_fwd(DType dtype, const DenseAttentionArgs& a, void* out, float* lse,
                                 cudaStream_t stream);
 
+// Whether the SM90 dense backward takes these inputs: bf16/fp16, D = 128,
+// Hq / Hkv <= 64, 0 < Sk <= 2^31 - 257, Sq < 2^31, B * Hkv * ceil(Sk / 128) < 2^31.
+bool dense_attention_bwd_args_valid(DType dtype, const DenseAttentionArgs& a);
+
+// Backward workspace, in elements (host function; the FFI layer asks XLA for
+// these buffers as extra results). None needs zeroing.
+struct DenseBwdWorkspace {
+  int64_t delta_floats;     // float32 [B, Sq, Hq]: rowsum(dout * out) - dlse
+  int64_t index_ints;       // int32: the dense block -> queries index
+  int64_t partial_floats;   // float32: dK / dV sums of key blocks split between CTAs
+  int64_t dq_accum_floats;  // float32 [B, Sq, Hq, D]: dq sums (zeroed by the call)
+};
+DenseBwdWorkspace dense_attention_bwd_workspace(const DenseAttentionArgs& a);
+
+struct DenseBwdWorkspacePtrs {
+  float* delta;
+  int32_t* index;  // 8-byte aligned
+  float* partial;
+  float* dq_accum;  // 16-byte aligned
+};
+
+// Backward of dense_attention_fwd (cpu::attention_bwd with a dense
+// selection): dq [B, Sq, Hq, D] (dtype of q), dk, dv [B, Sk, Hkv, D] (dtype of
+// k) from out, lse (the forward's), dout and dlse [B, Sq, Hq] float32 (may be
+// null: zero). Padded rows and keys get zero gradients. dk / dv are
+// deterministic; dq is a float32 atomic sum (rounding may vary run to run).
+// Asynchronous, no allocation, no host sync.
+cudaError_t dense_attention_bwd(DType dtype, const DenseAttentionArgs& a, const void* out,
+                                const float* lse, const void* dout, const float* dlse,
+                                const DenseBwdWorkspacePtrs& ws, void* dq, void* dk, void* dv,
+                                cudaStream_t stream);
+
 }  // namespace jax_msa::cuda

@@ -167,6 +167,46 @@ __global__ void __launch_bounds__(1024) bucket_scan_kernel(int32_t* index, Geome
   }
 }
 
+// The dense index (build_dense_index): counts from the lengths, then the
+// same scans as bucket_scan_kernel; entry_start[k] is the bucket's first
+// query, an offset into the identity entries. One CTA of 1024 threads.
+__global__ void __launch_bounds__(1024) dense_index_kernel(int32_t* index, Geometry geo,
+                                                           const int32_t* q_lengths,
+                                                           const int32_t* kv_lengths,
+                                                           bool causal) {
+  IndexView ix(index, geo);
+  for (int64_t t = threadIdx.x; t < geo.Sq; t += blockDim.x) ix.entries[t] = static_cast<int32_t>(t);
+  int64_t run_entries = 0, run_tiles = 0;
+  for (int64_t base = 0; base < geo.nbkt; base += 1024) {
+    const int64_t k = base + threadIdx.x;
+    int64_t cnt = 0, first = 0;
+    if (k < geo.nbkt) {
+      const int64_t c = k % geo.nb;
+      const int64_t b = k / geo.nb / geo.Hkv;
+      const int64_t q_len = clamp_len(q_lengths, b, geo.Sq);
+      const int64_t kv_len = clamp_len(kv_lengths, b, geo.Sk);
+      if (c * kBlock < kv_len) {
+        first = causal ? min(max<int64_t>(c * kBlock - (kv_len - q_len), 0), q_len) : 0;
+        cnt = q_len - first;
+      }
+    }
+    int64_t e = cnt, t = (cnt + geo.tpt - 1) / geo.tpt, total_e, total_t;
+    block_scan2(e, t, total_e, total_t);
+    if (k < geo.nbkt) {
+      ix.entry_start[k] = first;
+      ix.count[k] = static_cast<int32_t>(cnt);
+      ix.tile_start[k] = run_tiles + t;
+    }
+    run_entries += total_e;
+    run_tiles += total_t;
+  }
+  if (threadIdx.x == 0) {
+    ix.tile_start[geo.nbkt] = run_tiles;
+    ix.header[0] = run_tiles;
+    ix.header[1] = run_entries;
+  }
+}
+
 // One warp per (bg, chunk): writes the chunk's queries into their buckets in
 // increasing order. kSmem: the running positions (bucket start + the chunk's
 // prefix) are int64 counters in shared memory (nb <= kMaxSmemCounters); else
@@ -298,6 +338,14 @@ cudaError_t build_block_index(const cuda::SparseAttentionArgs& a, const Geometry
                                                      rev, geo, gate);
     }
   }
+  return cudaGetLastError();
+}
+
+cudaError_t build_dense_index(const Geometry& geo, const int32_t* q_lengths,
+                              const int32_t* kv_lengths, bool causal, int32_t* index,
+                              cudaStream_t stream) {
+  if (geo.nbkt == 0) return cudaSuccess;
+  dense_index_kernel<<<1, 1024, 0, stream>>>(index, geo, q_lengths, kv_lengths, causal);
   return cudaGetLastError();
 }
 

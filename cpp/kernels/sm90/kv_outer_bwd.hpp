@@ -1,0 +1,794 @@
+// The KV-outer attention backward on SM90, shared by the block-sparse
+// backward (sparse_attention_bwd.cu, whose top comment describes the
+// pipeline) and the dense one (dense_attention_bwd.cu): delta_kernel, the
+// dK / dV (+ fused dQ) kernel walking a block -> queries index
+// (sparse_block_index.hpp), finish_kernel for buckets split between CTAs,
+// and the dq_accum zero / convert kernels, plus their host launchers.
+// The dense backward feeds the same kernels an index whose bucket (b, kv
+// head, key block c) holds the consecutive queries that see block c.
+#pragma once
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/cutlass.h>
+
+#include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/multiprocessors.h"
+#include "kernels/sm90/kv_outer_gather.hpp"
+#include "kernels/sm90/rowmax_epilogue.hpp"
+#include "kernels/sm90/sparse_block_index.hpp"
+#include "kernels/sm90/sparse_bwd_traits.hpp"
+
+namespace jax_msa::sm90 {
+namespace sparse_bwd {
+
+using namespace cute;
+using cutlass::arch::ClusterBarrier;
+using cutlass::arch::ClusterTransactionBarrier;
+
+// The block -> queries index and its geometry (sparse_block_index.hpp).
+using block_index::block_attended;
+using block_index::clamp_len;
+using block_index::Geometry;
+using block_index::IndexView;
+using block_index::kBlock;     // keys per block (spec §2)
+using block_index::kTileRows;  // (token, head) rows per tile
+using block_index::SegmentWalker;
+// The pieces shared with the by-block forward (kv_outer_gather.hpp).
+using kv_outer::Bucket;
+using kv_outer::cp_async_16z;
+using kv_outer::cp_async_4z;
+using kv_outer::fast_exp2;
+using kv_outer::gemm_overwrite;
+using kv_outer::pack2;
+using kv_outer::row_source;
+using kv_outer::RowGather;
+using kv_outer::tile_share;
+
+constexpr int kHeadDim = 128;       // the only head dim
+constexpr int kMaxCtas = 132;       // dK/dV CTAs at most (one wave on H100 / H200)
+constexpr int kSlotFloats = 2 * kBlock * kHeadDim;  // one partial slot: dK then dV
+constexpr float kLog2e = 1.4426950408889634f;
+
+
+// ---------------------------------------------------------------------------
+// Step 1: delta. 16 lanes per row (8 elements each), 2 rows per warp.
+
+template <class Element>
+__device__ __forceinline__ float dot8(const uint4& x, const uint4& y) {
+  const Element* a = reinterpret_cast<const Element*>(&x);
+  const Element* b = reinterpret_cast<const Element*>(&y);
+  float s = 0.0f;
+  CUTE_UNROLL
+  for (int e = 0; e < 8; ++e) s = fmaf(static_cast<float>(a[e]), static_cast<float>(b[e]), s);
+  return s;
+}
+
+template <class Element>
+__global__ void delta_kernel(const Element* __restrict__ out, const Element* __restrict__ dout,
+                             const float* __restrict__ dlse, const int32_t* __restrict__ q_lengths,
+                             float* __restrict__ delta, int64_t rows, int64_t Sq, int64_t Hq) {
+  const int lane16 = threadIdx.x % 16;
+  const int half = (threadIdx.x / 16) % 2;
+  const int64_t warp = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / 32;
+  const int64_t warps = gridDim.x * int64_t{blockDim.x} / 32;
+  // The loop bound is uniform over the warp (both halves shuffle together).
+  for (int64_t pair = warp; 2 * pair < rows; pair += warps) {
+    const int64_t row = 2 * pair + half;
+    bool valid = row < rows;
+    float s = 0.0f;
+    if (valid) {
+      const int64_t b = row / (Sq * Hq);
+      const int64_t i = (row / Hq) % Sq;
+      valid = i < clamp_len(q_lengths, b, Sq);
+    }
+    if (valid) {
+      const uint4 x = reinterpret_cast<const uint4*>(out + row * kHeadDim)[lane16];
+      const uint4 y = reinterpret_cast<const uint4*>(dout + row * kHeadDim)[lane16];
+      s = dot8<Element>(x, y);
+    }
+    CUTE_UNROLL
+    for (int o = 8; o >= 1; o /= 2) s += __shfl_xor_sync(0xFFFFFFFFu, s, o);
+    if (lane16 == 0 && row < rows) delta[row] = valid ? s - (dlse ? dlse[row] : 0.0f) : 0.0f;
+  }
+}
+
+
+// ---------------------------------------------------------------------------
+// dK / dV.
+
+template <class Traits>
+struct DkdvParams {
+  using Element = typename Traits::Element;
+  TmaKV<Traits> tma_k;
+  TmaKV<Traits> tma_v;
+  const Element* q;
+  const Element* dout;
+  const float* lse;
+  const float* delta;
+  const int32_t* q_lengths;
+  const int32_t* kv_lengths;
+  const int32_t* index;
+  float* partial;
+  float* dq_accum;  // fused dQ: float32 [B, Sq, Hq, D], zeroed, unscaled sums
+  Element* dk;
+  Element* dv;
+  Geometry geo;
+  float scale;
+  int ctas;
+  ScheduleGate gate;  // the default backward: fused dQ or not, picked on the device
+};
+
+// ((2, 2, V), M, N) accumulator layout -> ((2, 2, 2), M, V / 2 * N): the
+// register A-operand layout of a following wgmma whose K runs along the
+// accumulator's N (each k-block of 16 takes two 8-column groups).
+template <class AccLayout>
+__device__ constexpr auto acc_to_operand_a(AccLayout acc) {
+  auto v = get<0, 2>(acc);  // V : s (static)
+  static_assert(decltype(rank(v))::value == 1 && decltype(size(v))::value % 2 == 0);
+  auto v_lo = make_layout(_2{}, stride(v));
+  auto v_hi = make_layout(Int<decltype(size(v))::value / 2>{}, stride(v) * _2{});
+  return make_layout(make_layout(get<0, 0>(acc), get<0, 1>(acc), v_lo), get<1>(acc),
+                     coalesce(make_layout(v_hi, get<2>(acc))));
+}
+
+// Consumer schedule: a warpgroup queues the next tile's S^T product behind
+// the current tile's dV / dK products (and its dP^T right after them), so
+// that its own softmax step is the only time it leaves the tensor cores idle.
+// The two consumer warpgroups take turns to issue their products (two named
+// barriers), so that one's softmax runs while the other's products run
+// instead of both waiting on the tensor cores together.
+// red.global.add of two consecutive floats (sm_90 vector reduction).
+__device__ __forceinline__ void red_add_v2(float* addr, float a, float b) {
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(addr), "f"(a), "f"(b) : "memory");
+}
+
+// kFusedDq: also dQ (see sparse_bwd_traits.hpp). Warpgroup 1 (the second in
+// every turn) issues the dQ of tile t in its turn t, warpgroup 0 in its turn
+// t + 1 (when warpgroup 1's half of dS(t) is in shared memory), or, for the
+// last tile of a segment (K_c is replaced after it), in its last turn after a
+// named barrier on warpgroup 1's dS. Three dS buffers: buffer t % 3 is
+// rewritten (tile t + 3) only after both warpgroups have taken a turn past
+// the ones that read it, i.e. after their waits on those dQ products.
+// kCausal (always for sparse): query i sees keys j <= kv_len - q_len + i;
+// otherwise (dense only) every key j < kv_len.
+template <class Traits, bool kFusedDq, bool kCausal = true>
+__global__ void __launch_bounds__(Traits::kThreads, 1)
+    dkdv_kernel(const __grid_constant__ DkdvParams<Traits> p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using Element = typename Traits::Element;
+  using SharedStorage = typename Traits::SharedStorage;
+  constexpr int kStages = Traits::kStages;
+  extern __shared__ __align__(1024) char dkdv_smem[];
+  SharedStorage& ss = *reinterpret_cast<SharedStorage*>(dkdv_smem);
+
+  if (p.gate.closed()) return;
+  const Geometry& geo = p.geo;
+  const IndexView ix(const_cast<int32_t*>(p.index), geo);
+  const int64_t total = ix.header[0];
+  if (total == 0) return;
+  const int64_t chunk = tile_share(total, p.ctas);
+  const int64_t T0 = blockIdx.x * chunk;
+  if (T0 >= total) return;
+  const int64_t T1 = min(T0 + chunk, total);
+  SegmentWalker walker = kv_outer::make_walker(ix, geo.nbkt, T0, T1);
+
+  const int warpgroup = threadIdx.x / 128;
+  if (threadIdx.x == 0) {
+    ClusterBarrier::init(&ss.kv_full, 1);
+    ClusterBarrier::init(&ss.kv_empty, 256);
+    for (int s = 0; s < kStages; ++s) {
+      ClusterBarrier::init(&ss.full[s], 128);
+      ClusterBarrier::init(&ss.empty[s], 256);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  const int64_t G = geo.G;
+  const int64_t tpt = geo.tpt;
+
+  if (warpgroup == 0) {
+    // ---------------- producer ----------------
+    cutlass::arch::warpgroup_reg_dealloc<kFusedDq ? 24 : 40>();
+    const int t = threadIdx.x;
+    const RowGather gather(t, G);
+    const int row = gather.row;
+    const int slot = gather.slot;
+    Tensor sQ = make_tensor(make_smem_ptr(ss.q), typename Traits::SmemLayoutQ{});
+    Tensor sO = make_tensor(make_smem_ptr(ss.dout), typename Traits::SmemLayoutQ{});
+    if (t == 0) {
+      cute::prefetch_tma_descriptor(p.tma_k.get_tma_descriptor());
+      cute::prefetch_tma_descriptor(p.tma_v.get_tma_descriptor());
+    }
+    int64_t it = 0;
+    int seg = 0;
+    while (walker.next()) {
+      const int64_t k = walker.bucket;
+      const auto [b, g, c] = Bucket(geo, k);
+      if (t == 0) {
+        if (seg > 0) ClusterBarrier::wait(&ss.kv_empty, (seg - 1) & 1);
+        ClusterTransactionBarrier::arrive_and_expect_tx(&ss.kv_full, 2 * Traits::kBytesKV);
+        load_kv_block<Traits>(p.tma_k, geo.Sk, geo.Hkv, geo.B, b, g, c, ss.k, ss.kv_full);
+        load_kv_block<Traits>(p.tma_v, geo.Sk, geo.Hkv, geo.B, b, g, c, ss.v, ss.kv_full);
+      }
+      const int64_t count = ix.count[k];
+      const int32_t* bucket = ix.entries + ix.entry_start[k];
+      for (int64_t tile = walker.tile_begin; tile < walker.tile_end; ++tile, ++it) {
+        const int stage = static_cast<int>(it % kStages);
+        ClusterBarrier::wait(&ss.empty[stage], static_cast<uint32_t>(((it / kStages) & 1) ^ 1));
+        const int64_t entry = tile * tpt + slot;
+        const bool valid = slot < tpt && entry < count;
+        const int64_t token = valid ? bucket[entry] : 0;
+        const int64_t qrow = (b * geo.Sq + token) * geo.Hq + g * G + gather.head;
+        gather.copy(stage, valid, row_source(sQ, p.q + qrow * kHeadDim),
+                    row_source(sO, p.dout + qrow * kHeadDim));
+        if (gather.half == 0) {
+          cp_async_4z(&ss.lse[stage][row], p.lse + qrow, valid);
+          cp_async_4z(&ss.token[stage][row], bucket + (valid ? entry : 0), valid);
+        } else {
+          cp_async_4z(&ss.delta[stage][row], p.delta + qrow, valid);
+        }
+        cutlass::arch::cpasync_barrier_arrive_noinc(&ss.full[stage]);
+      }
+      ++seg;
+    }
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+    return;
+  }
+
+  // ---------------- consumers ----------------
+  cutlass::arch::warpgroup_reg_alloc<kFusedDq ? 240 : 232>();
+  const int w = warpgroup - 1;  // keys [64w, 64w + 64) of the block
+  const int tid = threadIdx.x % 128;
+  typename Traits::MmaSdP mma_s;
+  typename Traits::MmaKV mma_kv;
+  mma_kv.accumulate_ = GMMA::ScaleOut::One;
+  auto thr_s = mma_s.get_thread_slice(tid);
+  auto thr_kv = mma_kv.get_thread_slice(tid);
+
+  Tensor sK = make_tensor(make_smem_ptr(ss.k), typename Traits::SmemLayoutKV{});
+  Tensor sV = make_tensor(make_smem_ptr(ss.v), typename Traits::SmemLayoutKV{});
+  Tensor sKw = local_tile(sK, Shape<_64, Int<kHeadDim>>{}, make_coord(w, _0{}));
+  Tensor sVw = local_tile(sV, Shape<_64, Int<kHeadDim>>{}, make_coord(w, _0{}));
+  Tensor sQ = make_tensor(make_smem_ptr(ss.q), typename Traits::SmemLayoutQ{});
+  Tensor sO = make_tensor(make_smem_ptr(ss.dout), typename Traits::SmemLayoutQ{});
+  Tensor sQt = make_tensor(make_smem_ptr(ss.q), typename Traits::SmemLayoutQt{});
+  Tensor sOt = make_tensor(make_smem_ptr(ss.dout), typename Traits::SmemLayoutQt{});
+
+  Tensor tSrK = thr_s.partition_fragment_A(sKw);   // (MMA, 1, D/16)
+  Tensor tSrV = thr_s.partition_fragment_A(sVw);
+  Tensor tSrQ = thr_s.partition_fragment_B(sQ);    // (MMA, 1, D/16, stage)
+  Tensor tSrO = thr_s.partition_fragment_B(sO);
+  Tensor tKrQt = thr_kv.partition_fragment_B(sQt);  // (MMA, 1, rows/16, stage)
+  Tensor tKrOt = thr_kv.partition_fragment_B(sOt);
+
+  using TileS = Shape<_64, Int<kTileRows>>;
+  using TileKV = Shape<_64, Int<kHeadDim>>;
+  Tensor accS = partition_fragment_C(mma_s, TileS{});
+  Tensor accP = partition_fragment_C(mma_s, TileS{});  // dP^T, then dS^T
+  Tensor accV = partition_fragment_C(mma_kv, TileKV{});
+  Tensor accK = partition_fragment_C(mma_kv, TileKV{});
+  Tensor accS_rc = make_tensor(accS.data(), rowcol_layout(accS.layout()));
+  Tensor accP_rc = make_tensor(accP.data(), rowcol_layout(accP.layout()));
+  Tensor cS = thr_s.partition_C(make_identity_tensor(TileS{}));
+  Tensor cS_rc = make_tensor(cS.data(), rowcol_layout(cS.layout()));
+  constexpr int kKeyRows = decltype(size<0>(accS_rc))::value;  // 2
+  constexpr int kCols = decltype(size<1>(accS_rc))::value;     // 16
+  using OperandLayout = decltype(acc_to_operand_a(accS.layout()));
+  Tensor rP = make_tensor<Element>(OperandLayout{});
+  Tensor rdS = make_tensor<Element>(OperandLayout{});
+
+  // Fused dQ: dS (row, key, buffer) in shared memory, this warpgroup's dims
+  // [64w, 64w + 64) of dQ = dS K_c.
+  typename Traits::MmaDq mma_dq;
+  auto thr_dq = mma_dq.get_thread_slice(tid);
+  Tensor sDs = make_tensor(make_smem_ptr(ss.ds), typename Traits::SmemLayoutDs{});
+  Tensor sKt = make_tensor(make_smem_ptr(ss.k), typename Traits::SmemLayoutKt{});
+  Tensor sKtw = local_tile(sKt, Shape<_64, Int<kBlock>>{}, make_coord(w, _0{}));
+  Tensor tQrDs = thr_dq.partition_fragment_A(sDs);  // (MMA, 1, keys/16, buffer)
+  Tensor tQrKt = thr_dq.partition_fragment_B(sKtw);  // (MMA, 1, keys/16)
+  // dK += dS^T Q with dS^T from the dS buffer (keys [64w, 64w + 64)).
+  typename Traits::MmaKVss mma_kss;
+  mma_kss.accumulate_ = GMMA::ScaleOut::One;
+  auto thr_kss = mma_kss.get_thread_slice(tid);
+  Tensor sDsT = make_tensor(make_smem_ptr(ss.ds), typename Traits::SmemLayoutDsT{});
+  Tensor sDsTw = local_tile(sDsT, Shape<_64, Int<kTileRows>, Int<Traits::kDsBufs>>{},
+                            make_coord(w, _0{}, _0{}));  // (64 keys, rows, buffer)
+  Tensor tKsDsT = thr_kss.partition_fragment_A(sDsTw);  // (MMA, 1, rows/16, buffer)
+  Tensor tKsQt = thr_kss.partition_fragment_B(sQt);    // (MMA, 1, rows/16, stage)
+  using TileDq = Shape<Int<kTileRows>, _64>;
+  Tensor accQ = partition_fragment_C(mma_dq, TileDq{});
+  Tensor accQ_rc = make_tensor(accQ.data(), rowcol_layout(accQ.layout()));
+  Tensor cQ = thr_dq.partition_C(make_identity_tensor(TileDq{}));
+  Tensor cQ_rc = make_tensor(cQ.data(), rowcol_layout(cQ.layout()));
+  constexpr int kQRows = decltype(size<0>(accQ_rc))::value;  // 2
+  constexpr int kQCols = decltype(size<1>(accQ_rc))::value;  // 16
+  constexpr int kDsReady = 2;  // named barrier: warpgroup 1's dS of a segment's last tile
+  int32_t tok_cur[kQRows], tok_prev[kQRows];  // query of this thread's dQ rows (-1: none)
+  int64_t head_row[kQRows];                  // their head among the Hq heads
+
+  const float scale_log2 = p.scale * kLog2e;
+  int64_t it = 0;
+  int seg = 0;
+
+  auto gemm_s = [&](int stage) { gemm_overwrite(mma_s, tSrK, tSrQ(_, _, _, stage), accS); };
+  auto gemm_dp = [&](int stage) { gemm_overwrite(mma_s, tSrV, tSrO(_, _, _, stage), accP); };
+  auto issue_sdp = [&](int stage) {
+    warpgroup_fence_operand(accS);
+    warpgroup_fence_operand(accP);
+    warpgroup_arrive();
+    gemm_s(stage);
+    gemm_dp(stage);
+    warpgroup_commit_batch();
+    warpgroup_fence_operand(accS);
+    warpgroup_fence_operand(accP);
+  };
+  auto issue_s = [&](int stage) {
+    warpgroup_fence_operand(accS);
+    warpgroup_arrive();
+    gemm_s(stage);
+    warpgroup_commit_batch();
+    warpgroup_fence_operand(accS);
+  };
+  auto issue_dp = [&](int stage) {
+    warpgroup_fence_operand(accP);
+    warpgroup_arrive();
+    gemm_dp(stage);
+    warpgroup_commit_batch();
+    warpgroup_fence_operand(accP);
+  };
+  auto issue_kv = [&](int stage) {
+    warpgroup_fence_operand(rP);
+    warpgroup_fence_operand(rdS);
+    warpgroup_fence_operand(accV);
+    warpgroup_fence_operand(accK);
+    warpgroup_arrive();
+    CUTE_UNROLL
+    for (int kb = 0; kb < size<2>(rP); ++kb) {
+      cute::gemm(mma_kv, rP(_, _, kb), tKrOt(_, _, kb, stage), accV);
+    }
+    CUTE_UNROLL
+    for (int kb = 0; kb < size<2>(rdS); ++kb) {
+      cute::gemm(mma_kv, rdS(_, _, kb), tKrQt(_, _, kb, stage), accK);
+    }
+    warpgroup_commit_batch();
+    warpgroup_fence_operand(accV);
+    warpgroup_fence_operand(accK);
+    warpgroup_fence_operand(rP);
+    warpgroup_fence_operand(rdS);
+  };
+  // dV, dK of `stage` and dQ of dS buffer `buf`, one commit group.
+  // (dS^T of this tile in buffer `own`.)
+  auto issue_kv_dq = [&](int stage, int own, int buf) {
+    warpgroup_fence_operand(rP);
+    warpgroup_fence_operand(accV);
+    warpgroup_fence_operand(accK);
+    warpgroup_fence_operand(accQ);
+    warpgroup_arrive();
+    CUTE_UNROLL
+    for (int kb = 0; kb < size<2>(rP); ++kb) {
+      cute::gemm(mma_kv, rP(_, _, kb), tKrOt(_, _, kb, stage), accV);
+    }
+    CUTE_UNROLL
+    for (int kb = 0; kb < size<2>(tKsDsT); ++kb) {
+      cute::gemm(mma_kss, tKsDsT(_, _, kb, own), tKsQt(_, _, kb, stage), accK);
+    }
+    gemm_overwrite(mma_dq, tQrDs(_, _, _, buf), tQrKt, accQ);
+    warpgroup_commit_batch();
+    warpgroup_fence_operand(accV);
+    warpgroup_fence_operand(accK);
+    warpgroup_fence_operand(accQ);
+    warpgroup_fence_operand(rP);
+  };
+  auto issue_dq = [&](int buf) {
+    warpgroup_fence_operand(accQ);
+    warpgroup_arrive();
+    gemm_overwrite(mma_dq, tQrDs(_, _, _, buf), tQrKt, accQ);
+    warpgroup_commit_batch();
+    warpgroup_fence_operand(accQ);
+  };
+  // dq_accum[row] += dQ_w for this thread's rows (skipping rows without a query).
+  auto reduce_dq = [&](const int64_t b, const int32_t (&tok)[kQRows]) {
+    CUTE_UNROLL
+    for (int r = 0; r < kQRows; ++r) {
+      if (tok[r] >= 0) {
+        float* dst = p.dq_accum + ((b * geo.Sq + tok[r]) * geo.Hq + head_row[r]) * kHeadDim + 64 * w;
+        CUTE_UNROLL
+        for (int j = 0; j < kQCols; j += 2) {
+          red_add_v2(dst + get<1>(cQ_rc(r, j)), accQ_rc(r, j), accQ_rc(r, j + 1));
+        }
+      }
+    }
+  };
+  auto wait_full = [&](int64_t i) {
+    ClusterBarrier::wait(&ss.full[i % kStages], static_cast<uint32_t>((i / kStages) & 1));
+    cutlass::arch::fence_view_async_shared();  // cp.async (generic proxy) -> wgmma
+  };
+
+  // Turns: named barrier w is warpgroup w's; warpgroup 0 goes first.
+  auto take_turn = [&]() { cutlass::arch::NamedBarrier::sync(256, w); };
+  auto pass_turn = [&](bool last) {
+    if (!(last && w == 1)) cutlass::arch::NamedBarrier::arrive(256, 1 - w);
+  };
+  if (w == 1) cutlass::arch::NamedBarrier::arrive(256, 0);
+
+  while (walker.next()) {
+    const int64_t k = walker.bucket;
+    const auto [b, g, c] = Bucket(geo, k);
+    const int64_t q_len = clamp_len(p.q_lengths, b, geo.Sq);
+    const int64_t kv_len = clamp_len(p.kv_lengths, b, geo.Sk);
+    const int64_t count = ix.count[k];
+    const int64_t b_row = b;  // (lambdas cannot capture structured bindings in C++17)
+    // Key j of this thread's row r is visible to query i iff j <= offset + i,
+    // i.e. key_rel[r] <= i with key_rel = j - offset.
+    int key_rel[kKeyRows];
+    CUTE_UNROLL
+    for (int r = 0; r < kKeyRows; ++r) {
+      if constexpr (kCausal) {
+        key_rel[r] = static_cast<int>(c * kBlock + 64 * w + get<0>(cS_rc(r, 0)) - (kv_len - q_len));
+      } else {  // tokens are >= 0: -1 lets every query see the key
+        key_rel[r] = c * kBlock + 64 * w + get<0>(cS_rc(r, 0)) < kv_len ? -1 : INT_MAX;
+      }
+    }
+    clear(accV);
+    clear(accK);
+    if constexpr (kFusedDq) {
+      CUTE_UNROLL
+      for (int r = 0; r < kQRows; ++r) head_row[r] = g * G + get<0>(cQ_rc(r, 0)) % G;
+    }
+    ClusterBarrier::wait(&ss.kv_full, seg & 1);
+
+    auto softmax_grad = [&](int64_t tile, int stage) {
+      const int rows_valid = static_cast<int>(min<int64_t>(tpt, count - tile * tpt) * G);
+      CUTE_UNROLL
+      for (int j = 0; j < kCols; ++j) {
+        const int n = get<1>(cS_rc(0, j));
+        const int32_t token = ss.token[stage][n];
+        const float lse = ss.lse[stage][n];
+        const float dlt = ss.delta[stage][n];
+        const float neg_lse = lse == -INFINITY ? -INFINITY : -lse * kLog2e;
+        const bool row_ok = n < rows_valid;
+        CUTE_UNROLL
+        for (int r = 0; r < kKeyRows; ++r) {
+          const bool visible = row_ok && key_rel[r] <= token;
+          const float pr = fast_exp2(visible ? fmaf(accS_rc(r, j), scale_log2, neg_lse) : -INFINITY);
+          accS_rc(r, j) = pr;
+          accP_rc(r, j) = pr * (accP_rc(r, j) - dlt);
+        }
+      }
+      // Same register order: element e of the accumulator is element e of the operand.
+      CUTE_UNROLL
+      for (int e = 0; e < size(accS); ++e) {
+        rP.data()[e] = static_cast<Element>(accS.data()[e]);
+        if constexpr (!kFusedDq) rdS.data()[e] = static_cast<Element>(accP.data()[e]);
+      }
+      if constexpr (kFusedDq) {
+        // dS^T -> dS buffer `it % 3` (keys [64w, 64w + 64)); pairs of rows are
+        // adjacent (the swizzle moves 16-byte units).
+        const int buf = static_cast<int>(it % Traits::kDsBufs);
+        CUTE_UNROLL
+        for (int r = 0; r < kKeyRows; ++r) {
+          const int key = 64 * w + get<0>(cS_rc(r, 0));
+          CUTE_UNROLL
+          for (int j = 0; j < kCols; j += 2) {
+            const int n = get<1>(cS_rc(0, j));
+            *reinterpret_cast<uint32_t*>(&sDs(n, key, buf)) =
+                pack2<Element>(accP_rc(r, j), accP_rc(r, j + 1));
+          }
+        }
+        cutlass::arch::fence_view_async_shared();  // generic stores -> wgmma reads
+        CUTE_UNROLL
+        for (int r = 0; r < kQRows; ++r) {
+          const int n = get<0>(cQ_rc(r, 0));
+          tok_cur[r] = n < rows_valid ? ss.token[stage][n] : -1;
+        }
+      }
+    };
+
+    // Per tile: S^T, dP^T -> P^T, dS^T (registers) -> dV, dK, with the next
+    // tile's S^T, dP^T issued behind this tile's dV, dK.
+    // Registers in flight at most: dK, dV (128) + P^T, dS^T (32) + S^T (32).
+    wait_full(it);
+    take_turn();
+    issue_sdp(static_cast<int>(it % kStages));
+    pass_turn(false);
+    warpgroup_wait<0>();
+    // Fused dQ, branch free around the products (a wgmma in a divergent path
+    // serialises them all): every turn issues one dQ, of dS buffer `buf`;
+    // warpgroup 0's first one in a segment has no tile and is dropped (its
+    // tokens are -1), as is warpgroup 1's extra one at the segment's end.
+    if constexpr (kFusedDq) {
+      CUTE_UNROLL
+      for (int r = 0; r < kQRows; ++r) tok_prev[r] = -1;
+    }
+    const int lag = 1 - w;  // warpgroup 0 issues the dQ of the previous tile
+    auto dq_buf = [&](int64_t i) { return static_cast<int>((i + Traits::kDsBufs) % Traits::kDsBufs); };
+    auto issue_turn = [&](int stage) {
+      if constexpr (kFusedDq) {
+        issue_kv_dq(stage, dq_buf(it), dq_buf(it - lag));
+      } else {
+        issue_kv(stage);
+      }
+    };
+    // The dQ rows of this turn's dQ (warpgroup 1: this tile, 0: the previous one).
+    auto reduce_turn = [&]() {
+      if constexpr (kFusedDq) {
+        int32_t tok[kQRows];
+        CUTE_UNROLL
+        for (int r = 0; r < kQRows; ++r) tok[r] = w == 1 ? tok_cur[r] : tok_prev[r];
+        reduce_dq(b_row, tok);
+        CUTE_UNROLL
+        for (int r = 0; r < kQRows; ++r) tok_prev[r] = tok_cur[r];
+      }
+    };
+    int64_t tile = walker.tile_begin;
+    for (; tile + 1 < walker.tile_end; ++tile, ++it) {
+      const int stage = static_cast<int>(it % kStages);
+      const int next = static_cast<int>((it + 1) % kStages);
+      softmax_grad(tile, stage);
+      take_turn();
+      issue_turn(stage);
+      wait_full(it + 1);
+      issue_s(next);
+      warpgroup_wait<1>();  // dV / dK (and dQ) of this turn done
+      ClusterBarrier::arrive(&ss.empty[stage]);
+      reduce_turn();
+      issue_dp(next);
+      pass_turn(false);
+      warpgroup_wait<0>();
+    }
+    const int stage = static_cast<int>(it % kStages);
+    softmax_grad(tile, stage);
+    if constexpr (kFusedDq) {
+      if (w == 1) cutlass::arch::NamedBarrier::arrive(256, kDsReady);
+    }
+    take_turn();
+    issue_turn(stage);
+    if constexpr (kFusedDq) {
+      // Warpgroup 0: the dQ of the last tile once warpgroup 1's dS is in
+      // (warpgroup 1: a dropped one).
+      warpgroup_wait<0>();
+      reduce_turn();
+      if (w == 0) cutlass::arch::NamedBarrier::sync(256, kDsReady);
+      issue_dq(dq_buf(it));
+    }
+    pass_turn(walker.T >= walker.T1);  // the CTA's last turn: nobody takes the next
+    warpgroup_wait<0>();
+    ClusterBarrier::arrive(&ss.empty[stage]);
+    if constexpr (kFusedDq) {
+      int32_t tok[kQRows];
+      CUTE_UNROLL
+      for (int r = 0; r < kQRows; ++r) tok[r] = w == 0 ? tok_cur[r] : -1;
+      reduce_dq(b_row, tok);
+    }
+    ++it;
+    ClusterBarrier::arrive(&ss.kv_empty);  // K_c, V_c no longer read
+
+    // Epilogue: dK = scale * sum dS^T Q, dV = sum P^T dO.
+    Tensor cKV = thr_kv.partition_C(make_identity_tensor(TileKV{}));
+    Tensor cKV_rc = make_tensor(cKV.data(), rowcol_layout(cKV.layout()));
+    Tensor accV_rc = make_tensor(accV.data(), rowcol_layout(accV.layout()));
+    Tensor accK_rc = make_tensor(accK.data(), rowcol_layout(accK.layout()));
+    if (walker.whole) {
+      CUTE_UNROLL
+      for (int r = 0; r < size<0>(accV_rc); ++r) {
+        const int64_t key = c * kBlock + 64 * w + get<0>(cKV_rc(r, 0));
+        if (key < geo.Sk) {
+          const int64_t at = ((b * geo.Sk + key) * geo.Hkv + g) * kHeadDim;
+          CUTE_UNROLL
+          for (int j = 0; j < size<1>(accV_rc); j += 2) {
+            const int d = get<1>(cKV_rc(r, j));
+            *reinterpret_cast<uint32_t*>(p.dk + at + d) =
+                pack2<Element>(accK_rc(r, j) * p.scale, accK_rc(r, j + 1) * p.scale);
+            *reinterpret_cast<uint32_t*>(p.dv + at + d) =
+                pack2<Element>(accV_rc(r, j), accV_rc(r, j + 1));
+          }
+        }
+      }
+    } else {
+      const int64_t slot = 2 * int64_t{blockIdx.x} + (seg == 0 ? 0 : 1);
+      float* out_k = p.partial + slot * kSlotFloats;
+      float* out_v = out_k + kBlock * kHeadDim;
+      CUTE_UNROLL
+      for (int r = 0; r < size<0>(accV_rc); ++r) {
+        const int key = 64 * w + get<0>(cKV_rc(r, 0));
+        CUTE_UNROLL
+        for (int j = 0; j < size<1>(accV_rc); j += 2) {
+          const int d = get<1>(cKV_rc(r, j));
+          *reinterpret_cast<float2*>(out_k + key * kHeadDim + d) =
+              make_float2(accK_rc(r, j) * p.scale, accK_rc(r, j + 1) * p.scale);
+          *reinterpret_cast<float2*>(out_v + key * kHeadDim + d) =
+              make_float2(accV_rc(r, j), accV_rc(r, j + 1));
+        }
+      }
+    }
+    ++seg;
+  }
+#endif
+}
+
+// Per bucket: zeros (no tile), the fixed-order sum of its partial slots (split
+// between CTAs) or nothing (written whole by its CTA).
+template <class Element>
+__global__ void __launch_bounds__(256) finish_kernel(const int32_t* index, const float* partial,
+                                                     Element* dk, Element* dv, Geometry geo,
+                                                     int ctas) {
+  const IndexView ix(const_cast<int32_t*>(index), geo);
+  const int64_t k = blockIdx.x;
+  const auto [b, g, c] = Bucket(geo, k);
+  const int64_t ts0 = ix.tile_start[k], ts1 = ix.tile_start[k + 1];
+  int64_t s0 = 0, s1 = -1, chunk = 1;
+  if (ts1 > ts0) {
+    const int64_t total = ix.header[0];
+    chunk = tile_share(total, ctas);
+    s0 = ts0 / chunk;
+    s1 = (ts1 - 1) / chunk;
+    if (s0 == s1) return;  // whole: written by its CTA
+  }
+  const int64_t rows = min<int64_t>(kBlock, geo.Sk - c * kBlock);
+  for (int64_t e = threadIdx.x * 4; e < rows * kHeadDim; e += blockDim.x * 4) {
+    const int64_t key = e / kHeadDim;
+    const int64_t d = e - key * kHeadDim;
+    float4 sk = make_float4(0.f, 0.f, 0.f, 0.f), sv = sk;
+    for (int64_t s = s0; s <= s1; ++s) {
+      const int64_t slot = ts0 <= s * chunk ? 2 * s : 2 * s + 1;
+      const float* src = partial + slot * kSlotFloats + e;
+      const float4 a = *reinterpret_cast<const float4*>(src);
+      const float4 v = *reinterpret_cast<const float4*>(src + kBlock * kHeadDim);
+      sk.x += a.x; sk.y += a.y; sk.z += a.z; sk.w += a.w;
+      sv.x += v.x; sv.y += v.y; sv.z += v.z; sv.w += v.w;
+    }
+    const int64_t at = ((b * geo.Sk + c * kBlock + key) * geo.Hkv + g) * kHeadDim + d;
+    *reinterpret_cast<uint2*>(dk + at) = make_uint2(pack2<Element>(sk.x, sk.y), pack2<Element>(sk.z, sk.w));
+    *reinterpret_cast<uint2*>(dv + at) = make_uint2(pack2<Element>(sv.x, sv.y), pack2<Element>(sv.z, sv.w));
+  }
+}
+
+// Fused dQ: zeroes dq_accum before the dK / dV pass (a kernel rather than a
+// memset so that the gate skips it when the query-outer dQ runs instead).
+static __global__ void __launch_bounds__(256) dq_zero_kernel(float4* __restrict__ acc, int64_t n4,
+                                                      ScheduleGate gate) {
+  if (gate.closed()) return;
+  for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < n4;
+       e += gridDim.x * int64_t{blockDim.x}) {
+    acc[e] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+}
+
+// Fused dQ: dq = scale * dq_accum in q's dtype, zeros for rows past q_len.
+// 8 elements per thread.
+template <class Element>
+__global__ void __launch_bounds__(256) dq_convert_kernel(const float* __restrict__ acc,
+                                                         const int32_t* __restrict__ q_lengths,
+                                                         Element* __restrict__ dq, int64_t n8,
+                                                         int64_t Sq, int64_t Hq, float scale,
+                                                         ScheduleGate gate) {
+  if (gate.closed()) return;
+  for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < n8;
+       e += gridDim.x * int64_t{blockDim.x}) {
+    const int64_t row = e / (kHeadDim / 8);
+    const int64_t b = row / (Sq * Hq);
+    const int64_t i = (row / Hq) % Sq;
+    uint4 out = make_uint4(0u, 0u, 0u, 0u);
+    if (i < clamp_len(q_lengths, b, Sq)) {
+      const float4 x = reinterpret_cast<const float4*>(acc)[2 * e];
+      const float4 y = reinterpret_cast<const float4*>(acc)[2 * e + 1];
+      out = make_uint4(pack2<Element>(x.x * scale, x.y * scale), pack2<Element>(x.z * scale, x.w * scale),
+                       pack2<Element>(y.x * scale, y.y * scale), pack2<Element>(y.z * scale, y.w * scale));
+    }
+    reinterpret_cast<uint4*>(dq)[e] = out;
+  }
+}
+
+
+// ---------------------------------------------------------------------------
+// Host side: launchers shared by the sparse and dense backward.
+
+// CTAs of the dK/dV kernel: one wave (at most kMaxCtas), fewer for tiny problems.
+inline int dkdv_ctas(const Geometry& geo) {
+  const int64_t n = std::min<int64_t>(kMaxCtas, geo.tiles_bound);
+  return static_cast<int>(std::min<int64_t>(n, cuda::multiprocessor_count(kMaxCtas)));
+}
+
+// Step 1, delta [B, Sq, Hq] (delta_kernel).
+template <class Element>
+cudaError_t launch_delta(const cuda::SparseAttentionArgs& a, const void* out, const void* dout,
+                         const float* dlse, float* delta, cudaStream_t stream) {
+  const int64_t rows = a.B * a.Sq * a.Hq;
+  if (rows == 0) return cudaSuccess;
+  const int64_t grid = std::min<int64_t>((rows * 16 + 255) / 256, 132 * 16);
+  delta_kernel<Element><<<static_cast<unsigned>(grid), 256, 0, stream>>>(
+      static_cast<const Element*>(out), static_cast<const Element*>(dout), dlse, a.q_lengths,
+      delta, rows, a.Sq, a.Hq);
+  return cudaGetLastError();
+}
+
+// dK / dV (and with dq_accum the fused dQ) over the index of geometry `geo`
+// (the sparse index: Geometry(a); the dense one: Geometry::dense), then the
+// split buckets' sums and dq. kCausal = false (dense only): every key below
+// kv_len is visible. With `costs` (and dq_accum), both dK / dV kernels are
+// enqueued behind complementary gates: the fused one unless the query-outer
+// dQ wins.
+template <class Element, bool kCausal>
+cudaError_t dkdv(const cuda::SparseAttentionArgs& a, const Geometry& geo, const float* lse, const void* dout,
+                 const float* delta, const int32_t* index, float* partial, float* dq_accum,
+                 void* dq, void* dk, void* dv, cudaStream_t stream,
+                 const ScheduleCosts* costs) {
+  using Traits = SparseBwdTraits<Element>;
+  const ScheduleGate fused_gate{costs, a.Hq / a.Hkv, false, kDqQueryOverBlockCost};
+  const int64_t dq_elems = a.B * a.Sq * a.Hq * kHeadDim;
+  if (dq_accum != nullptr && dq_elems > 0) {
+    const int64_t n4 = dq_elems / 4;  // D = 128: whole float4s, 16-byte aligned (checked)
+    const int64_t grid = std::min<int64_t>((n4 + 255) / 256, 132 * 8);
+    dq_zero_kernel<<<static_cast<unsigned>(grid), 256, 0, stream>>>(
+        reinterpret_cast<float4*>(dq_accum), n4, fused_gate);
+    cudaError_t st = cudaGetLastError();
+    if (st != cudaSuccess) return st;
+  }
+  auto convert = [&]() -> cudaError_t {
+    if (dq_accum == nullptr || dq_elems == 0) return cudaSuccess;
+    const int64_t n8 = dq_elems / 8;
+    const int64_t grid = std::min<int64_t>((n8 + 255) / 256, 132 * 8);
+    dq_convert_kernel<Element><<<static_cast<unsigned>(grid), 256, 0, stream>>>(
+        dq_accum, a.q_lengths, static_cast<Element*>(dq), n8, a.Sq, a.Hq, a.scale, fused_gate);
+    return cudaGetLastError();
+  };
+  if (geo.nbkt == 0) return convert();
+  const int ctas = dkdv_ctas(geo);
+  if (ctas > 0) {
+    DkdvParams<Traits> p{
+        make_tma_kv<Traits>(static_cast<const Element*>(a.k), static_cast<int>(a.Sk),
+                            static_cast<int>(a.Hkv), static_cast<int>(a.B)),
+        make_tma_kv<Traits>(static_cast<const Element*>(a.v), static_cast<int>(a.Sk),
+                            static_cast<int>(a.Hkv), static_cast<int>(a.B)),
+        static_cast<const Element*>(a.q),
+        static_cast<const Element*>(dout),
+        lse,
+        delta,
+        a.q_lengths,
+        a.kv_lengths,
+        index,
+        partial,
+        dq_accum,
+        static_cast<Element*>(dk),
+        static_cast<Element*>(dv),
+        geo,
+        a.scale,
+        ctas,
+        fused_gate};
+    const auto run = [&](auto kernel, const DkdvParams<Traits>& params) {
+      cudaError_t st = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            Traits::kSmemBytes);
+      if (st != cudaSuccess) return st;
+      kernel<<<ctas, Traits::kThreads, Traits::kSmemBytes, stream>>>(params);
+      return cudaGetLastError();
+    };
+    cudaError_t st = dq_accum != nullptr ? run(dkdv_kernel<Traits, true, kCausal>, p)
+                                         : run(dkdv_kernel<Traits, false, kCausal>, p);
+    if (st != cudaSuccess) return st;
+    if (dq_accum != nullptr && costs != nullptr) {  // the other way: dK / dV alone
+      DkdvParams<Traits> alone = p;
+      alone.dq_accum = nullptr;
+      alone.gate.query = true;
+      if ((st = run(dkdv_kernel<Traits, false, kCausal>, alone)) != cudaSuccess) return st;
+    }
+  }
+  finish_kernel<Element><<<static_cast<unsigned>(geo.nbkt), 256, 0, stream>>>(
+      index, partial, static_cast<Element*>(dk), static_cast<Element*>(dv), geo, ctas);
+  cudaError_t st = cudaGetLastError();
+  if (st != cudaSuccess) return st;
+  return convert();
+}
+
+
+}  // namespace sparse_bwd
+}  // namespace jax_msa::sm90
