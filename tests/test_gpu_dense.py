@@ -1,8 +1,9 @@
-"""The SM90 dense attention forward (skipped without a GPU): out and lse
-against the float32 reference on random inputs, causal (bottom-right) or not,
-with unaligned and padded lengths, GQA groups, bfloat16 and float16, head
-dims 128 and 64; the gradient (the reference backward on GPU, fed by the
-kernel's forward), jit and vmap; the fallbacks to the reference."""
+"""The SM90 dense attention forward and backward (skipped without a GPU): out
+and lse, then dq, dk, dv (with a nonzero lse cotangent) against the float32
+reference on random inputs, causal (bottom-right) or not, with unaligned and
+padded lengths, GQA groups, bfloat16 and float16, head dims 128 and 64 (the
+forward; the backward of D = 64 is the reference's); jit and vmap; the
+fallbacks to the reference."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ GPU = first_gpu()
 CPU = jax.devices("cpu")[0]
 pytestmark = GPU_ONLY
 TARGET = "jax_msa_dot_product_attention_fwd"
+TARGET_BWD = "jax_msa_dot_product_attention_bwd_cuda"
 
 # (B, Sq, Sk, Hq, Hkv, lengths): GQA 16, 4 (8/2), 1 (4/4); Sq < Sk (chunked
 # prefill, bottom-right); unaligned lengths 1, 77, 300, 1000; "random":
@@ -138,35 +140,88 @@ def test_jit_vmap():
         _check(out[i], lse[i], *_reference(m, True), m, jnp.bfloat16)
 
 
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_grad_through_kernel_forward(causal):
-    """jax.grad: the kernel's forward (out, lse residuals) and the reference
-    backward on GPU, against the float32 reference's gradients."""
-    a = _inputs((2, 333, 555, 8, 2, "random"), jnp.bfloat16)
+def _loss(attention, w_out, w_lse):
+    """A scalar of both out and lse, so that dout and dlse are random and
+    nonzero (lse of rows that see nothing, -inf, left out)."""
+    def fn(q, k, v):
+        out, lse = attention(q, k, v)
+        lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+        return jnp.sum(out.astype(jnp.float32) * w_out) + jnp.sum(lse * w_lse)
+    return fn
+
+
+def _grads(a, causal, implementation="kernel", scale=None, kernel_bwd=True):
+    """dq, dk, dv of the kernels on the GPU and of the float32 reference on the CPU."""
     rng = np.random.default_rng(3)
     w_out = jnp.asarray(rng.standard_normal(a["q"].shape), jnp.float32)
     w_lse = jnp.asarray(rng.standard_normal(a["q"].shape[:3]), jnp.float32)
-
-    def loss(attention):
-        def fn(q, k, v):
-            out, lse = attention(q, k, v)
-            lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
-            return jnp.sum(out.astype(jnp.float32) * w_out) + jnp.sum(lse * w_lse)
-        return fn
-
     lengths = dict(q_lengths=a["q_lengths"], kv_lengths=a["kv_lengths"])
-    ours = jax.jit(jax.grad(loss(lambda q, k, v: jax_msa.dot_product_attention(
-        q, k, v, causal=causal, return_lse=True, **lengths)), argnums=(0, 1, 2)))
+    ours = jax.jit(jax.grad(_loss(lambda q, k, v: jax_msa.dot_product_attention(
+        q, k, v, causal=causal, scale=scale, return_lse=True, implementation=implementation, **lengths),
+        w_out, w_lse), argnums=(0, 1, 2)))
     gpu = [jax.device_put(a[n], GPU) for n in "qkv"]
-    assert TARGET in ours.lower(*gpu).as_text()
+    hlo = ours.lower(*gpu).as_text()
+    assert TARGET in hlo
+    assert (TARGET_BWD in hlo) == kernel_bwd
     got = ours(*gpu)
     f32 = [jax.device_put(a[n].astype(jnp.float32), CPU) for n in "qkv"]
     with jax.default_device(CPU):
-        want = jax.jit(jax.grad(loss(lambda q, k, v: reference.dot_product_attention(
-            q, k, v, causal=causal, return_lse=True, **lengths)), argnums=(0, 1, 2)))(*f32)
+        want = jax.jit(jax.grad(_loss(lambda q, k, v: reference.dot_product_attention(
+            q, k, v, causal=causal, scale=scale, return_lse=True, **lengths), w_out, w_lse),
+            argnums=(0, 1, 2)))(*f32)
+    return got, want
+
+
+def _check_grads(got, want, a, dtype, rtol=3e-2):
+    ql, kl = np.asarray(a["q_lengths"]), np.asarray(a["kv_lengths"])
     for name, g, w in zip("qkv", got, want):
-        assert g.dtype == jnp.bfloat16
-        assert rel_err(g, w) <= 3e-2, (name, rel_err(g, w))
+        assert g.dtype == dtype
+        assert rel_err(g, w) <= rtol, (name, rel_err(g, w))
+        g = np.asarray(g, np.float32)
+        for b in range(g.shape[0]):  # padded rows / keys: exact zeros
+            assert not np.any(g[b, (ql if name == "q" else kl)[b]:]), (name, b)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{s[0]}x{s[1]}x{s[2]}_{s[3]}-{s[4]}_{s[5]}" for s in SHAPES])
+def test_backward_matches_reference(shape, causal, dtype):
+    a = _inputs(shape, dtype)
+    _check_grads(*_grads(a, causal), a, dtype)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("shape", [(1, 4096, 4096, 16, 1, "full"), (2, 1500, 2900, 8, 2, "random"),
+                                   (1, 2048, 2048, 2, 2, "full"), (1, 700, 700, 64, 1, "full")])
+def test_backward_long_and_wide_groups(shape, causal):
+    """Many tiles per key block (buckets split between CTAs: partial sums),
+    and the largest group (64 heads: one token per tile)."""
+    a = _inputs(shape, jnp.bfloat16)
+    _check_grads(*_grads(a, causal), a, jnp.bfloat16)
+
+
+def test_backward_negative_scale():
+    a = _inputs((1, 900, 900, 8, 2, "random"), jnp.float16)
+    for causal in (True, False):
+        _check_grads(*_grads(a, causal, scale=-0.05), a, jnp.float16)
+
+
+def test_backward_dk_dv_deterministic():
+    """dk / dv: fixed summation order (dq's float32 atomic sums may vary)."""
+    a = _inputs((1, 3000, 3000, 16, 1, "full"), jnp.bfloat16)
+    f = jax.jit(jax.grad(lambda q, k, v: jnp.sum(jax_msa.dot_product_attention(
+        q, k, v, implementation="kernel").astype(jnp.float32) ** 2), argnums=(0, 1, 2)))
+    gpu = [jax.device_put(a[n], GPU) for n in "qkv"]
+    first, second = f(*gpu), f(*gpu)
+    for i in (1, 2):
+        assert np.array_equal(np.asarray(first[i]), np.asarray(second[i]))
+    assert rel_err(first[0], second[0]) <= 1e-2
+
+
+def test_backward_head_dim_64_falls_back():
+    """D = 64: the kernel forward, the reference backward ("auto")."""
+    a = _inputs((2, 333, 555, 8, 2, "random"), jnp.bfloat16, d=64)
+    _check_grads(*_grads(a, True, implementation="auto", kernel_bwd=False), a, jnp.bfloat16)
 
 
 def test_other_dtypes_and_head_dims_fall_back():
