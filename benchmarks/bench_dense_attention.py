@@ -1,9 +1,14 @@
-"""Benchmark of the dense attention forward (spec §3.6) on one device.
+"""Benchmark of dense attention (spec §3.6), forward and backward, on one device.
 
 For each sequence length S (self-attention, Sq = Sk = S, batch B = --tokens / S,
 so that every row of the grid holds the same number of tokens), each head
-configuration Hq:Hkv and causal / non-causal, with D = 128 and bf16, it times
-the forward (out only) of
+configuration Hq:Hkv and causal / non-causal, with D = 128 and bf16, it times,
+for each --pass,
+  fwd   the forward (out only);
+  bwd   the backward alone: the pullback of jax.vjp (the forward and its
+        residuals computed beforehand, untimed) applied to a random dout;
+  both  forward + backward in one jit (jax.grad-style: vjp then pullback);
+of
 
   msa_fwd    jax_msa.dot_product_attention(q, k, v, causal=...)  (jit; the SM90
              kernel where the build has it, --implementation)
@@ -18,10 +23,15 @@ the forward (out only) of
 Method (spec §7, benchmarks/timing.py): random normal inputs, --rotate input
 sets cycled; compile and --warmup calls excluded; each sample repeats the op
 until it lasts >= --min-sample-ms, then block_until_ready; median of --samples.
-FLOPs: 4 * D * Hq * B * S^2, half of it when causal. cudnn_ratio = cuDNN ms /
-this op's ms (> 1: faster than cuDNN).
+FLOPs: forward F = 4 * D * Hq * B * S^2 (2 matmuls: Q K^T, P V), half of it
+when causal; backward 2.5 F (5 matmuls, as the FlashAttention papers count:
+S = Q K^T recomputed, dP = dO V^T, dV = P^T dO, dK = dS^T Q, dQ = dS K);
+both 3.5 F. The same count for every implementation, so the ratio is what
+matters. cudnn_ratio = cuDNN ms / this op's ms (> 1: faster than cuDNN). The
+Mosaic-GPU kernel is timed for the forward only.
 
   python3 benchmarks/bench_dense_attention.py --json dense.json --tsv dense.tsv
+  python3 benchmarks/bench_dense_attention.py --pass bwd --seq 8192 16384 32768 --no-mgpu
 
 JSON and TSV are rewritten after every (S, Hq:Hkv, causal).
 """
@@ -32,6 +42,8 @@ import argparse
 import os
 import sys
 
+# FLOPs of each pass in units of the forward's (see the top).
+FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "both": 3.5}
 TSV_COLUMNS = ("op", "S", "B", "Hq", "Hkv", "D", "causal", "ms", "tflops", "cudnn_ratio", "note", "error")
 
 
@@ -51,9 +63,12 @@ class Bench:
         self.meta = dict(announce_device(), dtype=args.dtype, dim=args.dim, tokens=args.tokens,
                          implementation=args.implementation,
                          dense_kernel=_ffi.has_kernel("jax_msa_dot_product_attention_fwd", "cuda"),
+                         dense_bwd_kernel=_ffi.has_kernel("jax_msa_dot_product_attention_bwd_cuda", "cuda"),
+                         passes=args.passes,
                          samples=args.samples, warmup=args.warmup, min_sample_ms=args.min_sample_ms,
                          rotate=args.rotate, seed=args.seed)
-        print(f"dense kernel in this build: {self.meta['dense_kernel']}", flush=True)
+        print(f"dense kernels in this build: forward {self.meta['dense_kernel']}, "
+              f"backward {self.meta['dense_bwd_kernel']}", flush=True)
 
     def _time(self, fn, sets):
         """(median ms, None) or (None, the error)."""
@@ -71,7 +86,26 @@ class Bench:
         self.rows.append(row)
         print(format_row(row), flush=True)
 
-    def _cudnn(self, sets, causal, hq, hkv):
+    def _timed(self, attention, sets, mode):
+        """(ms, error) of `attention(q, k, v) -> out` in pass `mode` (see the top)."""
+        import jax
+        from timing import normal
+
+        try:
+            if mode == "fwd":
+                return self._time(jax.jit(attention), sets)
+            keys = jax.random.split(jax.random.PRNGKey(self.args.seed + 1), len(sets))
+            couts = [normal(key, q.shape, q.dtype) for key, (q, _, _) in zip(keys, sets)]
+            if mode == "both":
+                both = jax.jit(lambda q, k, v, dout: jax.vjp(attention, q, k, v)[1](dout))
+                return self._time(both, [(*x, dout) for x, dout in zip(sets, couts)])
+            fwd = jax.jit(lambda q, k, v: jax.vjp(attention, q, k, v))
+            pullbacks = [(fwd(*x)[1], dout) for x, dout in zip(sets, couts)]
+            return self._time(jax.jit(lambda pullback, dout: pullback(dout)), pullbacks)
+        except Exception as e:  # a refused shape when tracing, OOM, ...
+            return None, _error(e)
+
+    def _cudnn(self, sets, causal, hq, hkv, mode="fwd"):
         """(ms, note, error) of cuDNN, with k/v repeated to Hq heads if it refuses GQA."""
         import jax
         import jax.numpy as jnp
@@ -79,14 +113,14 @@ class Bench:
         def plain(q, k, v):
             return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
 
-        ms, err = self._time(jax.jit(plain), sets)
+        ms, err = self._timed(plain, sets, mode)
         if ms is not None or hq == hkv:
             return ms, None, err
 
         def repeated(q, k, v):
             return plain(q, jnp.repeat(k, hq // hkv, axis=2), jnp.repeat(v, hq // hkv, axis=2))
 
-        ms, err2 = self._time(jax.jit(repeated), sets)
+        ms, err2 = self._timed(repeated, sets, mode)
         return ms, f"k, v repeated to {hq} heads (GQA refused: {err})", err2
 
     def _mgpu(self, sets, causal):
@@ -137,26 +171,27 @@ class Bench:
                               enumerate(((b, s, hq, a.dim), (b, s, hkv, a.dim), (b, s, hkv, a.dim))))
                         for i in range(a.rotate)]
                 for causal in a.causal:
-                    flop = 4 * a.dim * hq * b * s * s * (0.5 if causal else 1.0)
-                    cudnn_ms = None
-                    if not a.no_cudnn:
-                        cudnn_ms, note, err = self._cudnn(sets, causal, hq, hkv)
-                        self._row("cudnn_fwd", s, b, hq, hkv, causal, cudnn_ms, flop, cudnn_ms, note, err)
-                    ours = jax.jit(lambda q, k, v, c=causal: jax_msa.dot_product_attention(
-                        q, k, v, causal=c, implementation=a.implementation))
-                    ms, err = self._time(ours, sets)
-                    self._row("msa_fwd", s, b, hq, hkv, causal, ms, flop, cudnn_ms, None, err)
-                    if not a.no_mgpu:
-                        ms, note, err = self._mgpu(sets, causal)
-                        self._row("mgpu_fwd", s, b, hq, hkv, causal, ms, flop, cudnn_ms, note, err)
-                    write_results(a.json, a.tsv, self.meta, self.rows, TSV_COLUMNS)
+                    flop_fwd = 4 * a.dim * hq * b * s * s * (0.5 if causal else 1.0)
+                    for mode in a.passes:
+                        flop = flop_fwd * FLOP_FACTOR[mode]
+                        cudnn_ms = None
+                        if not a.no_cudnn:
+                            cudnn_ms, note, err = self._cudnn(sets, causal, hq, hkv, mode)
+                            self._row(f"cudnn_{mode}", s, b, hq, hkv, causal, cudnn_ms, flop, cudnn_ms, note, err)
+                        ms, err = self._timed(lambda q, k, v, c=causal: jax_msa.dot_product_attention(
+                            q, k, v, causal=c, implementation=a.implementation), sets, mode)
+                        self._row(f"msa_{mode}", s, b, hq, hkv, causal, ms, flop, cudnn_ms, None, err)
+                        if mode == "fwd" and not a.no_mgpu:
+                            ms, note, err = self._mgpu(sets, causal)
+                            self._row("mgpu_fwd", s, b, hq, hkv, causal, ms, flop, cudnn_ms, note, err)
+                        write_results(a.json, a.tsv, self.meta, self.rows, TSV_COLUMNS)
                 del sets
 
 
 def format_row(row: dict) -> str:
     from timing import fmt
 
-    text = (f"{row['op']:>9} S={row['S']:>6} B={row['B']:>3} H={row['Hq']}:{row['Hkv']:<2} "
+    text = (f"{row['op']:>10} S={row['S']:>6} B={row['B']:>3} H={row['Hq']}:{row['Hkv']:<2} "
             f"{'causal' if row['causal'] else 'full  '} {fmt(row['ms'], '9.3f')} ms "
             f"{fmt(row['tflops'], '6.1f')} TFLOP/s cudnn/this={fmt(row['cudnn_ratio'], '.2f')}")
     if row.get("note"):
@@ -178,6 +213,8 @@ def main(argv=None):
                         help="HQ:HKV pairs")
     parser.add_argument("--causal", type=lambda x: x.lower() in ("1", "true", "yes", "causal"), nargs="+",
                         default=[True, False], help="causal settings to time (true / false)")
+    parser.add_argument("--pass", dest="passes", nargs="+", choices=tuple(FLOP_FACTOR), default=["fwd"],
+                        help="what to time: forward, backward alone, or both in one jit")
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--implementation", choices=("kernel", "auto"), default="kernel",
