@@ -86,6 +86,24 @@ inline ffi::Error RunCpuBackward(const cpu::AttentionProblem& p, DType dtype,
   return ffi::Error::Success();
 }
 
+// The four workspaces of a CUDA attention backward (float32 delta, int32
+// index, float32 partial and dq_accum), whose sizes in elements XLA was told
+// by the Python lowering: delta_floats, index_ints, partial_floats of `need`
+// and dq_accum_floats.
+template <class Need>
+ffi::Error CheckBwdWorkspaces(const ffi::AnyBuffer& delta, const ffi::AnyBuffer& index,
+                              const ffi::AnyBuffer& partial, const ffi::AnyBuffer& dq_accum,
+                              const Need& need, int64_t dq_accum_floats) {
+  return FirstError({CheckType(delta, ffi::DataType::F32, "delta workspace"),
+                     CheckType(index, ffi::DataType::S32, "index workspace"),
+                     CheckType(partial, ffi::DataType::F32, "partial workspace"),
+                     CheckType(dq_accum, ffi::DataType::F32, "dq_accum workspace"),
+                     CheckShape(delta, {need.delta_floats}, "delta workspace"),
+                     CheckShape(index, {need.index_ints}, "index workspace"),
+                     CheckShape(partial, {need.partial_floats}, "partial workspace"),
+                     CheckShape(dq_accum, {dq_accum_floats}, "dq_accum workspace")});
+}
+
 // Handler bindings, after what `binding` holds already (the CUDA stream or
 // nothing): the operands q, k, v ...
 template <class Binding>
@@ -104,6 +122,22 @@ auto WithLengthsOutLse(Binding&& binding) {
       .template Arg<ffi::AnyBuffer>()   // kv_lengths
       .template Ret<ffi::AnyBuffer>()   // out
       .template Ret<ffi::AnyBuffer>();  // lse
+}
+
+// ... and out, lse, dout, dlse, q_lengths, kv_lengths -> dq, dk, dv, which end
+// every backward's operands.
+template <class Binding>
+auto WithBwdTail(Binding&& binding) {
+  return std::move(binding)
+      .template Arg<ffi::AnyBuffer>()   // out
+      .template Arg<ffi::AnyBuffer>()   // lse
+      .template Arg<ffi::AnyBuffer>()   // dout
+      .template Arg<ffi::AnyBuffer>()   // dlse
+      .template Arg<ffi::AnyBuffer>()   // q_lengths
+      .template Arg<ffi::AnyBuffer>()   // kv_lengths
+      .template Ret<ffi::AnyBuffer>()   // dq
+      .template Ret<ffi::AnyBuffer>()   // dk
+      .template Ret<ffi::AnyBuffer>();  // dv
 }
 
 }  // namespace jax_msa

@@ -43,6 +43,18 @@ ffi::Error DenseAttentionBwdCpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuff
 }
 
 #ifdef JAX_MSA_WITH_CUDA
+cuda::DenseAttentionArgs CudaArgs(const cpu::AttentionProblem& p, const ffi::AnyBuffer& q,
+                                  const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
+                                  const ffi::AnyBuffer& q_lengths,
+                                  const ffi::AnyBuffer& kv_lengths, bool causal) {
+  return {q.untyped_data(),
+          k.untyped_data(),
+          v.untyped_data(),
+          DataOf<int32_t>(q_lengths),
+          DataOf<int32_t>(kv_lengths),
+          p.B, p.Sq, p.Sk, p.Hq, p.Hkv, p.D, p.scale, causal};
+}
+
 // The SM90 forward takes what cuda::dense_attention_args_valid says; the
 // Python lowering sends every other case to the pure-JAX reference, so this
 // error only reaches a direct caller of the target.
@@ -61,9 +73,7 @@ ffi::Error DenseAttentionFwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::Any
       e.failure()) {
     return e;
   }
-  const cuda::DenseAttentionArgs args{q.untyped_data(), k.untyped_data(), v.untyped_data(),
-                                      DataOf<int32_t>(q_lengths), DataOf<int32_t>(kv_lengths),
-                                      p.B, p.Sq, p.Sk, p.Hq, p.Hkv, p.D, p.scale, causal};
+  const cuda::DenseAttentionArgs args = CudaArgs(p, q, k, v, q_lengths, kv_lengths, causal);
   if (!cuda::dense_attention_args_valid(dtype, args)) {
     return ffi::Error::InvalidArgument(
         "jax_msa: the CUDA dense-attention forward takes bfloat16/float16 inputs with head dim "
@@ -98,27 +108,18 @@ ffi::Error DenseAttentionBwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::Any
                            CheckGradients(p, *dq, *dk, *dv),
                            CheckType(out, q.element_type(), "out"),
                            CheckType(dout, q.element_type(), "dout"),
-                           CheckType(dlse, ffi::DataType::F32, "dlse"),
-                           CheckType(*delta, ffi::DataType::F32, "delta workspace"),
-                           CheckType(*index, ffi::DataType::S32, "index workspace"),
-                           CheckType(*partial, ffi::DataType::F32, "partial workspace"),
-                           CheckType(*dq_accum, ffi::DataType::F32, "dq_accum workspace")});
+                           CheckType(dlse, ffi::DataType::F32, "dlse")});
       e.failure()) {
     return e;
   }
-  const cuda::DenseAttentionArgs args{q.untyped_data(), k.untyped_data(), v.untyped_data(),
-                                      DataOf<int32_t>(q_lengths), DataOf<int32_t>(kv_lengths),
-                                      p.B, p.Sq, p.Sk, p.Hq, p.Hkv, p.D, p.scale, causal};
+  const cuda::DenseAttentionArgs args = CudaArgs(p, q, k, v, q_lengths, kv_lengths, causal);
   if (!cuda::dense_attention_bwd_args_valid(dtype, args)) {
     return ffi::Error::InvalidArgument(
         "jax_msa: the CUDA dense-attention backward takes bfloat16/float16 inputs with head dim "
         "128, Hq / Hkv <= 64, 0 < Sk < 2^31 - 256 and B * Hkv * ceil(Sk / 128) < 2^31");
   }
   const cuda::DenseBwdWorkspace need = cuda::dense_attention_bwd_workspace(args);
-  if (auto e = FirstError({CheckShape(*delta, {need.delta_floats}, "delta workspace"),
-                           CheckShape(*index, {need.index_ints}, "index workspace"),
-                           CheckShape(*partial, {need.partial_floats}, "partial workspace"),
-                           CheckShape(*dq_accum, {need.dq_accum_floats}, "dq_accum workspace")});
+  if (auto e = CheckBwdWorkspaces(*delta, *index, *partial, *dq_accum, need, need.dq_accum_floats);
       e.failure()) {
     return e;
   }
@@ -146,19 +147,7 @@ auto WithFwdOperands(Binding binding) {
 // dq, dk, dv.
 template <class Binding>
 auto WithBwdOperands(Binding binding) {
-  return std::move(binding)
-      .template Arg<ffi::AnyBuffer>()   // q
-      .template Arg<ffi::AnyBuffer>()   // k
-      .template Arg<ffi::AnyBuffer>()   // v
-      .template Arg<ffi::AnyBuffer>()   // out
-      .template Arg<ffi::AnyBuffer>()   // lse
-      .template Arg<ffi::AnyBuffer>()   // dout
-      .template Arg<ffi::AnyBuffer>()   // dlse
-      .template Arg<ffi::AnyBuffer>()   // q_lengths
-      .template Arg<ffi::AnyBuffer>()   // kv_lengths
-      .template Ret<ffi::AnyBuffer>()   // dq
-      .template Ret<ffi::AnyBuffer>()   // dk
-      .template Ret<ffi::AnyBuffer>();  // dv
+  return WithBwdTail(WithQKV(std::move(binding)));
 }
 
 }  // namespace

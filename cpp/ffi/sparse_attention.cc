@@ -170,22 +170,12 @@ ffi::Error SparseAttentionBwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::An
       e.failure()) {
     return e;
   }
+  const cuda::SparseBwdWorkspace need = cuda::sparse_attention_bwd_workspace(args);
   if (auto e = FirstError({CheckForwardOutputs(p, dout, dlse), CheckGradients(p, *dq, *dk, *dv),
                            CheckType(out, q.element_type(), "out"),
                            CheckType(dout, q.element_type(), "dout"),
-                           CheckType(*delta, ffi::DataType::F32, "delta workspace"),
-                           CheckType(*index, ffi::DataType::S32, "index workspace"),
-                           CheckType(*partial, ffi::DataType::F32, "partial workspace"),
-                           CheckType(*dq_accum, ffi::DataType::F32, "dq_accum workspace")});
-      e.failure()) {
-    return e;
-  }
-  const cuda::SparseBwdWorkspace need = cuda::sparse_attention_bwd_workspace(args);
-  if (auto e = FirstError({CheckShape(*delta, {need.delta_floats}, "delta workspace"),
-                           CheckShape(*index, {need.index_ints}, "index workspace"),
-                           CheckShape(*partial, {need.partial_floats}, "partial workspace"),
-                           CheckShape(*dq_accum, {deterministic ? 0 : need.dq_accum_floats},
-                                      "dq_accum workspace")});
+                           CheckBwdWorkspaces(*delta, *index, *partial, *dq_accum, need,
+                                              deterministic ? 0 : need.dq_accum_floats)});
       e.failure()) {
     return e;
   }
@@ -242,20 +232,7 @@ auto WithFwdOperands(Binding binding) {
 // kv_lengths -> dq, dk, dv.
 template <class Binding>
 auto WithBwdOperands(Binding binding) {
-  return std::move(binding)
-      .template Arg<ffi::AnyBuffer>()   // q
-      .template Arg<ffi::AnyBuffer>()   // k
-      .template Arg<ffi::AnyBuffer>()   // v
-      .template Arg<ffi::AnyBuffer>()   // ids
-      .template Arg<ffi::AnyBuffer>()   // out
-      .template Arg<ffi::AnyBuffer>()   // lse
-      .template Arg<ffi::AnyBuffer>()   // dout
-      .template Arg<ffi::AnyBuffer>()   // dlse
-      .template Arg<ffi::AnyBuffer>()   // q_lengths
-      .template Arg<ffi::AnyBuffer>()   // kv_lengths
-      .template Ret<ffi::AnyBuffer>()   // dq
-      .template Ret<ffi::AnyBuffer>()   // dk
-      .template Ret<ffi::AnyBuffer>();  // dv
+  return WithBwdTail(WithQKV(std::move(binding)).template Arg<ffi::AnyBuffer>());  // ids
 }
 
 }  // namespace
