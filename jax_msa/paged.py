@@ -49,9 +49,9 @@ def _attention_reference(k_cache, v_cache, k_scale, v_scale, q, page_table, q_le
 # paged_attention on CUDA (sm90/paged_attention.cu): each (request, kv head,
 # query chunk) tile's pages may be split over several CTAs (`splits`, chosen
 # from the static shapes by cuda::paged_attention_splits), whose float32
-# partials an lse-weighted combine merges: up to 8 splits inside the CTAs'
-# cluster, beyond that from a workspace that is an extra result of the hidden
-# primitive below (empty otherwise), so that the FFI handler allocates nothing.
+# partials an lse-weighted combine merges; the partials live in a workspace
+# that is an extra result of the hidden primitive below, so that the FFI
+# handler allocates nothing.
 _E4M3 = jnp.dtype(jnp.float8_e4m3fn)
 
 

@@ -124,20 +124,17 @@ bool paged_attention_supported(DType q_dtype, CacheType cache, const PagedAttent
 
 // The CTAs per tile that paged_attention's callers should pass as a.splits
 // (a.splits is ignored here): about one wave over the device's SMs, each CTA
-// with >= 4 pages to read, 1 when the tiles alone fill the device; sparse: at
-// most 8.
+// with >= 4 pages to read, 1 when the tiles alone fill the device.
 int64_t paged_attention_splits(const PagedAttentionArgs& a);
 
-// Float32 elements of paged_attention's workspace: none up to 8 splits (a
-// tile's CTAs merge their partials in a thread-block cluster), else per
-// split every output row's partial O [D] and its lse.
+// Float32 elements of paged_attention's workspace: per split, every output
+// row's partial O [D] and its lse.
 int64_t paged_attention_workspace_floats(const PagedAttentionArgs& a);
 
 // out [B, Q, Hq, D] (out_dtype), lse [B, Q, Hq] float32 of cpu::paged_attention:
 // the (request, kv head, query chunk) tiles' pages are split over a.splits
-// CTAs whose partials an lse-weighted merge combines (in the CTAs' cluster, or
-// from `workspace`, 16-byte aligned, not zeroed, past 8 splits). Holes and
-// invalid ids are skipped, never read.
+// CTAs whose partials (in `workspace`, 16-byte aligned, not zeroed) an
+// lse-weighted combine merges. Holes and invalid ids are skipped, never read.
 cudaError_t paged_attention(DType q_dtype, CacheType cache, DType out_dtype,
                             const PagedAttentionArgs& a, float* workspace, void* out, float* lse,
                             cudaStream_t stream);

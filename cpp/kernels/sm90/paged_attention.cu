@@ -8,12 +8,9 @@
 // logical page up to its last query's position; sparse, the union of its
 // queries' selected pages. Holes of the page table never enter the list, so
 // nothing outside the caches is read. The list is cut into `splits`
-// contiguous parts, one CTA each (split-KV, for small batches). Up to
-// kClusterSplits parts, the tile's CTAs form one thread-block cluster: each
-// leaves its float32 partials (O / l and lse per row) in its own shared
-// memory and merges a slice of the tile's rows from all of them (distributed
-// shared memory), so out is written by the kernel itself. More parts write
-// the partials to a workspace that paged_combine_kernel merges.
+// contiguous parts, one CTA each (split-KV, for small batches); each CTA
+// writes float32 partials (O / l and lse per row) that paged_combine_kernel
+// merges by lse into out and lse.
 //
 // One CTA = 3 warpgroups:
 //   warpgroup 0, warp 0     producer: the page list, K and V pages by TMA;
@@ -29,12 +26,10 @@
 // the e4m3 wgmma for Q K^T keeps below the HBM time (DESIGN_NOTES, Decode).
 #include <algorithm>
 #include <climits>
-#include <cstddef>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
 
-#include <cute/arch/cluster_sm90.hpp>
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
@@ -53,10 +48,6 @@ namespace jax_msa::sm90 {
 namespace {
 
 using namespace cute;
-
-// The most splits of a tile that merge in their cluster: the portable cluster
-// size, so that every SM90 part can co-schedule them.
-constexpr int kClusterSplits = 8;
 
 // QElement: q's type. kFp8: e4m3 caches (else caches of q's type).
 template <class QElement_, bool kFp8_>
@@ -122,13 +113,6 @@ struct PagedTraits {
   };
   static constexpr int kSmemBytes = sizeof(SharedStorage);
   static_assert(kSmemBytes <= 227 * 1024, "fits one SM90 CTA");
-  // After the walk the K and V rings hold the CTA's partials for the cluster
-  // merge: O / l [kRows, kPartialStride] (padded rows: fewer bank conflicts)
-  // then lse [kRows], float32.
-  static constexpr int kPartialStride = kD + 4;
-  static_assert(offsetof(SharedStorage, stage) - offsetof(SharedStorage, k) >=
-                    (kRows * kPartialStride + kRows) * sizeof(float),
-                "the partials fit in the rings");
 };
 
 // A cache [num_pages, Hkv, 128, D] viewed as [128 keys, D, Hkv, num_pages]:
@@ -159,12 +143,9 @@ struct PagedParams {
   const int32_t* page_table;
   const float* k_scale;
   const float* v_scale;
-  float* partial_o;    // [splits, B * Q * Hq, D]; null: the splits merge in their cluster
+  float* partial_o;    // [splits, B * Q * Hq, D]
   float* partial_lse;  // [splits, B * Q * Hq]
   int64_t rows_total;  // B * Q * Hq
-  void* out;           // [B * Q * Hq, D] of out_dtype, written here when partial_o is null
-  float* lse;
-  DType out_dtype;
   int64_t num_pages, max_pages;
   int splits;
   float scale_log2;  // scale * log2(e)
@@ -457,17 +438,48 @@ __device__ void load_q_rows(typename Traits::SharedStorage& ss, const PagedParam
   asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
 }
 
-
-// Consumer warpgroup `consumer` (0 or 1, 64 rows each): S = Q K^T, softmax,
-// O += P V over this CTA's pages, then its rows' partials.
 template <class Traits>
-__device__ void consume_pages(typename Traits::SharedStorage& ss, const PagedParams<Traits>& p,
-                              const SparseTile& tile, int split, int consumer) {
+__global__ void __launch_bounds__(Traits::kThreads, 1)
+    paged_attention_kernel(const __grid_constant__ PagedParams<Traits> p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using SharedStorage = typename Traits::SharedStorage;
   using VElement = typename Traits::VElement;
+  extern __shared__ char smem_raw[];
+  SharedStorage& ss = *reinterpret_cast<SharedStorage*>(smem_raw);
   const SparseShape& s = p.shape;
+  const int split = static_cast<int>(blockIdx.x % p.splits);
+  const SparseTile tile(blockIdx.x / p.splits, s.B, s.Hkv, s.chunks, s.tokens);
+
+  if (threadIdx.x == 0) {
+    ClusterBarrier::init(&ss.q_full, 32);
+    for (int i = 0; i < Traits::kKSlots; ++i) {
+      ClusterBarrier::init(&ss.k_full[i], 1);
+      ClusterBarrier::init(&ss.k_empty[i], 128 * Traits::kConsumers);
+    }
+    for (int i = 0; i < Traits::kVSlots; ++i) {
+      ClusterBarrier::init(&ss.v_loaded[i], 1);
+      ClusterBarrier::init(&ss.v_ready[i], Traits::kConverters);
+      ClusterBarrier::init(&ss.v_empty[i], 128 * Traits::kConsumers);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  const int warpgroup = threadIdx.x / 128;
+  if (warpgroup == 0) {
+    cutlass::arch::warpgroup_reg_dealloc<56>();
+    if (threadIdx.x < 32) {
+      produce_pages<Traits>(ss, p, tile, split);
+    } else if (threadIdx.x < 32 + Traits::kConverters) {
+      prepare_values<Traits>(ss, threadIdx.x - 32);
+    }
+    return;
+  }
+
+  cutlass::arch::warpgroup_reg_alloc<224>();
   const int tid = threadIdx.x - 128;
   const RequestLengths len(s, tile.b, p.max_pages);
-  load_q_rows<Traits>(ss, p, tile, len.q_len, consumer, tid % 128);
+  load_q_rows<Traits>(ss, p, tile, len.q_len, warpgroup - 1, tid % 128);
 
   Tensor sQ = make_tensor(make_smem_ptr(ss.q), typename Traits::SmemLayoutQ{});
   Tensor sK = make_tensor(make_smem_ptr(ss.k), typename Traits::SmemLayoutKRing{});
@@ -543,24 +555,6 @@ __device__ void consume_pages(typename Traits::SharedStorage& ss, const PagedPar
   // Partials: O / l (times v_scale) and lse = ln(sum of exp), 0 / -inf for a
   // row that saw nothing.
   const float v_scale = *p.v_scale;
-  if (p.partial_o == nullptr) {
-    // Into the rings, once both consumer warpgroups are done with them.
-    cutlass::arch::NamedBarrier::sync(128 * Traits::kConsumers, 0);
-    float* partial = reinterpret_cast<float*>(ss.k);
-    CUTE_UNROLL
-    for (int r = 0; r < kRowsPerThread; ++r) {
-      const float total = quad_sum(softmax.row_sum[r]);
-      const float inv = total > 0.0f ? v_scale / total : 0.0f;
-      const int row = rows.row_base + 8 * r;
-      CUTE_UNROLL
-      for (int j = 0; j < size<1>(accO_rc); j += 2) {
-        *reinterpret_cast<float2*>(partial + row * Traits::kPartialStride + rows.column(j)) =
-            make_float2(accO_rc(r, j) * inv, accO_rc(r, j + 1) * inv);
-      }
-      if (tid % 4 == 0) partial[Traits::kRows * Traits::kPartialStride + row] = softmax.lse(r, total);
-    }
-    return;
-  }
   float* partial_o = p.partial_o + split * p.rows_total * Traits::kD;
   float* partial_lse = p.partial_lse + split * p.rows_total;
   CUTE_UNROLL
@@ -575,134 +569,6 @@ __device__ void consume_pages(typename Traits::SharedStorage& ss, const PagedPar
           make_float2(accO_rc(r, j) * inv, accO_rc(r, j + 1) * inv);
     }
     if (tid % 4 == 0) partial_lse[rows.out_row[r]] = softmax.lse(r, total);
-  }
-}
-
-__device__ __forceinline__ uint32_t cluster_address(const void* smem, int rank) {
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n"
-               : "=r"(remote)
-               : "r"(cute::cast_smem_ptr_to_uint(smem)), "r"(rank));
-  return remote;
-}
-
-__device__ __forceinline__ float load_cluster_f32(uint32_t addr) {
-  float v;
-  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(addr));
-  return v;
-}
-
-__device__ __forceinline__ float4 load_cluster_f32x4(uint32_t addr) {
-  float4 v;
-  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-               : "r"(addr));
-  return v;
-}
-
-template <class Out>
-__device__ __forceinline__ void store_four(Out* dst, const float4& v) {
-  dst[0] = static_cast<Out>(v.x);
-  dst[1] = static_cast<Out>(v.y);
-  dst[2] = static_cast<Out>(v.z);
-  dst[3] = static_cast<Out>(v.w);
-}
-
-// All threads of split `split`'s CTA: out and lse of its slice of the tile's
-// rows, merged by lse from the partials that the cluster's `splits` CTAs
-// (ranks 0 .. splits - 1, as blockIdx.x % splits) left in their rings;
-// 0 and -inf where every split saw nothing.
-template <class Traits>
-__device__ void merge_cluster_rows(const typename Traits::SharedStorage& ss,
-                                   const PagedParams<Traits>& p, const SparseTile& tile,
-                                   int split) {
-  constexpr int kStride = Traits::kPartialStride;
-  constexpr int kChunks = Traits::kD / 4;  // float4 per row
-  const SparseShape& s = p.shape;
-  const float* partial = reinterpret_cast<const float*>(ss.k);
-  const int used = s.tokens * static_cast<int>(s.group);
-  const int per = (used + p.splits - 1) / p.splits;
-  const int first = std::min(used, split * per), count = std::min(used, first + per) - first;
-  for (int i = threadIdx.x; i < count * kChunks; i += Traits::kThreads) {
-    const int row = first + i / kChunks, chunk = i % kChunks;
-    const int64_t token = tile.token0 + row / static_cast<int>(s.group);
-    if (token >= s.Sq) continue;
-    const int64_t out_row = (tile.b * s.Sq + token) * s.Hq + tile.g * s.group + row % s.group;
-    float lse[kClusterSplits];
-    float m = -INFINITY;
-    CUTE_UNROLL
-    for (int sp = 0; sp < kClusterSplits; ++sp) {
-      lse[sp] = sp < p.splits ? load_cluster_f32(cluster_address(
-                                    partial + Traits::kRows * kStride + row, sp))
-                              : -INFINITY;
-      m = fmaxf(m, lse[sp]);
-    }
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    float total = 0.0f;
-    CUTE_UNROLL
-    for (int sp = 0; sp < kClusterSplits; ++sp) {
-      const float w = m > -INFINITY ? __expf(lse[sp] - m) : 0.0f;
-      if (w == 0.0f) continue;  // also the splits that saw nothing
-      const float4 o =
-          load_cluster_f32x4(cluster_address(partial + row * kStride + 4 * chunk, sp));
-      acc.x += w * o.x, acc.y += w * o.y, acc.z += w * o.z, acc.w += w * o.w;
-      total += w;
-    }
-    const float inv = total > 0.0f ? 1.0f / total : 0.0f;
-    acc = make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
-    const int64_t at = out_row * Traits::kD + 4 * chunk;
-    switch (p.out_dtype) {
-      case DType::kF32: store_four(static_cast<float*>(p.out) + at, acc); break;
-      case DType::kBF16: store_four(static_cast<cutlass::bfloat16_t*>(p.out) + at, acc); break;
-      case DType::kF16: store_four(static_cast<cutlass::half_t*>(p.out) + at, acc); break;
-    }
-    if (chunk == 0) p.lse[out_row] = total > 0.0f ? m + logf(total) : -INFINITY;
-  }
-}
-
-template <class Traits>
-__global__ void __launch_bounds__(Traits::kThreads, 1)
-    paged_attention_kernel(const __grid_constant__ PagedParams<Traits> p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  using SharedStorage = typename Traits::SharedStorage;
-  using VElement = typename Traits::VElement;
-  extern __shared__ char smem_raw[];
-  SharedStorage& ss = *reinterpret_cast<SharedStorage*>(smem_raw);
-  const SparseShape& s = p.shape;
-  const int split = static_cast<int>(blockIdx.x % p.splits);
-  const SparseTile tile(blockIdx.x / p.splits, s.B, s.Hkv, s.chunks, s.tokens);
-
-  if (threadIdx.x == 0) {
-    ClusterBarrier::init(&ss.q_full, 32);
-    for (int i = 0; i < Traits::kKSlots; ++i) {
-      ClusterBarrier::init(&ss.k_full[i], 1);
-      ClusterBarrier::init(&ss.k_empty[i], 128 * Traits::kConsumers);
-    }
-    for (int i = 0; i < Traits::kVSlots; ++i) {
-      ClusterBarrier::init(&ss.v_loaded[i], 1);
-      ClusterBarrier::init(&ss.v_ready[i], Traits::kConverters);
-      ClusterBarrier::init(&ss.v_empty[i], 128 * Traits::kConsumers);
-    }
-    cutlass::arch::fence_barrier_init();
-  }
-  __syncthreads();
-
-  const int warpgroup = threadIdx.x / 128;
-  if (warpgroup == 0) {
-    cutlass::arch::warpgroup_reg_dealloc<56>();
-    if (threadIdx.x < 32) {
-      produce_pages<Traits>(ss, p, tile, split);
-    } else if (threadIdx.x < 32 + Traits::kConverters) {
-      prepare_values<Traits>(ss, threadIdx.x - 32);
-    }
-  } else {
-    cutlass::arch::warpgroup_reg_alloc<224>();
-    consume_pages<Traits>(ss, p, tile, split, warpgroup - 1);
-  }
-  if (p.partial_o == nullptr) {
-    cute::cluster_sync();  // every split's partials are in its shared memory
-    merge_cluster_rows<Traits>(ss, p, tile, split);
-    cute::cluster_sync();  // no CTA leaves while another reads its partials
   }
 #endif
 }
@@ -764,7 +630,6 @@ cudaError_t launch(const cuda::PagedAttentionArgs& a, DType out_dtype, float* wo
                    float* lse, cudaStream_t stream) {
   using Traits = PagedTraits<QElement, kFp8>;
   const int64_t rows = a.B * a.Q * a.Hq;
-  const bool in_cluster = a.splits <= kClusterSplits;
   const PagedParams<Traits> p{
       make_tma_pages<typename Traits::KElement, typename Traits::SmemLayoutK>(
           static_cast<const typename Traits::KElement*>(a.k_cache), a.Hkv, a.num_pages),
@@ -775,12 +640,9 @@ cudaError_t launch(const cuda::PagedAttentionArgs& a, DType out_dtype, float* wo
       a.page_table,
       a.k_scale,
       a.v_scale,
-      in_cluster ? nullptr : workspace,
-      in_cluster ? nullptr : workspace + a.splits * rows * 128,
+      workspace,
+      workspace + a.splits * rows * 128,
       rows,
-      out,
-      lse,
-      out_dtype,
       a.num_pages,
       a.max_pages,
       static_cast<int>(a.splits),
@@ -790,21 +652,6 @@ cudaError_t launch(const cuda::PagedAttentionArgs& a, DType out_dtype, float* wo
                                         Traits::kSmemBytes);
   if (st != cudaSuccess) return st;
   const int64_t grid = p.shape.tiles * a.splits;
-  if (in_cluster) {
-    cudaLaunchAttribute cluster;
-    cluster.id = cudaLaunchAttributeClusterDimension;
-    cluster.val.clusterDim.x = static_cast<unsigned>(a.splits);
-    cluster.val.clusterDim.y = 1;
-    cluster.val.clusterDim.z = 1;
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3(static_cast<unsigned>(grid));
-    config.blockDim = dim3(Traits::kThreads);
-    config.dynamicSmemBytes = Traits::kSmemBytes;
-    config.stream = stream;
-    config.attrs = &cluster;
-    config.numAttrs = 1;
-    return cudaLaunchKernelEx(&config, kernel, p);
-  }
   kernel<<<static_cast<unsigned>(grid), Traits::kThreads, Traits::kSmemBytes, stream>>>(p);
   if ((st = cudaGetLastError()) != cudaSuccess) return st;
   const float* partial_lse = p.partial_lse;
@@ -841,16 +688,12 @@ int64_t paged_attention_splits(const PagedAttentionArgs& a) {
   const sm90::SparseShape s = sm90::make_paged_shape(a);
   const int64_t sms = multiprocessor_count(132);
   if (s.tiles == 0 || s.tiles >= sms) return 1;
-  if (a.topk == 0) return std::max<int64_t>(1, std::min(sms / s.tiles, a.max_pages / 4));
-  // Sparse: a tile reads at most its tokens' candidates, often far fewer (its
-  // queries share pages), and no more splits than merge in a cluster (B = 8,
-  // T = 200K on an H100: 8 splits took 26 us, 16 took 31).
-  const int64_t pages = std::min<int64_t>(a.max_pages, s.tokens * a.topk);
-  return std::max<int64_t>(1, std::min({sms / s.tiles, pages / 4, int64_t{sm90::kClusterSplits}}));
+  // Sparse: a tile reads at most its tokens' candidates.
+  const int64_t pages = a.topk > 0 ? std::min<int64_t>(a.max_pages, s.tokens * a.topk) : a.max_pages;
+  return std::max<int64_t>(1, std::min(sms / s.tiles, pages / 4));
 }
 
 int64_t paged_attention_workspace_floats(const PagedAttentionArgs& a) {
-  if (a.splits <= sm90::kClusterSplits) return 0;  // merged in the cluster
   return a.splits * a.B * a.Q * a.Hq * (a.D + 1);
 }
 
