@@ -140,4 +140,16 @@ auto WithBwdTail(Binding&& binding) {
       .template Ret<ffi::AnyBuffer>();  // dv
 }
 
+// ... and the KV-outer CUDA backward's workspaces (extra results, so that the
+// handler allocates nothing) and its logit scale.
+template <class Binding>
+auto WithKvOuterWorkspaces(Binding&& binding) {
+  return std::move(binding)
+      .template Ret<ffi::AnyBuffer>()  // delta workspace
+      .template Ret<ffi::AnyBuffer>()  // index workspace
+      .template Ret<ffi::AnyBuffer>()  // partial workspace
+      .template Ret<ffi::AnyBuffer>()  // dq_accum workspace
+      .template Attr<float>("scale");
+}
+
 }  // namespace jax_msa

@@ -162,14 +162,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kDenseAttentionBwdCpu, DenseAttentionBwdCpu,
 
 #ifdef JAX_MSA_WITH_CUDA
 JAX_MSA_CUDA_HANDLER(kDenseAttentionFwdCuda, DenseAttentionFwdCuda,
-                     WithFwdOperands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()));
+                     WithFwdOperands(CudaBind()));
 JAX_MSA_CUDA_HANDLER(kDenseAttentionBwdCuda, DenseAttentionBwdCuda,
-                     WithBwdOperands(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
-                         .Ret<ffi::AnyBuffer>()  // delta workspace
-                         .Ret<ffi::AnyBuffer>()  // index workspace
-                         .Ret<ffi::AnyBuffer>()  // partial workspace
-                         .Ret<ffi::AnyBuffer>()  // dq_accum workspace
-                         .Attr<float>("scale")
+                     WithKvOuterWorkspaces(WithBwdOperands(CudaBind()))
                          .Attr<bool>("causal"));
 #endif
 

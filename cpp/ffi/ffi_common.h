@@ -119,6 +119,9 @@ inline ffi::Error CudaStatus(const char* step, cudaError_t status) {
   if (status == cudaSuccess) return ffi::Error::Success();
   return ffi::Error::Internal(std::string("jax_msa ") + step + ": " + cudaGetErrorString(status));
 }
+
+// The start of every CUDA handler's binding: XLA's stream.
+inline auto CudaBind() { return ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>(); }
 #endif
 
 }  // namespace jax_msa

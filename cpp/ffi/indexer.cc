@@ -276,8 +276,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kIndexerCpu, IndexerCpu,
 
 #ifdef JAX_MSA_WITH_CUDA
 JAX_MSA_CUDA_HANDLER(kTopkSelectCuda, TopkSelectCuda,
-                     ffi::Ffi::Bind()
-                         .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                     CudaBind()
                          .Arg<ffi::AnyBuffer>()
                          .Arg<ffi::AnyBuffer>()
                          .Arg<ffi::AnyBuffer>()
@@ -285,8 +284,7 @@ JAX_MSA_CUDA_HANDLER(kTopkSelectCuda, TopkSelectCuda,
                          .Attr<int64_t>("topk"));
 
 JAX_MSA_CUDA_HANDLER(kBlockScoresCuda, BlockScoresCuda,
-                     ffi::Ffi::Bind()
-                         .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                     CudaBind()
                          .Arg<ffi::AnyBuffer>()
                          .Arg<ffi::AnyBuffer>()
                          .Arg<ffi::AnyBuffer>()
@@ -295,8 +293,7 @@ JAX_MSA_CUDA_HANDLER(kBlockScoresCuda, BlockScoresCuda,
                          .Attr<float>("scale"));
 
 JAX_MSA_CUDA_HANDLER(kIndexerScoresCuda, IndexerScoresCuda,
-                     ffi::Ffi::Bind()
-                         .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                     CudaBind()
                          .Arg<ffi::AnyBuffer>()
                          .Arg<ffi::AnyBuffer>()
                          .Arg<ffi::AnyBuffer>()
@@ -306,8 +303,7 @@ JAX_MSA_CUDA_HANDLER(kIndexerScoresCuda, IndexerScoresCuda,
                          .Attr<float>("scale"));
 
 JAX_MSA_CUDA_HANDLER(kIndexerSelectCuda, IndexerSelectCuda,
-                     ffi::Ffi::Bind()
-                         .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                     CudaBind()
                          .Arg<ffi::AnyBuffer>()
                          .Arg<ffi::AnyBuffer>()
                          .Arg<ffi::AnyBuffer>()
@@ -315,8 +311,7 @@ JAX_MSA_CUDA_HANDLER(kIndexerSelectCuda, IndexerSelectCuda,
                          .Attr<int64_t>("topk"));
 
 JAX_MSA_CUDA_HANDLER(kSelectedLseCuda, SelectedLseCuda,
-                     ffi::Ffi::Bind()
-                         .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                     CudaBind()
                          .Arg<ffi::AnyBuffer>()
                          .Arg<ffi::AnyBuffer>()
                          .Arg<ffi::AnyBuffer>()

@@ -328,15 +328,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kPagedIndexerCpu, PagedIndexerCpu,
 
 #ifdef JAX_MSA_WITH_CUDA
 JAX_MSA_CUDA_HANDLER(kPagedAttentionCuda, PagedAttentionCuda,
-                     WithAttentionOperands(
-                         ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
+                     WithAttentionOperands(CudaBind())
                          .Ret<ffi::AnyBuffer>()  // workspace
                          .Attr<float>("scale")
                          .Attr<int64_t>("splits"));
 
 JAX_MSA_CUDA_HANDLER(kPagedIndexerScoresCuda, PagedIndexerScoresCuda,
-                     WithIndexerOperands(
-                         ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
+                     WithIndexerOperands(CudaBind())
                          .Ret<ffi::AnyBuffer>()  // scores
                          .Attr<float>("scale"));
 #endif

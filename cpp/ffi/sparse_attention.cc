@@ -245,8 +245,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kSparseAttentionBwdCpu, SparseAttentionBwdCpu,
 #ifdef JAX_MSA_WITH_CUDA
 namespace {
 
-auto CudaBind() { return ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>(); }
-
 // The by-block and auto forwards: the forward plus two workspaces.
 auto FwdWithWorkspacesBinding() {
   return WithFwdOperands(CudaBind())
@@ -264,12 +262,7 @@ JAX_MSA_CUDA_HANDLER(kSparseAttentionFwdByBlockCuda, SparseAttentionFwdByBlockCu
 JAX_MSA_CUDA_HANDLER(kSparseAttentionFwdAutoCuda, SparseAttentionFwdByBlockCuda<true>,
                      FwdWithWorkspacesBinding());
 JAX_MSA_CUDA_HANDLER(kSparseAttentionBwdCuda, SparseAttentionBwdCuda,
-                     WithBwdOperands(CudaBind())
-                         .Ret<ffi::AnyBuffer>()  // delta workspace
-                         .Ret<ffi::AnyBuffer>()  // index workspace
-                         .Ret<ffi::AnyBuffer>()  // partial workspace
-                         .Ret<ffi::AnyBuffer>()  // dq_accum workspace
-                         .Attr<float>("scale")
+                     WithKvOuterWorkspaces(WithBwdOperands(CudaBind()))
                          .Attr<bool>("deterministic"));
 #endif
 
