@@ -54,8 +54,8 @@ cudaError_t backward(const cuda::DenseAttentionArgs& a, const void* out, const f
   if (st != cudaSuccess) return st;
   st = block_index::build_dense_index(geo, a.q_lengths, a.kv_lengths, kCausal, ws.index, stream);
   if (st != cudaSuccess) return st;
-  return sparse_bwd::dkdv<Element, kCausal>(s, geo, lse, dout, ws.delta, ws.index, ws.partial,
-                                            ws.dq_accum, dq, dk, dv, stream, nullptr);
+  return sparse_bwd::dkdv<Element, kCausal, true>(s, geo, lse, dout, ws.delta, ws.index, ws.partial,
+                                                  ws.dq_accum, dq, dk, dv, stream, nullptr);
 }
 
 }  // namespace

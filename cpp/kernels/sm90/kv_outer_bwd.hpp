@@ -717,8 +717,9 @@ cudaError_t launch_delta(const cuda::SparseAttentionArgs& a, const void* out, co
 // split buckets' sums and dq. kCausal = false (dense only): every key below
 // kv_len is visible. With `costs` (and dq_accum), both dK / dV kernels are
 // enqueued behind complementary gates: the fused one unless the query-outer
-// dQ wins.
-template <class Element, bool kCausal>
+// dQ wins. kAlwaysFused (the dense backward): dq_accum is always given and
+// costs never, so only the fused dK / dV kernel is built.
+template <class Element, bool kCausal, bool kAlwaysFused = false>
 cudaError_t dkdv(const cuda::SparseAttentionArgs& a, const Geometry& geo, const float* lse, const void* dout,
                  const float* delta, const int32_t* index, float* partial, float* dq_accum,
                  void* dq, void* dk, void* dv, cudaStream_t stream,
@@ -772,14 +773,22 @@ cudaError_t dkdv(const cuda::SparseAttentionArgs& a, const Geometry& geo, const 
       kernel<<<ctas, Traits::kThreads, Traits::kSmemBytes, stream>>>(params);
       return cudaGetLastError();
     };
-    cudaError_t st = dq_accum != nullptr ? run(dkdv_kernel<Traits, true, kCausal>, p)
-                                         : run(dkdv_kernel<Traits, false, kCausal>, p);
+    cudaError_t st;
+    if constexpr (kAlwaysFused) {  // the unfused kernel is not instantiated
+      if (dq_accum == nullptr || costs != nullptr) return cudaErrorInvalidValue;
+      st = run(dkdv_kernel<Traits, true, kCausal>, p);
+    } else {
+      st = dq_accum != nullptr ? run(dkdv_kernel<Traits, true, kCausal>, p)
+                               : run(dkdv_kernel<Traits, false, kCausal>, p);
+    }
     if (st != cudaSuccess) return st;
-    if (dq_accum != nullptr && costs != nullptr) {  // the other way: dK / dV alone
-      DkdvParams<Traits> alone = p;
-      alone.dq_accum = nullptr;
-      alone.gate.query = true;
-      if ((st = run(dkdv_kernel<Traits, false, kCausal>, alone)) != cudaSuccess) return st;
+    if constexpr (!kAlwaysFused) {
+      if (dq_accum != nullptr && costs != nullptr) {  // the other way: dK / dV alone
+        DkdvParams<Traits> alone = p;
+        alone.dq_accum = nullptr;
+        alone.gate.query = true;
+        if ((st = run(dkdv_kernel<Traits, false, kCausal>, alone)) != cudaSuccess) return st;
+      }
     }
   }
   finish_kernel<Element><<<static_cast<unsigned>(geo.nbkt), 256, 0, stream>>>(
