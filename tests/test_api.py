@@ -54,13 +54,13 @@ def _lower_for_cuda(fn):
     return jax.jit(fn).trace().lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.skipif(_ffi.has_kernel("jax_msa_dot_product_attention_fwd", "cuda"),
+@pytest.mark.skipif(_ffi.has_kernel("jax_msa_indexer_kl_loss", "cuda"),
                     reason="checks the fallback of an op without a CUDA kernel")
 def test_cuda_lowering_falls_back_to_reference_without_kernels():
-    text = _lower_for_cuda(lambda: jax_msa.dot_product_attention(Q, K, V))
-    assert "jax_msa_dot_product_attention_fwd" not in text
+    text = _lower_for_cuda(lambda: jax_msa.indexer_kl_loss(Q, K, QI, KI, IDS))
+    assert "jax_msa_indexer_kl_loss" not in text
     with pytest.raises(jax_msa.NoKernelError, match="no cuda kernel"):
-        _lower_for_cuda(lambda: jax_msa.dot_product_attention(Q, K, V, implementation="kernel"))
+        _lower_for_cuda(lambda: jax_msa.indexer_kl_loss(Q, K, QI, KI, IDS, implementation="kernel"))
 
 
 @pytest.mark.skipif(not _ffi.has_kernel("jax_msa_sparse_attention_fwd_query", "cuda"),
@@ -87,6 +87,23 @@ def test_cuda_sparse_kernels_serve_auto_and_cover_what_they_can():
         _lower_for_cuda(lambda: kernel(*(x.astype(jnp.float32) for x in (q, k, v))))
     with pytest.raises(jax_msa.NoKernelError, match="these inputs"):
         _lower_for_cuda(lambda: kernel(q[..., :64], k[..., :64], v[..., :64]))
+
+
+@pytest.mark.skipif(not _ffi.has_kernel("jax_msa_dot_product_attention_fwd", "cuda"),
+                    reason="needs a build with the CUDA kernels (no GPU needed: lowering only)")
+def test_cuda_dense_kernels_lower_where_they_apply():
+    rng = np.random.default_rng(5)
+    q, k = normal(rng, (2, 300, 16, 128), jnp.bfloat16), normal(rng, (2, 200, 4, 128), jnp.bfloat16)
+    loss = lambda q, k: jnp.sum(jax_msa.dot_product_attention(q, k, k, causal=True).astype(jnp.float32))
+    grad = _lower_for_cuda(lambda: jax.grad(loss, argnums=(0, 1))(q, k))
+    assert "jax_msa_dot_product_attention_fwd" in grad and "jax_msa_dot_product_attention_bwd_cuda" in grad
+    # D = 64: the forward's kernel, the reference backward.
+    grad64 = _lower_for_cuda(lambda: jax.grad(loss, argnums=(0, 1))(q[..., :64], k[..., :64]))
+    assert "jax_msa_dot_product_attention_fwd" in grad64 and "bwd_cuda" not in grad64
+    f32 = q.astype(jnp.float32), k.astype(jnp.float32)
+    assert "jax_msa_" not in _lower_for_cuda(lambda: jax_msa.dot_product_attention(*f32, f32[1]))
+    with pytest.raises(jax_msa.NoKernelError, match="these inputs"):
+        _lower_for_cuda(lambda: jax_msa.dot_product_attention(*f32, f32[1], implementation="kernel"))
 
 
 @pytest.mark.skipif(not _ffi.has_kernel("jax_msa_indexer_scores", "cuda"),
