@@ -38,6 +38,13 @@ def backward_abstract(q, k, v, *rest, **params):
     return [ShapedArray(q.shape, q.dtype), ShapedArray(k.shape, k.dtype), ShapedArray(v.shape, v.dtype)]
 
 
+def kv_outer_workspaces(delta: int, index: int, partial: int, dq_accum: int) -> list[ShapedArray]:
+    """The workspaces of a CUDA KV-outer backward, sizes in elements: float32
+    delta, int32 index, float32 partial and dq_accum."""
+    return [ShapedArray((delta,), jnp.float32), ShapedArray((index,), jnp.int32),
+            ShapedArray((partial,), jnp.float32), ShapedArray((dq_accum,), jnp.float32)]
+
+
 def reference_vjp(reference_fn, q, k, v, out, lse, dout, dlse):
     """Gradients of reference_fn(q, k, v) -> (out, lse): the fallback backward."""
     del out, lse

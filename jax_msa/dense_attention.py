@@ -20,13 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax.core import ShapedArray
-
 from jax_msa import _ffi
 from jax_msa import _validation as checks
 from jax_msa import reference
 from jax_msa._attention_common import (backward_abstract, check_attention_inputs, forward_abstract,
-                                       reference_vjp)
+                                       kv_outer_workspaces, reference_vjp)
 from jax_msa._primitives import cuda_only, define_primitive
 
 
@@ -69,8 +67,7 @@ def _cuda_bwd_takes(q, k, v, *rest, implementation, **params) -> bool:
 def _bwd_cuda_abstract(q, k, v, *rest, scale, causal):
     b, sq, hq, d = q.shape
     sizes = _ffi.dense_bwd_workspace(b, sq, k.shape[1], hq, k.shape[2], d)
-    workspaces = [ShapedArray((n,), t) for n, t in zip(sizes, (jnp.float32, jnp.int32, jnp.float32, jnp.float32))]
-    return [*backward_abstract(q, k, v), *workspaces]
+    return [*backward_abstract(q, k, v), *kv_outer_workspaces(*sizes)]
 
 
 _bwd_cuda_p = define_primitive("dot_product_attention_bwd_cuda", abstract_eval=_bwd_cuda_abstract,

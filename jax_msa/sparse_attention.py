@@ -23,7 +23,7 @@ from jax_msa import _ffi
 from jax_msa import _validation as checks
 from jax_msa import reference
 from jax_msa._attention_common import (backward_abstract, check_attention_inputs, forward_abstract,
-                                       reference_vjp)
+                                       kv_outer_workspaces, reference_vjp)
 from jax_msa._primitives import cuda_only, define_primitive
 
 
@@ -98,9 +98,8 @@ _fwd_p = define_primitive("sparse_attention_fwd", abstract_eval=forward_abstract
 def _bwd_cuda_abstract(q, k, v, ids, *rest, scale, deterministic):
     b, sq, hq, d = q.shape
     delta, index, partial, dq_accum = _ffi.sparse_bwd_workspace(b, sq, k.shape[1], hq, k.shape[2], d, ids.shape[3])
-    sizes = (delta, index, partial, 0 if deterministic else dq_accum)
-    workspaces = [ShapedArray((n,), t) for n, t in zip(sizes, (jnp.float32, jnp.int32, jnp.float32, jnp.float32))]
-    return [*backward_abstract(q, k, v, ids, *rest), *workspaces]
+    return [*backward_abstract(q, k, v, ids, *rest),
+            *kv_outer_workspaces(delta, index, partial, 0 if deterministic else dq_accum)]
 
 
 _bwd_cuda_p = define_primitive("sparse_attention_bwd_cuda", abstract_eval=_bwd_cuda_abstract,

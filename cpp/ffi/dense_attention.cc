@@ -118,7 +118,7 @@ ffi::Error DenseAttentionBwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::Any
         "jax_msa: the CUDA dense-attention backward takes bfloat16/float16 inputs with head dim "
         "128, Hq / Hkv <= 64, 0 < Sk < 2^31 - 256 and B * Hkv * ceil(Sk / 128) < 2^31");
   }
-  const cuda::DenseBwdWorkspace need = cuda::dense_attention_bwd_workspace(args);
+  const cuda::KvOuterBwdWorkspace need = cuda::dense_attention_bwd_workspace(args);
   if (auto e = CheckBwdWorkspaces(*delta, *index, *partial, *dq_accum, need, need.dq_accum_floats);
       e.failure()) {
     return e;

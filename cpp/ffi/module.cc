@@ -40,6 +40,11 @@ jax_msa::cuda::SparseAttentionArgs SparseProblem(int64_t B, int64_t Sq, int64_t 
   a.B = B, a.Sq = Sq, a.Sk = Sk, a.Hq = Hq, a.Hkv = Hkv, a.D = D, a.topk = topk;
   return a;
 }
+
+// A KV-outer backward's workspace sizes as Python sees them.
+nb::tuple WorkspaceCounts(const jax_msa::cuda::KvOuterBwdWorkspace& w) {
+  return nb::make_tuple(w.delta_floats, w.index_ints, w.partial_floats, w.dq_accum_floats);
+}
 #endif
 
 }  // namespace
@@ -55,9 +60,8 @@ NB_MODULE(_jax_msa, m) {
   m.def(
       "sparse_bwd_workspace",
       [](int64_t B, int64_t Sq, int64_t Sk, int64_t Hq, int64_t Hkv, int64_t D, int64_t topk) {
-        const auto w = jax_msa::cuda::sparse_attention_bwd_workspace(
-            SparseProblem(B, Sq, Sk, Hq, Hkv, D, topk));
-        return nb::make_tuple(w.delta_floats, w.index_ints, w.partial_floats, w.dq_accum_floats);
+        return WorkspaceCounts(jax_msa::cuda::sparse_attention_bwd_workspace(
+            SparseProblem(B, Sq, Sk, Hq, Hkv, D, topk)));
       },
       "Workspace element counts (delta floats, index ints, partial floats, dq_accum floats) of "
       "the CUDA sparse attention backward.");
@@ -66,8 +70,7 @@ NB_MODULE(_jax_msa, m) {
       [](int64_t B, int64_t Sq, int64_t Sk, int64_t Hq, int64_t Hkv, int64_t D) {
         jax_msa::cuda::DenseAttentionArgs a{};
         a.B = B, a.Sq = Sq, a.Sk = Sk, a.Hq = Hq, a.Hkv = Hkv, a.D = D;
-        const auto w = jax_msa::cuda::dense_attention_bwd_workspace(a);
-        return nb::make_tuple(w.delta_floats, w.index_ints, w.partial_floats, w.dq_accum_floats);
+        return WorkspaceCounts(jax_msa::cuda::dense_attention_bwd_workspace(a));
       },
       "Workspace element counts (delta floats, index ints, partial floats, dq_accum floats) of "
       "the CUDA dense attention backward.");

@@ -170,7 +170,7 @@ ffi::Error SparseAttentionBwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::An
       e.failure()) {
     return e;
   }
-  const cuda::SparseBwdWorkspace need = cuda::sparse_attention_bwd_workspace(args);
+  const cuda::KvOuterBwdWorkspace need = cuda::sparse_attention_bwd_workspace(args);
   if (auto e = FirstError({CheckForwardOutputs(p, dout, dlse), CheckGradients(p, *dq, *dk, *dv),
                            CheckType(out, q.element_type(), "out"),
                            CheckType(dout, q.element_type(), "dout"),

@@ -185,14 +185,16 @@ cudaError_t sparse_attention_fwd(DType dtype, const SparseAttentionArgs& a, void
 
 // Backward workspace, in elements, for the problem `a` (host function; the
 // FFI layer asks XLA for these buffers as extra results).
-struct SparseBwdWorkspace {
-  int64_t delta_floats;    // float32: the row terms rowsum(dout * out) - dlse
-  int64_t index_ints;      // int32: the block -> queries index, then (when not
-                           // empty) the ScheduleCosts in its last 4 ints
-  int64_t partial_floats;  // float32: split partial dK/dV sums (may be 0)
-  int64_t dq_accum_floats;  // float32 [B, Sq, Hq, D]: fused dQ sums (non-deterministic path only)
+// The workspaces of the KV-outer backwards (sparse and dense), in elements.
+struct KvOuterBwdWorkspace {
+  int64_t delta_floats;     // float32 [B, Sq, Hq]: the row terms rowsum(dout * out) - dlse
+  int64_t index_ints;       // int32: the block -> queries index (sparse: then, when not
+                            // empty, the ScheduleCosts in its last 4 ints)
+  int64_t partial_floats;   // float32: dK / dV sums of key blocks split between CTAs (may be 0)
+  int64_t dq_accum_floats;  // float32 [B, Sq, Hq, D]: fused dQ sums (sparse: the
+                            // non-deterministic path only)
 };
-SparseBwdWorkspace sparse_attention_bwd_workspace(const SparseAttentionArgs& a);
+KvOuterBwdWorkspace sparse_attention_bwd_workspace(const SparseAttentionArgs& a);
 
 // Backward step 1: delta [B, Sq, Hq] = sum_d dout * out - dlse (0 for padded
 // rows) and the block -> queries index (for each (b, kv head, block) the
@@ -290,13 +292,7 @@ bool dense_attention_bwd_args_valid(DType dtype, const DenseAttentionArgs& a);
 
 // Backward workspace, in elements (host function; the FFI layer asks XLA for
 // these buffers as extra results). None needs zeroing.
-struct DenseBwdWorkspace {
-  int64_t delta_floats;     // float32 [B, Sq, Hq]: rowsum(dout * out) - dlse
-  int64_t index_ints;       // int32: the dense block -> queries index
-  int64_t partial_floats;   // float32: dK / dV sums of key blocks split between CTAs
-  int64_t dq_accum_floats;  // float32 [B, Sq, Hq, D]: dq sums (zeroed by the call)
-};
-DenseBwdWorkspace dense_attention_bwd_workspace(const DenseAttentionArgs& a);
+KvOuterBwdWorkspace dense_attention_bwd_workspace(const DenseAttentionArgs& a);
 
 struct DenseBwdWorkspacePtrs {
   float* delta;

@@ -75,16 +75,10 @@ bool dense_attention_bwd_args_valid(DType dtype, const DenseAttentionArgs& a) {
   return a.B * a.Hkv <= INT_MAX / nb;
 }
 
-DenseBwdWorkspace dense_attention_bwd_workspace(const DenseAttentionArgs& a) {
-  const sm90::Geometry geo = sm90::Geometry::dense(sm90::kv_outer_args(a));
-  DenseBwdWorkspace ws;
-  ws.delta_floats = a.B * a.Sq * a.Hq;
-  ws.index_ints = geo.nbkt > 0 ? geo.index_ints : 0;
-  ws.partial_floats =
-      2 * std::min<int64_t>(sm90::sparse_bwd::kMaxCtas, geo.nbkt > 0 ? geo.tiles_bound : 0) *
-      sm90::sparse_bwd::kSlotFloats;
-  ws.dq_accum_floats = a.B * a.Sq * a.Hq * a.D;
-  return ws;
+KvOuterBwdWorkspace dense_attention_bwd_workspace(const DenseAttentionArgs& a) {
+  const cuda::SparseAttentionArgs s = sm90::kv_outer_args(a);
+  const sm90::Geometry geo = sm90::Geometry::dense(s);
+  return sm90::sparse_bwd::workspace_sizes(s, geo, geo.index_ints);
 }
 
 cudaError_t dense_attention_bwd(DType dtype, const DenseAttentionArgs& a, const void* out,

@@ -2,9 +2,9 @@
 // query-outer sparse forward (sparse_attention_fwd.cu), with the same tile
 // shape, ring and consumers; the tile walks every visible key block.
 //
-// One CTA per (tile of 128 query tokens, query head, batch row); under a
-// causal mask the grid starts with the last tiles (the most blocks), so that
-// the short ones fill the tail of the wave.
+// One CTA per (tile of 128 query tokens, query head, batch row), the tile
+// varying fastest; under a causal mask each head's last tiles (the most
+// blocks) come first, so that its short ones fill the tail.
 //   warpgroup 0: one thread loads Q by TMA once, then K_0, K_1, V_0, K_2, V_1,
 //     ..., V_last by TMA through the ring of K-or-V slots (the order in which
 //     the consumers use them: S_u is issued together with P_{u-1} V_{u-1});

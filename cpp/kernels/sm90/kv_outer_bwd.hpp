@@ -694,6 +694,15 @@ __global__ void __launch_bounds__(256) dq_convert_kernel(const float* __restrict
 // Host side: launchers shared by the sparse and dense backward.
 
 // CTAs of the dK/dV kernel: one wave (at most kMaxCtas), fewer for tiny problems.
+// The workspace sizes of a backward over geometry `geo` whose index takes
+// `index_ints` (none without buckets).
+inline cuda::KvOuterBwdWorkspace workspace_sizes(const cuda::SparseAttentionArgs& a,
+                                                 const Geometry& geo, int64_t index_ints) {
+  const int64_t slots = 2 * std::min<int64_t>(kMaxCtas, geo.nbkt > 0 ? geo.tiles_bound : 0);
+  return {a.B * a.Sq * a.Hq, geo.nbkt > 0 ? index_ints : 0, slots * kSlotFloats,
+          a.B * a.Sq * a.Hq * a.D};
+}
+
 inline int dkdv_ctas(const Geometry& geo) {
   const int64_t n = std::min<int64_t>(kMaxCtas, geo.tiles_bound);
   return static_cast<int>(std::min<int64_t>(n, cuda::multiprocessor_count(kMaxCtas)));

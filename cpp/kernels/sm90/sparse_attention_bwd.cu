@@ -84,17 +84,10 @@ cudaError_t prepare(const cuda::SparseAttentionArgs& a, const void* out, const v
 
 namespace jax_msa::cuda {
 
-SparseBwdWorkspace sparse_attention_bwd_workspace(const SparseAttentionArgs& a) {
+KvOuterBwdWorkspace sparse_attention_bwd_workspace(const SparseAttentionArgs& a) {
   const sm90::sparse_bwd::Geometry geo(a);
-  SparseBwdWorkspace ws;
-  ws.delta_floats = a.B * a.Sq * a.Hq;
   // The ScheduleCosts (4 ints, 8-byte aligned) after the index.
-  ws.index_ints = geo.nbkt > 0 ? (geo.index_ints + 1) / 2 * 2 + 4 : 0;
-  const int64_t slots =
-      2 * std::min<int64_t>(sm90::sparse_bwd::kMaxCtas, geo.nbkt > 0 ? geo.tiles_bound : 0);
-  ws.partial_floats = slots * sm90::sparse_bwd::kSlotFloats;
-  ws.dq_accum_floats = a.B * a.Sq * a.Hq * a.D;
-  return ws;
+  return sm90::sparse_bwd::workspace_sizes(a, geo, (geo.index_ints + 1) / 2 * 2 + 4);
 }
 
 cudaError_t sparse_attention_bwd_prepare(DType dtype, const SparseAttentionArgs& a,
