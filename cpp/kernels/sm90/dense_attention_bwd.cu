@@ -1,61 +1,37 @@
-// Dense flash-attention backward on SM90 (spec §3.6): the KV-outer sparse
-// backward's kernels (kv_outer_bwd.hpp) walked over a dense block -> queries
-// index, in which bucket (batch row b, kv head g, key block c) holds the
-// consecutive queries that see a key of block c (all q_len of them without
-// the causal mask, those from the diagonal on with it).
-//
-// Per call, all on `stream`:
-//  1. delta [B, Sq, Hq] = rowsum(dout * out) - dlse (delta_kernel);
-//  2. the dense index (build_dense_index, one small kernel: bucket sizes
-//     from the lengths, their tile offsets by a scan);
-//  3. dq_accum = 0, then the dK / dV kernel with the fused dQ: the index's
-//     tiles (64 (token, head) rows: floor(64 / G) tokens x the G query heads
-//     of kv head g) are split evenly over one wave of CTAs, whatever the
-//     causal triangle, each CTA keeping K_c, V_c in shared memory (TMA),
-//     streaming its tiles' Q, dO, lse, delta (cp.async ring, producer
-//     warpgroup) and accumulating dK, dV of the block in registers (two
-//     consumer warpgroups of 64 keys, ping-pong); dQ_tile = dS K_c goes to
-//     dq_accum by red.global.add. The GQA group's heads share each tile, so
-//     dK / dV sum over them in registers;
-//  4. finish_kernel: the fixed-order sum of buckets split between CTAs
-//     (zeros for buckets no query sees); dq_convert_kernel: dq = scale *
-//     dq_accum in q's dtype.
+// Dense flash-attention backward on SM90 (spec §3.6). Per call, all on
+// `stream`:
+//  1. delta [B, Sq, Hq] = rowsum(dout * out) - dlse (the KV-outer backward's
+//     delta_kernel, kv_outer_bwd.hpp);
+//  2. dq_accum = 0, then dense_bwd_kernel (dense_attention_bwd_kernel.hpp):
+//     one CTA per (key block, kv head, batch row) holding K, V in shared
+//     memory, streaming the Q, dO tiles that see the block (TMA), dK, dV
+//     accumulated in registers and written whole; dQ tiles go to dq_accum by
+//     TMA reduce-add;
+//  3. dq = scale * dq_accum in q's dtype (dq_convert_kernel).
 // dK / dV are deterministic; dq's float32 sums are not (summation order).
+// The workspace's index and partial buffers are unused (size 0).
 #include <climits>
 #include <cstdint>
 
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/sm90/dense_attention_bwd_kernel.hpp"
 #include "kernels/sm90/kv_outer_bwd.hpp"
-#include "kernels/sm90/sparse_block_index.hpp"
 
 namespace jax_msa::sm90 {
 namespace {
-
-using block_index::Geometry;
-
-// The dense problem as the KV-outer backward sees it (no ids).
-cuda::SparseAttentionArgs kv_outer_args(const cuda::DenseAttentionArgs& a) {
-  cuda::SparseAttentionArgs s{};
-  s.q = a.q, s.k = a.k, s.v = a.v, s.ids = nullptr;
-  s.q_lengths = a.q_lengths, s.kv_lengths = a.kv_lengths;
-  s.B = a.B, s.Sq = a.Sq, s.Sk = a.Sk, s.Hq = a.Hq, s.Hkv = a.Hkv, s.D = a.D;
-  s.topk = 0;  // Geometry::dense sets it
-  s.scale = a.scale;
-  return s;
-}
 
 template <class Element, bool kCausal>
 cudaError_t backward(const cuda::DenseAttentionArgs& a, const void* out, const float* lse,
                      const void* dout, const float* dlse, const cuda::DenseBwdWorkspacePtrs& ws,
                      void* dq, void* dk, void* dv, cudaStream_t stream) {
-  const cuda::SparseAttentionArgs s = kv_outer_args(a);
-  const Geometry geo = Geometry::dense(s);
+  // launch_delta takes the sparse arguments; only B, Sq, Hq and q_lengths matter.
+  cuda::SparseAttentionArgs s{};
+  s.q_lengths = a.q_lengths;
+  s.B = a.B, s.Sq = a.Sq, s.Hq = a.Hq;
   cudaError_t st = sparse_bwd::launch_delta<Element>(s, out, dout, dlse, ws.delta, stream);
   if (st != cudaSuccess) return st;
-  st = block_index::build_dense_index(geo, a.q_lengths, a.kv_lengths, kCausal, ws.index, stream);
-  if (st != cudaSuccess) return st;
-  return sparse_bwd::dkdv<Element, kCausal, true>(s, geo, lse, dout, ws.delta, ws.index, ws.partial,
-                                                  ws.dq_accum, dq, dk, dv, stream, nullptr);
+  return dense_bwd::dkdv_dq<Element, kCausal>(a, lse, dout, ws.delta, ws.dq_accum, dq, dk, dv,
+                                              stream);
 }
 
 }  // namespace
@@ -64,9 +40,10 @@ cudaError_t backward(const cuda::DenseAttentionArgs& a, const void* out, const f
 namespace jax_msa::cuda {
 
 bool dense_attention_bwd_args_valid(DType dtype, const DenseAttentionArgs& a) {
-  // D = 128 (the KV-outer kernels' only head dim), G <= 64 (a tile holds all
-  // of a token's heads); TMA takes 32-bit extents; finish_kernel's grid is
-  // one CTA per bucket.
+  // D = 128 (the kernel's only head dim); G <= 64 (kept from the KV-outer
+  // backward, whose limit the Python side states; this kernel loops over
+  // any G); TMA takes 32-bit extents; the grid is one CTA per (key block,
+  // kv head, batch row).
   if ((dtype != DType::kBF16 && dtype != DType::kF16) || a.D != 128) return false;
   if (a.Hkv < 1 || a.Hq < a.Hkv || a.Hq % a.Hkv != 0 || a.Hq / a.Hkv > 64) return false;
   if (a.B < 0 || a.B > INT_MAX || a.Hkv > INT_MAX || a.Sq < 0 || a.Sq >= INT_MAX) return false;
@@ -76,9 +53,12 @@ bool dense_attention_bwd_args_valid(DType dtype, const DenseAttentionArgs& a) {
 }
 
 KvOuterBwdWorkspace dense_attention_bwd_workspace(const DenseAttentionArgs& a) {
-  const cuda::SparseAttentionArgs s = sm90::kv_outer_args(a);
-  const sm90::Geometry geo = sm90::Geometry::dense(s);
-  return sm90::sparse_bwd::workspace_sizes(s, geo, geo.index_ints);
+  KvOuterBwdWorkspace ws;
+  ws.delta_floats = a.B * a.Sq * a.Hq;
+  ws.index_ints = 0;  // no index: a key block's queries are whole row tiles
+  ws.partial_floats = 0;  // every key block is one CTA's: dK / dV written whole
+  ws.dq_accum_floats = a.B * a.Sq * a.Hq * a.D;
+  return ws;
 }
 
 cudaError_t dense_attention_bwd(DType dtype, const DenseAttentionArgs& a, const void* out,
@@ -86,8 +66,7 @@ cudaError_t dense_attention_bwd(DType dtype, const DenseAttentionArgs& a, const 
                                 const DenseBwdWorkspacePtrs& ws, void* dq, void* dk, void* dv,
                                 cudaStream_t stream) {
   if (!dense_attention_bwd_args_valid(dtype, a)) return cudaErrorInvalidValue;
-  if (reinterpret_cast<uintptr_t>(ws.index) % 8 != 0 ||
-      reinterpret_cast<uintptr_t>(ws.dq_accum) % 16 != 0 ||
+  if (reinterpret_cast<uintptr_t>(ws.dq_accum) % 16 != 0 ||
       reinterpret_cast<uintptr_t>(dq) % 16 != 0) {
     return cudaErrorInvalidValue;
   }

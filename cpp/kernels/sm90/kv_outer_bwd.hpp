@@ -140,6 +140,50 @@ __device__ constexpr auto acc_to_operand_a(AccLayout acc) {
                      coalesce(make_layout(v_hi, get<2>(acc))));
 }
 
+// dS^T (a 64-key accumulator, rowcol view, keys key0 + its rows) -> buffer
+// `buf` of the shared (row, key) dS tile; pairs of rows are adjacent (the
+// swizzle moves 16-byte units).
+template <class Element, class AccRC, class CoordRC, class SmemDs>
+__device__ __forceinline__ void store_ds_t(const AccRC& acc_rc, const CoordRC& coord_rc,
+                                           SmemDs sDs, int key0, int buf) {
+  CUTE_UNROLL
+  for (int r = 0; r < size<0>(acc_rc); ++r) {
+    const int key = key0 + get<0>(coord_rc(r, 0));
+    CUTE_UNROLL
+    for (int j = 0; j < size<1>(acc_rc); j += 2) {
+      const int n = get<1>(coord_rc(0, j));
+      *reinterpret_cast<uint32_t*>(&sDs(n, key, buf)) =
+          pack2<Element>(acc_rc(r, j), acc_rc(r, j + 1));
+    }
+  }
+}
+
+// dk = scale * accK, dv = accV of keys key0 + [0, 64) (those below Sk) of
+// (batch row b, kv head g): a warpgroup's whole rows of a block.
+template <class Element, class Acc, class ThrMma>
+__device__ __forceinline__ void store_dkdv(const Acc& accK, const Acc& accV, const ThrMma& thr_kv,
+                                           Element* dk, Element* dv, int64_t Sk, int64_t Hkv,
+                                           int64_t b, int64_t g, int64_t key0, float scale) {
+  Tensor cKV = thr_kv.partition_C(make_identity_tensor(Shape<_64, Int<kHeadDim>>{}));
+  Tensor cKV_rc = make_tensor(cKV.data(), rowcol_layout(cKV.layout()));
+  Tensor accV_rc = make_tensor(accV.data(), rowcol_layout(accV.layout()));
+  Tensor accK_rc = make_tensor(accK.data(), rowcol_layout(accK.layout()));
+  CUTE_UNROLL
+  for (int r = 0; r < size<0>(accV_rc); ++r) {
+    const int64_t key = key0 + get<0>(cKV_rc(r, 0));
+    if (key < Sk) {
+      const int64_t at = ((b * Sk + key) * Hkv + g) * kHeadDim;
+      CUTE_UNROLL
+      for (int j = 0; j < size<1>(accV_rc); j += 2) {
+        const int d = get<1>(cKV_rc(r, j));
+        *reinterpret_cast<uint32_t*>(dk + at + d) =
+            pack2<Element>(accK_rc(r, j) * scale, accK_rc(r, j + 1) * scale);
+        *reinterpret_cast<uint32_t*>(dv + at + d) = pack2<Element>(accV_rc(r, j), accV_rc(r, j + 1));
+      }
+    }
+  }
+}
+
 // Consumer schedule: a warpgroup queues the next tile's S^T product behind
 // the current tile's dV / dK products (and its dP^T right after them), so
 // that its own softmax step is the only time it leaves the tensor cores idle.
@@ -475,16 +519,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         // dS^T -> dS buffer `it % 3` (keys [64w, 64w + 64)); pairs of rows are
         // adjacent (the swizzle moves 16-byte units).
         const int buf = static_cast<int>(it % Traits::kDsBufs);
-        CUTE_UNROLL
-        for (int r = 0; r < kKeyRows; ++r) {
-          const int key = 64 * w + get<0>(cS_rc(r, 0));
-          CUTE_UNROLL
-          for (int j = 0; j < kCols; j += 2) {
-            const int n = get<1>(cS_rc(0, j));
-            *reinterpret_cast<uint32_t*>(&sDs(n, key, buf)) =
-                pack2<Element>(accP_rc(r, j), accP_rc(r, j + 1));
-          }
-        }
+        store_ds_t<Element>(accP_rc, cS_rc, sDs, 64 * w, buf);
         cutlass::arch::fence_view_async_shared();  // generic stores -> wgmma reads
         CUTE_UNROLL
         for (int r = 0; r < kQRows; ++r) {
@@ -574,27 +609,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     ClusterBarrier::arrive(&ss.kv_empty);  // K_c, V_c no longer read
 
     // Epilogue: dK = scale * sum dS^T Q, dV = sum P^T dO.
-    Tensor cKV = thr_kv.partition_C(make_identity_tensor(TileKV{}));
-    Tensor cKV_rc = make_tensor(cKV.data(), rowcol_layout(cKV.layout()));
-    Tensor accV_rc = make_tensor(accV.data(), rowcol_layout(accV.layout()));
-    Tensor accK_rc = make_tensor(accK.data(), rowcol_layout(accK.layout()));
     if (walker.whole) {
-      CUTE_UNROLL
-      for (int r = 0; r < size<0>(accV_rc); ++r) {
-        const int64_t key = c * kBlock + 64 * w + get<0>(cKV_rc(r, 0));
-        if (key < geo.Sk) {
-          const int64_t at = ((b * geo.Sk + key) * geo.Hkv + g) * kHeadDim;
-          CUTE_UNROLL
-          for (int j = 0; j < size<1>(accV_rc); j += 2) {
-            const int d = get<1>(cKV_rc(r, j));
-            *reinterpret_cast<uint32_t*>(p.dk + at + d) =
-                pack2<Element>(accK_rc(r, j) * p.scale, accK_rc(r, j + 1) * p.scale);
-            *reinterpret_cast<uint32_t*>(p.dv + at + d) =
-                pack2<Element>(accV_rc(r, j), accV_rc(r, j + 1));
-          }
-        }
-      }
+      store_dkdv<Element>(accK, accV, thr_kv, p.dk, p.dv, geo.Sk, geo.Hkv, b, g,
+                          c * kBlock + 64 * w, p.scale);
     } else {
+      Tensor cKV = thr_kv.partition_C(make_identity_tensor(TileKV{}));
+      Tensor cKV_rc = make_tensor(cKV.data(), rowcol_layout(cKV.layout()));
+      Tensor accV_rc = make_tensor(accV.data(), rowcol_layout(accV.layout()));
+      Tensor accK_rc = make_tensor(accK.data(), rowcol_layout(accK.layout()));
       const int64_t slot = 2 * int64_t{blockIdx.x} + (seg == 0 ? 0 : 1);
       float* out_k = p.partial + slot * kSlotFloats;
       float* out_v = out_k + kBlock * kHeadDim;

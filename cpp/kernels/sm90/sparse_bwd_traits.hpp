@@ -39,9 +39,11 @@ namespace jax_msa::sm90 {
 
 using namespace cute;
 
-template <class Element_>
-struct SparseBwdTraits : kv_outer::TileShape<Element_, 3> {  // 3 Q / dO tiles in flight
-  using Base = kv_outer::TileShape<Element_, 3>;
+// kStages Q / dO tiles in flight, kDsBufs_ dS buffers (the dense backward,
+// dense_attention_bwd_kernel.hpp, takes the layouts and products with 2 / 2).
+template <class Element_, int kStages_ = 3, int kDsBufs_ = 3>
+struct SparseBwdTraits : kv_outer::TileShape<Element_, kStages_> {
+  using Base = kv_outer::TileShape<Element_, kStages_>;
   using typename Base::Element;
   using typename Base::SmemLayoutKV;
   using typename Base::SmemLayoutQ;
@@ -57,7 +59,7 @@ struct SparseBwdTraits : kv_outer::TileShape<Element_, 3> {  // 3 Q / dO tiles i
 
   // dS of a tile, (row, key, buffer), rows contiguous: written from the dS^T
   // accumulators (keys along M), read as the MN-major A operand of dQ.
-  static constexpr int kDsBufs = 3;
+  static constexpr int kDsBufs = kDsBufs_;
   using SmemLayoutDs = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{},
                                               Shape<Int<kRows>, Int<Base::kKeys>, Int<kDsBufs>>{}));
   // K_c seen as (dim, key): the MN-major B operand of dQ = dS K_c.
