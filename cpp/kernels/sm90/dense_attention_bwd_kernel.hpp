@@ -147,6 +147,20 @@ struct BlockWork {
   }
 };
 
+__device__ __forceinline__ void st_shared_f2(uint32_t addr, float x, float y) {
+  asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(x), "f"(y) : "memory");
+}
+
+// Address of pair v (columns + 8v) of a dQ accumulator row in the K-major,
+// 128-byte swizzled float32 tile (SmemLayoutDq), from that of pair 0: pairs
+// 0-3 share a 32-column swizzle atom row, whose 16-byte units the swizzle
+// permutes by XOR; pairs 4-7 are the same in the next atom column (64 rows
+// x 128 bytes further). Checked against the CuTe layout for every thread on
+// the host. Computed per store so that only one address per row stays in a register.
+__device__ __forceinline__ uint32_t dq_pair_addr(uint32_t pair0, int v) {
+  return (pair0 ^ static_cast<uint32_t>((v % 4) << 5)) + (v / 4) * 64 * 128;
+}
+
 // Step `it`'s query tile m, head h, ring stage and barrier phases, advanced
 // step by step (no 64-bit division per step; 32 bits: m < 2^25, h < Hq).
 struct StepCounter {
@@ -209,6 +223,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       load_kv_block<T>(p.tma_v, p.Sk, p.Hkv, p.B, work.b, work.g, work.c, ss.v, ss.kv_full);
       auto cta = p.tma_q.get_slice(_0{});
       StepCounter step(work, p.G);
+#pragma unroll 1  // few registers: no copies of the loop
       for (int64_t it = 0; it < steps; ++it, step.advance()) {
         const int stage = step.stage;
         ClusterBarrier::wait(&ss.empty[stage], step.phase ^ 1);
@@ -227,6 +242,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       // lane and lane + 32 of each tile.
       const int64_t base = work.b * p.Sq * p.Hq;
       StepCounter step(work, p.G);
+#pragma unroll 1  // few registers: no copies of the loop
       for (int64_t it = 0; it < steps; ++it, step.advance()) {
         const int stage = step.stage;
         ClusterBarrier::wait(&ss.empty[stage], step.phase ^ 1);
@@ -245,6 +261,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       Tensor sDq = make_tensor(make_smem_ptr(ss.dq), typename T::SmemLayoutDq{});
       auto cta = p.tma_dq.get_slice(_0{});
       StepCounter step(work, p.G);
+#pragma unroll 1  // few registers: no copies of the loop
       for (int64_t it = 0; it < steps; ++it, step.advance()) {
         const int64_t m = step.m;
         const int64_t h = step.h;
@@ -328,11 +345,18 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     if (key >= work.kv_len) rel = INT_MAX;
     key_rel[r] = static_cast<int>(rel < -1 ? -1 : (rel > INT_MAX ? INT_MAX : rel));
   }
+  // Shared address of this thread's first dQ pair in each of its rows.
+  uint32_t dq_row_addr[decltype(size<0>(accQ_rc))::value];
+  CUTE_UNROLL
+  for (int r = 0; r < size<0>(accQ_rc); ++r) {
+    dq_row_addr[r] = cast_smem_ptr_to_uint(&sDq(get<0>(cQ_rc(r, 0)), 64 * w + get<1>(cQ_rc(r, 0))));
+  }
   const float scale_log2 = p.scale * kLog2e;
   constexpr int kDsReady = 0;  // named barrier: both halves of a step's dS stored
 
   if (steps > 0) ClusterBarrier::wait(&ss.kv_full, 0);
   StepCounter step(work, p.G);
+#pragma unroll 1
   for (int64_t it = 0; it < steps; ++it, step.advance()) {
     const int stage = step.stage;
     const int buf = step.stage;  // kDsBufs == kStages
@@ -397,22 +421,8 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     }
 
     // dV += P^T dO, dK += dS^T Q (registers x the dO^T, Q^T views).
-    warpgroup_fence_operand(rP);
-    warpgroup_fence_operand(rdS);
-    warpgroup_fence_operand(accV);
-    warpgroup_fence_operand(accK);
-    warpgroup_arrive();
-    CUTE_UNROLL
-    for (int kb = 0; kb < size<2>(rP); ++kb) {
-      cute::gemm(mma_kv, rP(_, _, kb), tKrOt(_, _, kb, stage), accV);
-    }
-    CUTE_UNROLL
-    for (int kb = 0; kb < size<2>(rdS); ++kb) {
-      cute::gemm(mma_kv, rdS(_, _, kb), tKrQt(_, _, kb, stage), accK);
-    }
-    warpgroup_commit_batch();
-    warpgroup_fence_operand(accV);
-    warpgroup_fence_operand(accK);
+    sparse_bwd::issue_dv_dk(mma_kv, rP, rdS, tKrOt(_, _, _, stage), tKrQt(_, _, _, stage), accV,
+                            accK);
 
     // dQ = dS K_c for dims [64w, 64w + 64), once both halves of dS are in.
     cutlass::arch::fence_view_async_shared();  // generic stores -> wgmma reads
@@ -431,11 +441,10 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     ClusterBarrier::wait(&ss.dq_empty, step.parity ^ 1);
     CUTE_UNROLL
     for (int r = 0; r < size<0>(accQ_rc); ++r) {
-      const int row = get<0>(cQ_rc(r, 0));
+      const uint32_t row_addr = dq_row_addr[r];
       CUTE_UNROLL
       for (int j = 0; j < size<1>(accQ_rc); j += 2) {
-        const int col = 64 * w + get<1>(cQ_rc(r, j));
-        *reinterpret_cast<float2*>(&sDq(row, col)) = make_float2(accQ_rc(r, j), accQ_rc(r, j + 1));
+        st_shared_f2(dq_pair_addr(row_addr, j / 2), accQ_rc(r, j), accQ_rc(r, j + 1));
       }
     }
     cutlass::arch::fence_view_async_shared();  // generic stores -> the TMA's reads

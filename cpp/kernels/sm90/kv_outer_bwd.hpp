@@ -184,6 +184,25 @@ __device__ __forceinline__ void store_dkdv(const Acc& accK, const Acc& accV, con
   }
 }
 
+// dV += P^T dO and dK += dS^T Q of one stage (register A operands, the dO^T
+// and Q^T views as B), one commit group.
+template <class Mma, class RP, class TB, class Acc>
+__device__ __forceinline__ void issue_dv_dk(Mma& mma_kv, RP& rP, RP& rdS, const TB& dOt,
+                                            const TB& Qt, Acc& accV, Acc& accK) {
+  warpgroup_fence_operand(rP);
+  warpgroup_fence_operand(rdS);
+  warpgroup_fence_operand(accV);
+  warpgroup_fence_operand(accK);
+  warpgroup_arrive();
+  CUTE_UNROLL
+  for (int kb = 0; kb < size<2>(rP); ++kb) cute::gemm(mma_kv, rP(_, _, kb), dOt(_, _, kb), accV);
+  CUTE_UNROLL
+  for (int kb = 0; kb < size<2>(rdS); ++kb) cute::gemm(mma_kv, rdS(_, _, kb), Qt(_, _, kb), accK);
+  warpgroup_commit_batch();
+  warpgroup_fence_operand(accV);
+  warpgroup_fence_operand(accK);
+}
+
 // Consumer schedule: a warpgroup queues the next tile's S^T product behind
 // the current tile's dV / dK products (and its dP^T right after them), so
 // that its own softmax step is the only time it leaves the tensor cores idle.
@@ -391,22 +410,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     warpgroup_fence_operand(accP);
   };
   auto issue_kv = [&](int stage) {
-    warpgroup_fence_operand(rP);
-    warpgroup_fence_operand(rdS);
-    warpgroup_fence_operand(accV);
-    warpgroup_fence_operand(accK);
-    warpgroup_arrive();
-    CUTE_UNROLL
-    for (int kb = 0; kb < size<2>(rP); ++kb) {
-      cute::gemm(mma_kv, rP(_, _, kb), tKrOt(_, _, kb, stage), accV);
-    }
-    CUTE_UNROLL
-    for (int kb = 0; kb < size<2>(rdS); ++kb) {
-      cute::gemm(mma_kv, rdS(_, _, kb), tKrQt(_, _, kb, stage), accK);
-    }
-    warpgroup_commit_batch();
-    warpgroup_fence_operand(accV);
-    warpgroup_fence_operand(accK);
+    issue_dv_dk(mma_kv, rP, rdS, tKrOt(_, _, _, stage), tKrQt(_, _, _, stage), accV, accK);
     warpgroup_fence_operand(rP);
     warpgroup_fence_operand(rdS);
   };
