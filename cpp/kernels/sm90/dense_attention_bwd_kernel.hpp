@@ -81,6 +81,7 @@ struct Traits : SparseBwdTraits<Element_, 2, 2> {  // 2 Q / dO stages, 2 dS buff
     uint64_t empty[kStages];
     uint64_t dq_full;
     uint64_t dq_empty;
+    uint64_t kv_empty;  // the consumers are done with K, V (before a CTA's second block)
   };
   static constexpr int kSmemBytes = sizeof(SharedStorage);
   static_assert(kSmemBytes <= 227 * 1024, "fits one SM90 CTA");
@@ -117,32 +118,57 @@ struct Params {
   float scale;
 };
 
-// The CTA's block and the query tiles [m0, m1) that see one of its keys.
+// The CTA's key blocks and, per block, the query tiles [m0, m1) that see one
+// of its keys. The blocks of a (batch row, kv head) are the CTAs' fastest index,
+// so that a wave's CTAs walk the same Q / dO / dQ tiles at the same time and
+// share them in L2 (walking different tiles, the CTAs' streams outgrow L2 and
+// the kernel becomes HBM-bound: half the speed at 8K 16:16, and under causal
+// masking, where each block starts at its own diagonal). Non-causal: one
+// block per CTA, query tiles walked downwards. Causal: block c and block
+// nb - 1 - c per CTA (equal work for all CTAs), the first walked downwards
+// from the last tile, the second upwards from its diagonal, so that at every
+// step all CTAs are on one of two query tiles.
 struct BlockWork {
-  int64_t c = 0, g = 0, b = 0;
+  int64_t g = 0, b = 0;
   int64_t q_len = 0, kv_len = 0;
-  int64_t m0 = 0, m1 = 0;
-  int64_t steps = 0;  // (m1 - m0) * G: (query tile, head) pairs, head fastest
+  int blocks = 1;
+  int64_t c[2] = {0, 0};
+  int64_t m0[2] = {0, 0}, m1[2] = {0, 0};
+  int64_t steps[2] = {0, 0};  // (m1 - m0) * G: (query tile, head) pairs, head fastest
+
+  // Block k's key block and step count (selects: an indexed array would live
+  // in local memory).
+  __device__ int64_t block(int k) const { return k == 0 ? c[0] : c[1]; }
+  __device__ int64_t count(int k) const { return k == 0 ? steps[0] : steps[1]; }
+
+  // CTAs per (batch row, kv head).
+  static constexpr int64_t slots(bool causal, int64_t nb) { return causal ? (nb + 1) / 2 : nb; }
 
   template <bool kCausal, class P>
   __device__ static BlockWork make(const P& p, int64_t cta, int rows, int keys) {
     BlockWork x;
-    // c outermost: the causal triangle's longest blocks (c small) start first.
-    const int64_t bg = p.B * p.Hkv;
-    x.c = cta / bg;
-    x.g = cta % bg % p.Hkv;
-    x.b = cta % bg / p.Hkv;
+    const int64_t nb = (p.Sk + keys - 1) / keys;
+    const int64_t n = slots(kCausal, nb);
+    const int64_t slot = cta % n;
+    x.g = cta / n % p.Hkv;
+    x.b = cta / n / p.Hkv;
     x.q_len = block_index::clamp_len(p.q_lengths, x.b, p.Sq);
     x.kv_len = block_index::clamp_len(p.kv_lengths, x.b, p.Sk);
-    if (x.c * keys < x.kv_len) {
-      // Bottom-right causal: query i sees key j iff j <= kv_len - q_len + i.
-      const int64_t i0 = kCausal ? max<int64_t>(0, x.c * keys - (x.kv_len - x.q_len)) : 0;
-      if (i0 < x.q_len) {
-        x.m0 = i0 / rows;
-        x.m1 = (x.q_len + rows - 1) / rows;
+    x.c[0] = slot;
+    x.c[1] = nb - 1 - slot;
+    x.blocks = kCausal && x.c[1] != slot ? 2 : 1;
+    CUTE_UNROLL
+    for (int k = 0; k < 2; ++k) {  // unrolled: x stays in registers
+      if (k < x.blocks && x.c[k] * keys < x.kv_len) {
+        // Bottom-right causal: query i sees key j iff j <= kv_len - q_len + i.
+        const int64_t i0 = kCausal ? max<int64_t>(0, x.c[k] * keys - (x.kv_len - x.q_len)) : 0;
+        if (i0 < x.q_len) {
+          x.m0[k] = i0 / rows;
+          x.m1[k] = (x.q_len + rows - 1) / rows;
+        }
       }
+      x.steps[k] = (x.m1[k] - x.m0[k]) * p.G;
     }
-    x.steps = (x.m1 - x.m0) * p.G;
     return x;
   }
 };
@@ -161,24 +187,41 @@ __device__ __forceinline__ uint32_t dq_pair_addr(uint32_t pair0, int v) {
   return (pair0 ^ static_cast<uint32_t>((v % 4) << 5)) + (v / 4) * 64 * 128;
 }
 
-// Step `it`'s query tile m, head h, ring stage and barrier phases, advanced
-// step by step (no 64-bit division per step; 32 bits: m < 2^25, h < Hq).
+// The query tile m and head h of each step of a block's walk (BlockWork:
+// the first block downwards, the second upwards), and the ring stage and
+// barrier phases, which run on across blocks; advanced step by step (no
+// 64-bit division per step; 32 bits: m < 2^25, h < Hq).
 struct StepCounter {
-  int m, h, h0, h1;
+  int m = 0, dm = 0, h = 0, h0, h1;
   int stage = 0;
   uint32_t phase = 0;   // of the 2-stage ring
   uint32_t parity = 0;  // of the single dQ buffer: step & 1
   __device__ StepCounter(const BlockWork& work, int64_t G)
-      : m(static_cast<int>(work.m0)),
-        h(static_cast<int>(work.g * G)),
-        h0(h),
-        h1(static_cast<int>(work.g * G + G)) {}
+      : h0(static_cast<int>(work.g * G)), h1(static_cast<int>(work.g * G + G)) {}
+  __device__ void start(const BlockWork& work, int k) {
+    h = h0;
+    dm = k == 0 ? -1 : 1;
+    m = static_cast<int>(k == 0 ? work.m1[0] - 1 : work.m0[1]);
+  }
   __device__ void advance() {
-    if (++h == h1) h = h0, ++m;
+    if (++h == h1) h = h0, m += dm;
     parity ^= 1;
     if (++stage == 2) stage = 0, phase ^= 1;
   }
 };
+
+// Calls f(step, it) for each step of the CTA's walk, it counting from 0 in
+// each block.
+template <class F>
+__device__ __forceinline__ void for_each_step(const BlockWork& work, int64_t G, F&& f) {
+  StepCounter step(work, G);
+#pragma unroll 1
+  for (int k = 0; k < work.blocks; ++k) {
+    step.start(work, k);
+#pragma unroll 1  // few registers: no copies of the loop
+    for (int64_t it = 0; it < work.count(k); ++it, step.advance()) f(step, k, it);
+  }
+}
 
 template <class T, bool kCausal>
 __global__ void __launch_bounds__(T::kThreads, 1)
@@ -194,10 +237,10 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   SharedStorage& ss = *reinterpret_cast<SharedStorage*>(dense_bwd_smem);
 
   const BlockWork work = BlockWork::make<kCausal>(p, blockIdx.x, kRows, kKeys);
-  const int64_t steps = work.steps;
   const int warpgroup = threadIdx.x / 128;
   if (threadIdx.x == 0) {
     ClusterBarrier::init(&ss.kv_full, 1);
+    ClusterBarrier::init(&ss.kv_empty, 256);
     for (int s = 0; s < kStages; ++s) {
       ClusterBarrier::init(&ss.full[s], T::kFullArrivals);
       ClusterBarrier::init(&ss.empty[s], 256);
@@ -215,16 +258,19 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     const int lane = threadIdx.x % 32;
     // Three threads' loops apart (each under 24 registers): warp 0 lane 0
     // TMA, warp 2 the cp.async of lse / delta, warp 1 lane 0 the dQ writer.
-    if (warp == 0 && lane == 0 && steps > 0) {
+    if (warp == 0 && lane == 0) {
       cute::prefetch_tma_descriptor(p.tma_q.get_tma_descriptor());
       cute::prefetch_tma_descriptor(p.tma_do.get_tma_descriptor());
-      ClusterTransactionBarrier::arrive_and_expect_tx(&ss.kv_full, 2 * T::kBytesKV);
-      load_kv_block<T>(p.tma_k, p.Sk, p.Hkv, p.B, work.b, work.g, work.c, ss.k, ss.kv_full);
-      load_kv_block<T>(p.tma_v, p.Sk, p.Hkv, p.B, work.b, work.g, work.c, ss.v, ss.kv_full);
       auto cta = p.tma_q.get_slice(_0{});
-      StepCounter step(work, p.G);
-#pragma unroll 1  // few registers: no copies of the loop
-      for (int64_t it = 0; it < steps; ++it, step.advance()) {
+      int kv_loads = 0;
+      for_each_step(work, p.G, [&](const StepCounter& step, int k, int64_t it) {
+        if (it == 0) {  // the block's K, V, once the consumers are done with the previous ones
+          if (kv_loads > 0) ClusterBarrier::wait(&ss.kv_empty, (kv_loads - 1) & 1);
+          ClusterTransactionBarrier::arrive_and_expect_tx(&ss.kv_full, 2 * T::kBytesKV);
+          load_kv_block<T>(p.tma_k, p.Sk, p.Hkv, p.B, work.b, work.g, work.block(k), ss.k, ss.kv_full);
+          load_kv_block<T>(p.tma_v, p.Sk, p.Hkv, p.B, work.b, work.g, work.block(k), ss.v, ss.kv_full);
+          ++kv_loads;
+        }
         const int stage = step.stage;
         ClusterBarrier::wait(&ss.empty[stage], step.phase ^ 1);
         ClusterTransactionBarrier::arrive_and_expect_tx(&ss.full[stage], 2 * T::kBytesQ);
@@ -236,14 +282,12 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         Tensor gO = tma_heads_tile<typename T::TileQ>(p.tma_do, p.Sq, p.Hq, p.B, work.b, step.h, step.m);
         copy(p.tma_q.with(ss.full[stage]), cta.partition_S(gQ), cta.partition_D(sQ));
         copy(p.tma_do.with(ss.full[stage]), cta.partition_S(gO), cta.partition_D(sO));
-      }
-    } else if (warp == 2 && steps > 0) {
+      });
+    } else if (warp == 2) {
       // lse, delta [B, Sq, Hq] of the tile's queries (zeros past Sq): rows
       // lane and lane + 32 of each tile.
       const int64_t base = work.b * p.Sq * p.Hq;
-      StepCounter step(work, p.G);
-#pragma unroll 1  // few registers: no copies of the loop
-      for (int64_t it = 0; it < steps; ++it, step.advance()) {
+      for_each_step(work, p.G, [&](const StepCounter& step, int, int64_t) {
         const int stage = step.stage;
         ClusterBarrier::wait(&ss.empty[stage], step.phase ^ 1);
         CUTE_UNROLL
@@ -255,23 +299,19 @@ __global__ void __launch_bounds__(T::kThreads, 1)
           cp_async_4z(&ss.delta[stage][r], p.delta + row, valid);
         }
         cutlass::arch::cpasync_barrier_arrive_noinc(&ss.full[stage]);
-      }
+      });
       asm volatile("cp.async.wait_all;\n" ::: "memory");
     } else if (warp == 1 && lane == 0) {
       Tensor sDq = make_tensor(make_smem_ptr(ss.dq), typename T::SmemLayoutDq{});
       auto cta = p.tma_dq.get_slice(_0{});
-      StepCounter step(work, p.G);
-#pragma unroll 1  // few registers: no copies of the loop
-      for (int64_t it = 0; it < steps; ++it, step.advance()) {
-        const int64_t m = step.m;
-        const int64_t h = step.h;
+      for_each_step(work, p.G, [&](const StepCounter& step, int, int64_t) {
         ClusterBarrier::wait(&ss.dq_full, step.parity);
-        Tensor gDq = tma_heads_tile<typename T::TileQ>(p.tma_dq, p.Sq, p.Hq, p.B, work.b, h, m);
+        Tensor gDq = tma_heads_tile<typename T::TileQ>(p.tma_dq, p.Sq, p.Hq, p.B, work.b, step.h, step.m);
         copy(p.tma_dq, cta.partition_S(sDq), cta.partition_D(gDq));
         tma_store_arrive();
         tma_store_wait<0>();  // the tile has been read: the consumers may rewrite it
         ClusterBarrier::arrive(&ss.dq_empty);
-      }
+      });
     }
     return;
   }
@@ -330,21 +370,6 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   using OperandLayout = decltype(acc_to_operand_a(accS.layout()));
   Tensor rP = make_tensor<Element>(OperandLayout{});
   Tensor rdS = make_tensor<Element>(OperandLayout{});
-  clear(accV);
-  clear(accK);
-
-  const int64_t c = work.c;
-  const int64_t offset = work.kv_len - work.q_len;
-  // Key j of this thread's row r is visible to query i iff key_rel[r] <= i
-  // (clamped to [-1, INT_MAX]: always / never, whatever i in [0, 2^31)).
-  int key_rel[kKeyRows];
-  CUTE_UNROLL
-  for (int r = 0; r < kKeyRows; ++r) {
-    const int64_t key = c * kKeys + 64 * w + get<0>(cS_rc(r, 0));
-    int64_t rel = kCausal ? key - offset : -1;
-    if (key >= work.kv_len) rel = INT_MAX;
-    key_rel[r] = static_cast<int>(rel < -1 ? -1 : (rel > INT_MAX ? INT_MAX : rel));
-  }
   // Shared address of this thread's first dQ pair in each of its rows.
   uint32_t dq_row_addr[decltype(size<0>(accQ_rc))::value];
   CUTE_UNROLL
@@ -354,106 +379,129 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   const float scale_log2 = p.scale * kLog2e;
   constexpr int kDsReady = 0;  // named barrier: both halves of a step's dS stored
 
-  if (steps > 0) ClusterBarrier::wait(&ss.kv_full, 0);
+  const int64_t offset = work.kv_len - work.q_len;
   StepCounter step(work, p.G);
+  int kv_loads = 0;
 #pragma unroll 1
-  for (int64_t it = 0; it < steps; ++it, step.advance()) {
-    const int stage = step.stage;
-    const int buf = step.stage;  // kDsBufs == kStages
-    const int64_t m = step.m;
-    ClusterBarrier::wait(&ss.full[stage], step.phase);
+  for (int k = 0; k < work.blocks; ++k) {
+    const int64_t c = work.block(k);
+    // Key j of this thread's row r is visible to query i iff key_rel[r] <= i
+    // (clamped to [-1, INT_MAX]: always / never, whatever i in [0, 2^31)).
+    int key_rel[kKeyRows];
+    CUTE_UNROLL
+    for (int r = 0; r < kKeyRows; ++r) {
+      const int64_t key = c * kKeys + 64 * w + get<0>(cS_rc(r, 0));
+      int64_t rel = kCausal ? key - offset : -1;
+      if (key >= work.kv_len) rel = INT_MAX;
+      key_rel[r] = static_cast<int>(rel < -1 ? -1 : (rel > INT_MAX ? INT_MAX : rel));
+    }
+    clear(accV);
+    clear(accK);
+    if (work.count(k) > 0) ClusterBarrier::wait(&ss.kv_full, kv_loads & 1);
+    step.start(work, k);
+#pragma unroll 1
+    for (int64_t it = 0; it < work.count(k); ++it, step.advance()) {
+      const int stage = step.stage;
+      const int buf = step.stage;  // kDsBufs == kStages
+      const int64_t m = step.m;
+      ClusterBarrier::wait(&ss.full[stage], step.phase);
 
-    // S^T and dP^T, two commit groups: P^T is computed while dP^T runs.
-    warpgroup_fence_operand(accS);
-    warpgroup_fence_operand(accP);
-    warpgroup_arrive();
-    gemm_overwrite(mma_s, tSrK, tSrQ(_, _, _, stage), accS);
-    warpgroup_commit_batch();
-    gemm_overwrite(mma_s, tSrV, tSrO(_, _, _, stage), accP);
-    warpgroup_commit_batch();
-    warpgroup_wait<1>();
-    warpgroup_fence_operand(accS);
+      // S^T and dP^T, two commit groups: P^T is computed while dP^T runs.
+      warpgroup_fence_operand(accS);
+      warpgroup_fence_operand(accP);
+      warpgroup_arrive();
+      gemm_overwrite(mma_s, tSrK, tSrQ(_, _, _, stage), accS);
+      warpgroup_commit_batch();
+      gemm_overwrite(mma_s, tSrV, tSrO(_, _, _, stage), accP);
+      warpgroup_commit_batch();
+      warpgroup_wait<1>();
+      warpgroup_fence_operand(accS);
 
-    // Whether some (key, query) pair of the step is masked: causal, a padded
-    // query or a padded key.
-    const bool masked = (m + 1) * kRows > work.q_len || (c + 1) * kKeys > work.kv_len ||
-                        (kCausal && c * kKeys + kKeys - 1 > offset + m * kRows);
-    // Query limit per column: i, or -2 for a padded query (key_rel >= -1).
-    auto softmax = [&](auto is_masked) {
+      // Whether some (key, query) pair of the step is masked: causal, a padded
+      // query or a padded key.
+      const bool masked = (m + 1) * kRows > work.q_len || (c + 1) * kKeys > work.kv_len ||
+                          (kCausal && c * kKeys + kKeys - 1 > offset + m * kRows);
+      // Query limit per column: i, or -2 for a padded query (key_rel >= -1).
+      auto softmax = [&](auto is_masked) {
+        CUTE_UNROLL
+        for (int j = 0; j < kCols; ++j) {
+          const int n = get<1>(cS_rc(0, j));
+          const float lse = ss.lse[stage][n];
+          const float neg_lse = lse == -INFINITY ? -INFINITY : -lse * kLog2e;
+          const int64_t i = m * kRows + n;
+          const int lim = i < work.q_len ? static_cast<int>(i) : -2;
+          CUTE_UNROLL
+          for (int r = 0; r < kKeyRows; ++r) {
+            float x = fmaf(accS_rc(r, j), scale_log2, neg_lse);
+            if constexpr (decltype(is_masked)::value) x = key_rel[r] <= lim ? x : -INFINITY;
+            accS_rc(r, j) = fast_exp2(x);
+          }
+        }
+      };
+      if (masked) {
+        softmax(cute::true_type{});
+      } else {
+        softmax(cute::false_type{});
+      }
+      warpgroup_wait<0>();  // dP^T
+      warpgroup_fence_operand(accP);
+
+      // dS^T = P^T (dP^T - delta), in registers (dK's A) and in shared dS (dQ's
+      // A). P^T, dS^T are rounded only after both are done, so that the fp32
+      // S^T, dP^T and the operands are never live together (no wgmma
+      // serialisation for want of registers).
       CUTE_UNROLL
       for (int j = 0; j < kCols; ++j) {
-        const int n = get<1>(cS_rc(0, j));
-        const float lse = ss.lse[stage][n];
-        const float neg_lse = lse == -INFINITY ? -INFINITY : -lse * kLog2e;
-        const int64_t i = m * kRows + n;
-        const int lim = i < work.q_len ? static_cast<int>(i) : -2;
+        const float dlt = ss.delta[stage][get<1>(cS_rc(0, j))];
         CUTE_UNROLL
-        for (int r = 0; r < kKeyRows; ++r) {
-          float x = fmaf(accS_rc(r, j), scale_log2, neg_lse);
-          if constexpr (decltype(is_masked)::value) x = key_rel[r] <= lim ? x : -INFINITY;
-          accS_rc(r, j) = fast_exp2(x);
+        for (int r = 0; r < kKeyRows; ++r) accP_rc(r, j) = accS_rc(r, j) * (accP_rc(r, j) - dlt);
+      }
+      sparse_bwd::store_ds_t<Element>(accP_rc, cS_rc, sDs, 64 * w, buf);
+      CUTE_UNROLL
+      for (int e = 0; e < size(accS); ++e) {
+        rP.data()[e] = static_cast<Element>(accS.data()[e]);
+        rdS.data()[e] = static_cast<Element>(accP.data()[e]);
+      }
+
+      // dV += P^T dO, dK += dS^T Q (registers x the dO^T, Q^T views).
+      sparse_bwd::issue_dv_dk(mma_kv, rP, rdS, tKrOt(_, _, _, stage), tKrQt(_, _, _, stage), accV,
+                              accK);
+
+      // dQ = dS K_c for dims [64w, 64w + 64), once both halves of dS are in.
+      cutlass::arch::fence_view_async_shared();  // generic stores -> wgmma reads
+      cutlass::arch::NamedBarrier::sync(256, kDsReady);
+      warpgroup_fence_operand(accQ);
+      warpgroup_arrive();
+      gemm_overwrite(mma_dq, tQrDs(_, _, _, buf), tQrKt, accQ);
+      warpgroup_commit_batch();
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(accQ);
+      warpgroup_fence_operand(rP);
+      warpgroup_fence_operand(rdS);
+      ClusterBarrier::arrive(&ss.empty[stage]);  // Q, dO, lse, delta of the stage read
+
+      // dQ tile -> shared memory, once the writer has sent the previous one.
+      ClusterBarrier::wait(&ss.dq_empty, step.parity ^ 1);
+      CUTE_UNROLL
+      for (int r = 0; r < size<0>(accQ_rc); ++r) {
+        const uint32_t row_addr = dq_row_addr[r];
+        CUTE_UNROLL
+        for (int j = 0; j < size<1>(accQ_rc); j += 2) {
+          st_shared_f2(dq_pair_addr(row_addr, j / 2), accQ_rc(r, j), accQ_rc(r, j + 1));
         }
       }
-    };
-    if (masked) {
-      softmax(cute::true_type{});
-    } else {
-      softmax(cute::false_type{});
+      cutlass::arch::fence_view_async_shared();  // generic stores -> the TMA's reads
+      ClusterBarrier::arrive(&ss.dq_full);
     }
-    warpgroup_wait<0>();  // dP^T
-    warpgroup_fence_operand(accP);
-
-    // dS^T = P^T (dP^T - delta), in registers (dK's A) and in shared dS (dQ's
-    // A). P^T, dS^T are rounded only after both are done, so that the fp32
-    // S^T, dP^T and the operands are never live together (no wgmma
-    // serialisation for want of registers).
-    CUTE_UNROLL
-    for (int j = 0; j < kCols; ++j) {
-      const float dlt = ss.delta[stage][get<1>(cS_rc(0, j))];
-      CUTE_UNROLL
-      for (int r = 0; r < kKeyRows; ++r) accP_rc(r, j) = accS_rc(r, j) * (accP_rc(r, j) - dlt);
-    }
-    sparse_bwd::store_ds_t<Element>(accP_rc, cS_rc, sDs, 64 * w, buf);
-    CUTE_UNROLL
-    for (int e = 0; e < size(accS); ++e) {
-      rP.data()[e] = static_cast<Element>(accS.data()[e]);
-      rdS.data()[e] = static_cast<Element>(accP.data()[e]);
+    if (work.count(k) > 0) {  // every product reading K, V has completed
+      ClusterBarrier::arrive(&ss.kv_empty);
+      ++kv_loads;
     }
 
-    // dV += P^T dO, dK += dS^T Q (registers x the dO^T, Q^T views).
-    sparse_bwd::issue_dv_dk(mma_kv, rP, rdS, tKrOt(_, _, _, stage), tKrQt(_, _, _, stage), accV,
-                            accK);
-
-    // dQ = dS K_c for dims [64w, 64w + 64), once both halves of dS are in.
-    cutlass::arch::fence_view_async_shared();  // generic stores -> wgmma reads
-    cutlass::arch::NamedBarrier::sync(256, kDsReady);
-    warpgroup_fence_operand(accQ);
-    warpgroup_arrive();
-    gemm_overwrite(mma_dq, tQrDs(_, _, _, buf), tQrKt, accQ);
-    warpgroup_commit_batch();
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(accQ);
-    warpgroup_fence_operand(rP);
-    warpgroup_fence_operand(rdS);
-    ClusterBarrier::arrive(&ss.empty[stage]);  // Q, dO, lse, delta of the stage read
-
-    // dQ tile -> shared memory, once the writer has sent the previous one.
-    ClusterBarrier::wait(&ss.dq_empty, step.parity ^ 1);
-    CUTE_UNROLL
-    for (int r = 0; r < size<0>(accQ_rc); ++r) {
-      const uint32_t row_addr = dq_row_addr[r];
-      CUTE_UNROLL
-      for (int j = 0; j < size<1>(accQ_rc); j += 2) {
-        st_shared_f2(dq_pair_addr(row_addr, j / 2), accQ_rc(r, j), accQ_rc(r, j + 1));
-      }
-    }
-    cutlass::arch::fence_view_async_shared();  // generic stores -> the TMA's reads
-    ClusterBarrier::arrive(&ss.dq_full);
+    // dK = scale * sum dS^T Q, dV = sum P^T dO (zeros where no query looked).
+    sparse_bwd::store_dkdv<Element>(accK, accV, thr_kv, p.dk, p.dv, p.Sk, p.Hkv, work.b, work.g,
+                                    c * kKeys + 64 * w, p.scale);
   }
-
-  // dK = scale * sum dS^T Q, dV = sum P^T dO (zeros where no query looked).
-  sparse_bwd::store_dkdv<Element>(accK, accV, thr_kv, p.dk, p.dv, p.Sk, p.Hkv, work.b, work.g,
-                                  c * kKeys + 64 * w, p.scale);
 #endif
 }
 
@@ -478,7 +526,7 @@ cudaError_t dkdv_dq(const cuda::DenseAttentionArgs& a, const float* lse, const v
     return st != cudaSuccess ? st : cudaMemsetAsync(dv, 0, bytes, stream);
   }
   const int64_t nb = (a.Sk + T::kKeys - 1) / T::kKeys;
-  const int64_t ctas = nb * a.Hkv * a.B;
+  const int64_t ctas = BlockWork::slots(kCausal, nb) * a.Hkv * a.B;
   if (ctas > 0) {
     const auto* k = static_cast<const Element*>(a.k);
     const auto* v = static_cast<const Element*>(a.v);
