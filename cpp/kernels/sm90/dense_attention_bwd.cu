@@ -3,7 +3,7 @@
 //  1. delta [B, Sq, Hq] = rowsum(dout * out) - dlse (the KV-outer backward's
 //     delta_kernel, kv_outer_bwd.hpp);
 //  2. dq_accum = 0, then dense_bwd_kernel (dense_attention_bwd_kernel.hpp):
-//     one CTA per (key block, kv head, batch row) holding K, V in shared
+//     a CTA per (key block (causal: a pair), kv head, batch row) holding K, V in shared
 //     memory, streaming the Q, dO tiles that see the block (TMA), dK, dV
 //     accumulated in registers and written whole; dQ tiles go to dq_accum by
 //     TMA reduce-add;
@@ -42,7 +42,7 @@ namespace jax_msa::cuda {
 bool dense_attention_bwd_args_valid(DType dtype, const DenseAttentionArgs& a) {
   // D = 128 (the kernel's only head dim); G <= 64 (kept from the KV-outer
   // backward, whose limit the Python side states; this kernel loops over
-  // any G); TMA takes 32-bit extents; the grid is one CTA per (key block,
+  // any G); TMA takes 32-bit extents; the grid has at most one CTA per (key block,
   // kv head, batch row).
   if ((dtype != DType::kBF16 && dtype != DType::kF16) || a.D != 128) return false;
   if (a.Hkv < 1 || a.Hq < a.Hkv || a.Hq % a.Hkv != 0 || a.Hq / a.Hkv > 64) return false;

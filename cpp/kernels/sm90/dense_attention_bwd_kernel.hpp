@@ -2,7 +2,9 @@
 // in the manner of FlashAttention-3's Hopper backward: no index and no
 // gather, since a key block's queries are whole row tiles of q and dout.
 //
-// One CTA per (key block c of 128 keys, kv head g, batch row b), 3 warpgroups:
+// A CTA per key block c of 128 keys (causal: per pair of blocks c and
+// nb - 1 - c, one after the other; see BlockWork), kv head g and batch row b,
+// 3 warpgroups:
 //   warpgroup 0   warp 0: K_c, V_c once (TMA), then per step a Q and a dO
 //                 tile (64 queries of one head, TMA) into a 2-stage ring;
 //                 warp 2: their lse, delta (cp.async: a head's rows are
