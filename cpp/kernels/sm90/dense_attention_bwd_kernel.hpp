@@ -322,56 +322,21 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   cutlass::arch::warpgroup_reg_alloc<240>();
   const int w = warpgroup - 1;  // keys [64w, 64w + 64) of the block
   const int tid = threadIdx.x % 128;
-  typename T::MmaSdP mma_s;
-  typename T::MmaKV mma_kv;
-  typename T::MmaDq mma_dq;
-  mma_kv.accumulate_ = GMMA::ScaleOut::One;
-  auto thr_s = mma_s.get_thread_slice(tid);
-  auto thr_kv = mma_kv.get_thread_slice(tid);
-  auto thr_dq = mma_dq.get_thread_slice(tid);
-
-  Tensor sK = make_tensor(make_smem_ptr(ss.k), typename T::SmemLayoutKV{});
-  Tensor sV = make_tensor(make_smem_ptr(ss.v), typename T::SmemLayoutKV{});
-  Tensor sKw = local_tile(sK, Shape<_64, Int<kD>>{}, make_coord(w, _0{}));
-  Tensor sVw = local_tile(sV, Shape<_64, Int<kD>>{}, make_coord(w, _0{}));
-  Tensor sQ = make_tensor(make_smem_ptr(ss.q), typename T::SmemLayoutQ{});
-  Tensor sO = make_tensor(make_smem_ptr(ss.dout), typename T::SmemLayoutQ{});
-  Tensor sQt = make_tensor(make_smem_ptr(ss.q), typename T::SmemLayoutQt{});
-  Tensor sOt = make_tensor(make_smem_ptr(ss.dout), typename T::SmemLayoutQt{});
+  sparse_bwd::KeyBlockFragments<T> f(ss, w, tid);
+  auto thr_s = f.mma_s.get_thread_slice(tid);
+  auto thr_kv = f.mma_kv.get_thread_slice(tid);
+  auto thr_dq = f.mma_dq.get_thread_slice(tid);
   Tensor sDs = make_tensor(make_smem_ptr(ss.ds), typename T::SmemLayoutDs{});
-  Tensor sKt = make_tensor(make_smem_ptr(ss.k), typename T::SmemLayoutKt{});
-  Tensor sKtw = local_tile(sKt, Shape<_64, Int<kKeys>>{}, make_coord(w, _0{}));
   Tensor sDq = make_tensor(make_smem_ptr(ss.dq), typename T::SmemLayoutDq{});
-
-  Tensor tSrK = thr_s.partition_fragment_A(sKw);    // (MMA, 1, D/16)
-  Tensor tSrV = thr_s.partition_fragment_A(sVw);
-  Tensor tSrQ = thr_s.partition_fragment_B(sQ);     // (MMA, 1, D/16, stage)
-  Tensor tSrO = thr_s.partition_fragment_B(sO);
-  Tensor tKrQt = thr_kv.partition_fragment_B(sQt);  // (MMA, 1, rows/16, stage)
-  Tensor tKrOt = thr_kv.partition_fragment_B(sOt);
-  Tensor tQrDs = thr_dq.partition_fragment_A(sDs);  // (MMA, 1, keys/16, buffer)
-  Tensor tQrKt = thr_dq.partition_fragment_B(sKtw);  // (MMA, 1, keys/16)
-
-  using TileS = Shape<_64, Int<kRows>>;
-  using TileKV = Shape<_64, Int<kD>>;
-  using TileDq = Shape<Int<kRows>, _64>;
-  Tensor accS = partition_fragment_C(mma_s, TileS{});  // S^T, then P^T
-  Tensor accP = partition_fragment_C(mma_s, TileS{});  // dP^T, then dS^T
-  Tensor accV = partition_fragment_C(mma_kv, TileKV{});
-  Tensor accK = partition_fragment_C(mma_kv, TileKV{});
-  Tensor accQ = partition_fragment_C(mma_dq, TileDq{});
-  Tensor accS_rc = make_tensor(accS.data(), rowcol_layout(accS.layout()));
-  Tensor accP_rc = make_tensor(accP.data(), rowcol_layout(accP.layout()));
-  Tensor accQ_rc = make_tensor(accQ.data(), rowcol_layout(accQ.layout()));
-  Tensor cS = thr_s.partition_C(make_identity_tensor(TileS{}));
+  Tensor accS_rc = f.s_rows();
+  Tensor accP_rc = f.p_rows();
+  Tensor accQ_rc = f.q_rows();
+  Tensor cS = thr_s.partition_C(make_identity_tensor(typename decltype(f)::TileS{}));
   Tensor cS_rc = make_tensor(cS.data(), rowcol_layout(cS.layout()));
-  Tensor cQ = thr_dq.partition_C(make_identity_tensor(TileDq{}));
+  Tensor cQ = thr_dq.partition_C(make_identity_tensor(typename decltype(f)::TileDq{}));
   Tensor cQ_rc = make_tensor(cQ.data(), rowcol_layout(cQ.layout()));
   constexpr int kKeyRows = decltype(size<0>(accS_rc))::value;  // 2
   constexpr int kCols = decltype(size<1>(accS_rc))::value;     // 16
-  using OperandLayout = decltype(acc_to_operand_a(accS.layout()));
-  Tensor rP = make_tensor<Element>(OperandLayout{});
-  Tensor rdS = make_tensor<Element>(OperandLayout{});
   // Shared address of this thread's first dQ pair in each of its rows.
   uint32_t dq_row_addr[decltype(size<0>(accQ_rc))::value];
   CUTE_UNROLL
@@ -397,8 +362,8 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       if (key >= work.kv_len) rel = INT_MAX;
       key_rel[r] = static_cast<int>(rel < -1 ? -1 : (rel > INT_MAX ? INT_MAX : rel));
     }
-    clear(accV);
-    clear(accK);
+    clear(f.accV);
+    clear(f.accK);
     if (work.count(k) > 0) ClusterBarrier::wait(&ss.kv_full, kv_loads & 1);
     step.start(work, k);
 #pragma unroll 1
@@ -409,15 +374,15 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       ClusterBarrier::wait(&ss.full[stage], step.phase);
 
       // S^T and dP^T, two commit groups: P^T is computed while dP^T runs.
-      warpgroup_fence_operand(accS);
-      warpgroup_fence_operand(accP);
+      warpgroup_fence_operand(f.accS);
+      warpgroup_fence_operand(f.accP);
       warpgroup_arrive();
-      gemm_overwrite(mma_s, tSrK, tSrQ(_, _, _, stage), accS);
+      gemm_overwrite(f.mma_s, f.tSrK, f.tSrQ(_, _, _, stage), f.accS);
       warpgroup_commit_batch();
-      gemm_overwrite(mma_s, tSrV, tSrO(_, _, _, stage), accP);
+      gemm_overwrite(f.mma_s, f.tSrV, f.tSrO(_, _, _, stage), f.accP);
       warpgroup_commit_batch();
       warpgroup_wait<1>();
-      warpgroup_fence_operand(accS);
+      warpgroup_fence_operand(f.accS);
 
       // Whether some (key, query) pair of the step is masked: causal, a padded
       // query or a padded key.
@@ -446,7 +411,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         softmax(cute::false_type{});
       }
       warpgroup_wait<0>();  // dP^T
-      warpgroup_fence_operand(accP);
+      warpgroup_fence_operand(f.accP);
 
       // dS^T = P^T (dP^T - delta), in registers (dK's A) and in shared dS (dQ's
       // A). P^T, dS^T are rounded only after both are done, so that the fp32
@@ -460,26 +425,26 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       }
       sparse_bwd::store_ds_t<Element>(accP_rc, cS_rc, sDs, 64 * w, buf);
       CUTE_UNROLL
-      for (int e = 0; e < size(accS); ++e) {
-        rP.data()[e] = static_cast<Element>(accS.data()[e]);
-        rdS.data()[e] = static_cast<Element>(accP.data()[e]);
+      for (int e = 0; e < size(f.accS); ++e) {
+        f.rP.data()[e] = static_cast<Element>(f.accS.data()[e]);
+        f.rdS.data()[e] = static_cast<Element>(f.accP.data()[e]);
       }
 
       // dV += P^T dO, dK += dS^T Q (registers x the dO^T, Q^T views).
-      sparse_bwd::issue_dv_dk(mma_kv, rP, rdS, tKrOt(_, _, _, stage), tKrQt(_, _, _, stage), accV,
-                              accK);
+      sparse_bwd::issue_dv_dk(f.mma_kv, f.rP, f.rdS, f.tKrOt(_, _, _, stage),
+                              f.tKrQt(_, _, _, stage), f.accV, f.accK);
 
       // dQ = dS K_c for dims [64w, 64w + 64), once both halves of dS are in.
       cutlass::arch::fence_view_async_shared();  // generic stores -> wgmma reads
       cutlass::arch::NamedBarrier::sync(256, kDsReady);
-      warpgroup_fence_operand(accQ);
+      warpgroup_fence_operand(f.accQ);
       warpgroup_arrive();
-      gemm_overwrite(mma_dq, tQrDs(_, _, _, buf), tQrKt, accQ);
+      gemm_overwrite(f.mma_dq, f.tQrDs(_, _, _, buf), f.tQrKt, f.accQ);
       warpgroup_commit_batch();
       warpgroup_wait<0>();
-      warpgroup_fence_operand(accQ);
-      warpgroup_fence_operand(rP);
-      warpgroup_fence_operand(rdS);
+      warpgroup_fence_operand(f.accQ);
+      warpgroup_fence_operand(f.rP);
+      warpgroup_fence_operand(f.rdS);
       ClusterBarrier::arrive(&ss.empty[stage]);  // Q, dO, lse, delta of the stage read
 
       // dQ tile -> shared memory, once the writer has sent the previous one.
@@ -501,7 +466,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     }
 
     // dK = scale * sum dS^T Q, dV = sum P^T dO (zeros where no query looked).
-    sparse_bwd::store_dkdv<Element>(accK, accV, thr_kv, p.dk, p.dv, p.Sk, p.Hkv, work.b, work.g,
+    sparse_bwd::store_dkdv<Element>(f.accK, f.accV, thr_kv, p.dk, p.dv, p.Sk, p.Hkv, work.b, work.g,
                                     c * kKeys + 64 * w, p.scale);
   }
 #endif

@@ -203,6 +203,76 @@ __device__ __forceinline__ void issue_dv_dk(Mma& mma_kv, RP& rP, RP& rdS, const 
   warpgroup_fence_operand(accK);
 }
 
+// A consumer warpgroup's products over one key block, in both backwards
+// (the KV-outer kernel below; dense: dense_attention_bwd_kernel.hpp):
+// warpgroup w owns keys [64w, 64w + 64). The tiled MMAs, the shared-memory
+// operand fragments (K_w, V_w; Q, dO by stage and their transposed views;
+// dS by buffer; K_c^T's dims [64w, 64w + 64)), the accumulators and the
+// register A operands P^T, dS^T.
+template <class Traits>
+struct KeyBlockFragments {
+  using Element = typename Traits::Element;
+  using MmaSdP = typename Traits::MmaSdP;
+  using MmaKV = typename Traits::MmaKV;
+  using MmaDq = typename Traits::MmaDq;
+  using TileS = Shape<_64, Int<Traits::kRows>>;
+  using TileKV = Shape<_64, Int<Traits::kD>>;
+  using TileDq = Shape<Int<Traits::kRows>, _64>;
+  template <class Layout>
+  using Smem = decltype(make_tensor(make_smem_ptr(std::declval<Element*>()), Layout{}));
+  template <class Layout, class Tile>
+  using SmemW = decltype(local_tile(std::declval<Smem<Layout>>(), Tile{}, make_coord(0, _0{})));
+  template <class Mma>
+  using Thr = decltype(std::declval<Mma>().get_thread_slice(0));
+  using SmemKVw = SmemW<typename Traits::SmemLayoutKV, TileKV>;
+  using SmemKtw = SmemW<typename Traits::SmemLayoutKt, Shape<_64, Int<Traits::kKeys>>>;
+  using AccS = decltype(partition_fragment_C(std::declval<MmaSdP>(), TileS{}));
+  using OperandLayout = decltype(acc_to_operand_a(std::declval<AccS>().layout()));
+
+  MmaSdP mma_s;
+  MmaKV mma_kv;  // accumulates
+  MmaDq mma_dq;
+  decltype(std::declval<Thr<MmaSdP>>().partition_fragment_A(std::declval<SmemKVw>()))
+      tSrK, tSrV;  // (MMA, 1, D/16)
+  decltype(std::declval<Thr<MmaSdP>>().partition_fragment_B(
+      std::declval<Smem<typename Traits::SmemLayoutQ>>())) tSrQ, tSrO;  // (MMA, 1, D/16, stage)
+  decltype(std::declval<Thr<MmaKV>>().partition_fragment_B(
+      std::declval<Smem<typename Traits::SmemLayoutQt>>())) tKrQt, tKrOt;  // (MMA, 1, rows/16, stage)
+  decltype(std::declval<Thr<MmaDq>>().partition_fragment_A(
+      std::declval<Smem<typename Traits::SmemLayoutDs>>())) tQrDs;  // (MMA, 1, keys/16, buffer)
+  decltype(std::declval<Thr<MmaDq>>().partition_fragment_B(std::declval<SmemKtw>()))
+      tQrKt;  // (MMA, 1, keys/16)
+  AccS accS;  // S^T, then P^T
+  AccS accP;  // dP^T, then dS^T
+  decltype(partition_fragment_C(std::declval<MmaKV>(), TileKV{})) accV, accK;
+  decltype(partition_fragment_C(std::declval<MmaDq>(), TileDq{})) accQ;
+  decltype(make_tensor<Element>(OperandLayout{})) rP, rdS;
+
+  __device__ KeyBlockFragments(typename Traits::SharedStorage& ss, int w, int tid) {
+    mma_kv.accumulate_ = GMMA::ScaleOut::One;
+    auto thr_s = mma_s.get_thread_slice(tid);
+    auto thr_kv = mma_kv.get_thread_slice(tid);
+    auto thr_dq = mma_dq.get_thread_slice(tid);
+    auto smem = [](auto* x, auto layout) { return make_tensor(make_smem_ptr(x), layout); };
+    const auto coord = make_coord(w, _0{});
+    using KV = typename Traits::SmemLayoutKV;
+    tSrK = thr_s.partition_fragment_A(local_tile(smem(ss.k, KV{}), TileKV{}, coord));
+    tSrV = thr_s.partition_fragment_A(local_tile(smem(ss.v, KV{}), TileKV{}, coord));
+    tSrQ = thr_s.partition_fragment_B(smem(ss.q, typename Traits::SmemLayoutQ{}));
+    tSrO = thr_s.partition_fragment_B(smem(ss.dout, typename Traits::SmemLayoutQ{}));
+    tKrQt = thr_kv.partition_fragment_B(smem(ss.q, typename Traits::SmemLayoutQt{}));
+    tKrOt = thr_kv.partition_fragment_B(smem(ss.dout, typename Traits::SmemLayoutQt{}));
+    tQrDs = thr_dq.partition_fragment_A(smem(ss.ds, typename Traits::SmemLayoutDs{}));
+    tQrKt = thr_dq.partition_fragment_B(local_tile(smem(ss.k, typename Traits::SmemLayoutKt{}),
+                                                   Shape<_64, Int<Traits::kKeys>>{}, coord));
+  }
+
+  // The accumulators seen as rows x columns (rowmax_epilogue.hpp).
+  __device__ auto s_rows() { return make_tensor(accS.data(), rowcol_layout(accS.layout())); }
+  __device__ auto p_rows() { return make_tensor(accP.data(), rowcol_layout(accP.layout())); }
+  __device__ auto q_rows() { return make_tensor(accQ.data(), rowcol_layout(accQ.layout())); }
+};
+
 // Consumer schedule: a warpgroup queues the next tile's S^T product behind
 // the current tile's dV / dK products (and its dP^T right after them), so
 // that its own softmax step is the only time it leaves the tensor cores idle.
@@ -312,53 +382,23 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   cutlass::arch::warpgroup_reg_alloc<kFusedDq ? 240 : 232>();
   const int w = warpgroup - 1;  // keys [64w, 64w + 64) of the block
   const int tid = threadIdx.x % 128;
-  typename Traits::MmaSdP mma_s;
-  typename Traits::MmaKV mma_kv;
-  mma_kv.accumulate_ = GMMA::ScaleOut::One;
-  auto thr_s = mma_s.get_thread_slice(tid);
-  auto thr_kv = mma_kv.get_thread_slice(tid);
-
-  Tensor sK = make_tensor(make_smem_ptr(ss.k), typename Traits::SmemLayoutKV{});
-  Tensor sV = make_tensor(make_smem_ptr(ss.v), typename Traits::SmemLayoutKV{});
-  Tensor sKw = local_tile(sK, Shape<_64, Int<kHeadDim>>{}, make_coord(w, _0{}));
-  Tensor sVw = local_tile(sV, Shape<_64, Int<kHeadDim>>{}, make_coord(w, _0{}));
-  Tensor sQ = make_tensor(make_smem_ptr(ss.q), typename Traits::SmemLayoutQ{});
-  Tensor sO = make_tensor(make_smem_ptr(ss.dout), typename Traits::SmemLayoutQ{});
-  Tensor sQt = make_tensor(make_smem_ptr(ss.q), typename Traits::SmemLayoutQt{});
-  Tensor sOt = make_tensor(make_smem_ptr(ss.dout), typename Traits::SmemLayoutQt{});
-
-  Tensor tSrK = thr_s.partition_fragment_A(sKw);   // (MMA, 1, D/16)
-  Tensor tSrV = thr_s.partition_fragment_A(sVw);
-  Tensor tSrQ = thr_s.partition_fragment_B(sQ);    // (MMA, 1, D/16, stage)
-  Tensor tSrO = thr_s.partition_fragment_B(sO);
-  Tensor tKrQt = thr_kv.partition_fragment_B(sQt);  // (MMA, 1, rows/16, stage)
-  Tensor tKrOt = thr_kv.partition_fragment_B(sOt);
-
-  using TileS = Shape<_64, Int<kTileRows>>;
-  using TileKV = Shape<_64, Int<kHeadDim>>;
-  Tensor accS = partition_fragment_C(mma_s, TileS{});
-  Tensor accP = partition_fragment_C(mma_s, TileS{});  // dP^T, then dS^T
-  Tensor accV = partition_fragment_C(mma_kv, TileKV{});
-  Tensor accK = partition_fragment_C(mma_kv, TileKV{});
-  Tensor accS_rc = make_tensor(accS.data(), rowcol_layout(accS.layout()));
-  Tensor accP_rc = make_tensor(accP.data(), rowcol_layout(accP.layout()));
-  Tensor cS = thr_s.partition_C(make_identity_tensor(TileS{}));
+  KeyBlockFragments<Traits> f(ss, w, tid);
+  auto thr_s = f.mma_s.get_thread_slice(tid);
+  auto thr_kv = f.mma_kv.get_thread_slice(tid);
+  auto thr_dq = f.mma_dq.get_thread_slice(tid);
+  Tensor accS_rc = f.s_rows();
+  Tensor accP_rc = f.p_rows();
+  Tensor accQ_rc = f.q_rows();
+  using TileKV = typename decltype(f)::TileKV;
+  Tensor cS = thr_s.partition_C(make_identity_tensor(typename decltype(f)::TileS{}));
   Tensor cS_rc = make_tensor(cS.data(), rowcol_layout(cS.layout()));
+  Tensor cQ = thr_dq.partition_C(make_identity_tensor(typename decltype(f)::TileDq{}));
+  Tensor cQ_rc = make_tensor(cQ.data(), rowcol_layout(cQ.layout()));
   constexpr int kKeyRows = decltype(size<0>(accS_rc))::value;  // 2
   constexpr int kCols = decltype(size<1>(accS_rc))::value;     // 16
-  using OperandLayout = decltype(acc_to_operand_a(accS.layout()));
-  Tensor rP = make_tensor<Element>(OperandLayout{});
-  Tensor rdS = make_tensor<Element>(OperandLayout{});
-
-  // Fused dQ: dS (row, key, buffer) in shared memory, this warpgroup's dims
-  // [64w, 64w + 64) of dQ = dS K_c.
-  typename Traits::MmaDq mma_dq;
-  auto thr_dq = mma_dq.get_thread_slice(tid);
+  // Fused dQ: dS (row, key, buffer) in shared memory (f.tQrDs, f.tQrKt: this
+  // warpgroup's dims [64w, 64w + 64) of dQ = dS K_c).
   Tensor sDs = make_tensor(make_smem_ptr(ss.ds), typename Traits::SmemLayoutDs{});
-  Tensor sKt = make_tensor(make_smem_ptr(ss.k), typename Traits::SmemLayoutKt{});
-  Tensor sKtw = local_tile(sKt, Shape<_64, Int<kBlock>>{}, make_coord(w, _0{}));
-  Tensor tQrDs = thr_dq.partition_fragment_A(sDs);  // (MMA, 1, keys/16, buffer)
-  Tensor tQrKt = thr_dq.partition_fragment_B(sKtw);  // (MMA, 1, keys/16)
   // dK += dS^T Q with dS^T from the dS buffer (keys [64w, 64w + 64)).
   typename Traits::MmaKVss mma_kss;
   mma_kss.accumulate_ = GMMA::ScaleOut::One;
@@ -367,12 +407,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   Tensor sDsTw = local_tile(sDsT, Shape<_64, Int<kTileRows>, Int<Traits::kDsBufs>>{},
                             make_coord(w, _0{}, _0{}));  // (64 keys, rows, buffer)
   Tensor tKsDsT = thr_kss.partition_fragment_A(sDsTw);  // (MMA, 1, rows/16, buffer)
-  Tensor tKsQt = thr_kss.partition_fragment_B(sQt);    // (MMA, 1, rows/16, stage)
-  using TileDq = Shape<Int<kTileRows>, _64>;
-  Tensor accQ = partition_fragment_C(mma_dq, TileDq{});
-  Tensor accQ_rc = make_tensor(accQ.data(), rowcol_layout(accQ.layout()));
-  Tensor cQ = thr_dq.partition_C(make_identity_tensor(TileDq{}));
-  Tensor cQ_rc = make_tensor(cQ.data(), rowcol_layout(cQ.layout()));
+  Tensor tKsQt = thr_kss.partition_fragment_B(  // (MMA, 1, rows/16, stage)
+      make_tensor(make_smem_ptr(ss.q), typename Traits::SmemLayoutQt{}));
   constexpr int kQRows = decltype(size<0>(accQ_rc))::value;  // 2
   constexpr int kQCols = decltype(size<1>(accQ_rc))::value;  // 16
   constexpr int kDsReady = 2;  // named barrier: warpgroup 1's dS of a segment's last tile
@@ -383,66 +419,71 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   int64_t it = 0;
   int seg = 0;
 
-  auto gemm_s = [&](int stage) { gemm_overwrite(mma_s, tSrK, tSrQ(_, _, _, stage), accS); };
-  auto gemm_dp = [&](int stage) { gemm_overwrite(mma_s, tSrV, tSrO(_, _, _, stage), accP); };
+  auto gemm_s = [&](int stage) {
+    gemm_overwrite(f.mma_s, f.tSrK, f.tSrQ(_, _, _, stage), f.accS);
+  };
+  auto gemm_dp = [&](int stage) {
+    gemm_overwrite(f.mma_s, f.tSrV, f.tSrO(_, _, _, stage), f.accP);
+  };
   auto issue_sdp = [&](int stage) {
-    warpgroup_fence_operand(accS);
-    warpgroup_fence_operand(accP);
+    warpgroup_fence_operand(f.accS);
+    warpgroup_fence_operand(f.accP);
     warpgroup_arrive();
     gemm_s(stage);
     gemm_dp(stage);
     warpgroup_commit_batch();
-    warpgroup_fence_operand(accS);
-    warpgroup_fence_operand(accP);
+    warpgroup_fence_operand(f.accS);
+    warpgroup_fence_operand(f.accP);
   };
   auto issue_s = [&](int stage) {
-    warpgroup_fence_operand(accS);
+    warpgroup_fence_operand(f.accS);
     warpgroup_arrive();
     gemm_s(stage);
     warpgroup_commit_batch();
-    warpgroup_fence_operand(accS);
+    warpgroup_fence_operand(f.accS);
   };
   auto issue_dp = [&](int stage) {
-    warpgroup_fence_operand(accP);
+    warpgroup_fence_operand(f.accP);
     warpgroup_arrive();
     gemm_dp(stage);
     warpgroup_commit_batch();
-    warpgroup_fence_operand(accP);
+    warpgroup_fence_operand(f.accP);
   };
   auto issue_kv = [&](int stage) {
-    issue_dv_dk(mma_kv, rP, rdS, tKrOt(_, _, _, stage), tKrQt(_, _, _, stage), accV, accK);
-    warpgroup_fence_operand(rP);
-    warpgroup_fence_operand(rdS);
+    issue_dv_dk(f.mma_kv, f.rP, f.rdS, f.tKrOt(_, _, _, stage), f.tKrQt(_, _, _, stage), f.accV,
+                f.accK);
+    warpgroup_fence_operand(f.rP);
+    warpgroup_fence_operand(f.rdS);
   };
   // dV, dK of `stage` and dQ of dS buffer `buf`, one commit group.
   // (dS^T of this tile in buffer `own`.)
   auto issue_kv_dq = [&](int stage, int own, int buf) {
-    warpgroup_fence_operand(rP);
-    warpgroup_fence_operand(accV);
-    warpgroup_fence_operand(accK);
-    warpgroup_fence_operand(accQ);
+    warpgroup_fence_operand(f.rP);
+    warpgroup_fence_operand(f.accV);
+    warpgroup_fence_operand(f.accK);
+    warpgroup_fence_operand(f.accQ);
     warpgroup_arrive();
     CUTE_UNROLL
-    for (int kb = 0; kb < size<2>(rP); ++kb) {
-      cute::gemm(mma_kv, rP(_, _, kb), tKrOt(_, _, kb, stage), accV);
+    for (int kb = 0; kb < size<2>(f.rP); ++kb) {
+      cute::gemm(f.mma_kv, f.rP(_, _, kb), f.tKrOt(_, _, kb, stage), f.accV);
     }
     CUTE_UNROLL
     for (int kb = 0; kb < size<2>(tKsDsT); ++kb) {
-      cute::gemm(mma_kss, tKsDsT(_, _, kb, own), tKsQt(_, _, kb, stage), accK);
+      cute::gemm(mma_kss, tKsDsT(_, _, kb, own), tKsQt(_, _, kb, stage), f.accK);
     }
-    gemm_overwrite(mma_dq, tQrDs(_, _, _, buf), tQrKt, accQ);
+    gemm_overwrite(f.mma_dq, f.tQrDs(_, _, _, buf), f.tQrKt, f.accQ);
     warpgroup_commit_batch();
-    warpgroup_fence_operand(accV);
-    warpgroup_fence_operand(accK);
-    warpgroup_fence_operand(accQ);
-    warpgroup_fence_operand(rP);
+    warpgroup_fence_operand(f.accV);
+    warpgroup_fence_operand(f.accK);
+    warpgroup_fence_operand(f.accQ);
+    warpgroup_fence_operand(f.rP);
   };
   auto issue_dq = [&](int buf) {
-    warpgroup_fence_operand(accQ);
+    warpgroup_fence_operand(f.accQ);
     warpgroup_arrive();
-    gemm_overwrite(mma_dq, tQrDs(_, _, _, buf), tQrKt, accQ);
+    gemm_overwrite(f.mma_dq, f.tQrDs(_, _, _, buf), f.tQrKt, f.accQ);
     warpgroup_commit_batch();
-    warpgroup_fence_operand(accQ);
+    warpgroup_fence_operand(f.accQ);
   };
   // dq_accum[row] += dQ_w for this thread's rows (skipping rows without a query).
   auto reduce_dq = [&](const int64_t b, const int32_t (&tok)[kQRows]) {
@@ -487,8 +528,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         key_rel[r] = c * kBlock + 64 * w + get<0>(cS_rc(r, 0)) < kv_len ? -1 : INT_MAX;
       }
     }
-    clear(accV);
-    clear(accK);
+    clear(f.accV);
+    clear(f.accK);
     if constexpr (kFusedDq) {
       CUTE_UNROLL
       for (int r = 0; r < kQRows; ++r) head_row[r] = g * G + get<0>(cQ_rc(r, 0)) % G;
@@ -515,9 +556,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       }
       // Same register order: element e of the accumulator is element e of the operand.
       CUTE_UNROLL
-      for (int e = 0; e < size(accS); ++e) {
-        rP.data()[e] = static_cast<Element>(accS.data()[e]);
-        if constexpr (!kFusedDq) rdS.data()[e] = static_cast<Element>(accP.data()[e]);
+      for (int e = 0; e < size(f.accS); ++e) {
+        f.rP.data()[e] = static_cast<Element>(f.accS.data()[e]);
+        if constexpr (!kFusedDq) f.rdS.data()[e] = static_cast<Element>(f.accP.data()[e]);
       }
       if constexpr (kFusedDq) {
         // dS^T -> dS buffer `it % 3` (keys [64w, 64w + 64)); pairs of rows are
@@ -614,13 +655,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
     // Epilogue: dK = scale * sum dS^T Q, dV = sum P^T dO.
     if (walker.whole) {
-      store_dkdv<Element>(accK, accV, thr_kv, p.dk, p.dv, geo.Sk, geo.Hkv, b, g,
+      store_dkdv<Element>(f.accK, f.accV, thr_kv, p.dk, p.dv, geo.Sk, geo.Hkv, b, g,
                           c * kBlock + 64 * w, p.scale);
     } else {
       Tensor cKV = thr_kv.partition_C(make_identity_tensor(TileKV{}));
       Tensor cKV_rc = make_tensor(cKV.data(), rowcol_layout(cKV.layout()));
-      Tensor accV_rc = make_tensor(accV.data(), rowcol_layout(accV.layout()));
-      Tensor accK_rc = make_tensor(accK.data(), rowcol_layout(accK.layout()));
+      Tensor accV_rc = make_tensor(f.accV.data(), rowcol_layout(f.accV.layout()));
+      Tensor accK_rc = make_tensor(f.accK.data(), rowcol_layout(f.accK.layout()));
       const int64_t slot = 2 * int64_t{blockIdx.x} + (seg == 0 ? 0 : 1);
       float* out_k = p.partial + slot * kSlotFloats;
       float* out_v = out_k + kBlock * kHeadDim;
