@@ -13,6 +13,7 @@ from jax_msa._primitives import NoKernelError
 from jax_msa.dense_attention import dot_product_attention
 from jax_msa.indexer import block_scores, indexer, topk_select
 from jax_msa.indexer_loss import indexer_kl_loss
+from jax_msa.kernel_info import kernel_info
 from jax_msa.msa import msa_attention
 from jax_msa.paged import paged_attention, paged_indexer
 from jax_msa.sparse_attention import sparse_attention
@@ -30,6 +31,7 @@ __all__ = [
     "dot_product_attention",
     "indexer",
     "indexer_kl_loss",
+    "kernel_info",
     "msa_attention",
     "paged_attention",
     "paged_indexer",

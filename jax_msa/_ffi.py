@@ -41,6 +41,50 @@ def built_with_cuda() -> bool:
     return bool(_jax_msa.with_cuda)
 
 
+def cuda_architectures() -> tuple[str, ...]:
+    """The CUDA architectures the kernels were compiled for, e.g. ``("90a",)``; ``()`` without CUDA."""
+    return tuple(a for a in str(_jax_msa.cuda_architectures).split(",") if a)
+
+
+def runs_on(arch: str, capability: str) -> bool:
+    """Whether code compiled for `arch` ("90a", "100f", "90") runs on compute capability `capability` ("9.0").
+
+    An "a" architecture (wgmma, setmaxnreg, tcgen05) runs only on its own
+    capability; an "f" or plain one on the later minor versions of its major.
+    """
+    digits = arch.rstrip("af")
+    major, minor = int(digits[:-1]), int(digits[-1])
+    dev_major, dev_minor = (int(x) for x in capability.split("."))
+    if arch.endswith("a"):
+        return (dev_major, dev_minor) == (major, minor)
+    return dev_major == major and dev_minor >= minor
+
+
+def cuda_device_capabilities() -> tuple[str, ...]:
+    """Compute capabilities ("9.0") of the CUDA devices JAX sees; () when it sees none."""
+    try:
+        devices = jax.devices("cuda")
+    except RuntimeError:  # no CUDA backend in this process
+        return ()
+    # A device that does not say (no such attribute) is not held against the kernels.
+    return tuple(sorted({str(c) for d in devices if (c := getattr(d, "compute_capability", None))}))
+
+
+def cuda_kernels_missing() -> str | None:
+    """Why the built CUDA kernels cannot run on this process's CUDA devices; None when they can.
+
+    With no CUDA device in sight (lowering ahead of time, or on a CPU-only
+    host) the kernels are taken to serve: they are lowered for the build's
+    architectures.
+    """
+    archs = cuda_architectures()
+    missing = [c for c in cuda_device_capabilities() if not any(runs_on(a, c) for a in archs)]
+    if not missing:
+        return None
+    built = ", ".join(f"sm_{a}" for a in archs) or "no CUDA architecture"
+    return f"compute capability {', '.join(missing)} (this build has kernels for {built} only)"
+
+
 def sparse_bwd_workspace(B: int, Sq: int, Sk: int, Hq: int, Hkv: int, D: int, topk: int) -> tuple[int, ...]:
     """Element counts (delta floats, index ints, partial floats, dq_accum floats) of the CUDA sparse backward's workspaces."""
     return tuple(int(n) for n in _jax_msa.sparse_bwd_workspace(B, Sq, Sk, Hq, Hkv, D, topk))

@@ -99,10 +99,12 @@ def _lowering(prim: Primitive, layout, platform: str, reference: Callable, ffi_a
         if _partitioning.is_partitioned(ctx):
             return _partitioning.lower_partitioned(prim, layout, ctx, *args, implementation=implementation, **params)
         has_kernel = kernel_fn is not None or _ffi.has_kernel(target, platform)
-        if has_kernel and takes(*ctx.avals_in, implementation=implementation, **params):
+        # A build's CUDA kernels may not run on this GPU (another architecture).
+        device_gap = _ffi.cuda_kernels_missing() if has_kernel and platform == "cuda" else None
+        if has_kernel and device_gap is None and takes(*ctx.avals_in, implementation=implementation, **params):
             return kernel_rule(ctx, *args, implementation=implementation, **params)
         if implementation == "kernel":
-            why = "these inputs" if has_kernel else "this build"
+            why = device_gap or ("these inputs" if has_kernel else "this build")
             raise NoKernelError(
                 f"jax_msa: no {platform} kernel for {target} for {why}; "
                 "use implementation='auto' (falls back to the reference) or 'reference'"

@@ -89,6 +89,44 @@ def test_cuda_sparse_kernels_serve_auto_and_cover_what_they_can():
         _lower_for_cuda(lambda: kernel(q[..., :64], k[..., :64], v[..., :64]))
 
 
+@pytest.mark.parametrize("arch,capability,runs", [
+    ("90a", "9.0", True), ("90a", "8.0", False), ("90a", "10.0", False), ("90a", "9.1", False),
+    ("100a", "10.0", True), ("100f", "10.3", True), ("100f", "12.0", False), ("80", "8.6", True),
+    ("80", "9.0", False), ("86", "8.0", False)])
+def test_which_architectures_run_on_which_devices(arch, capability, runs):
+    assert _ffi.runs_on(arch, capability) is runs
+
+
+def test_kernel_info_names_every_op_and_its_implementation():
+    cpu = jax_msa.kernel_info("cpu")
+    assert set(cpu) >= {"sparse_attention", "dot_product_attention", "indexer", "paged_attention"}
+    assert all(desc == "C++ CPU kernel" for desc in cpu.values()), cpu
+    cuda = jax_msa.kernel_info("cuda")
+    assert cuda.keys() == cpu.keys()
+    assert cuda["indexer_kl_loss"].startswith("reference")
+    if _ffi.built_with_cuda():
+        assert cuda["sparse_attention"] == f"CUDA kernel for sm_{_ffi.cuda_architectures()[0]}"
+    else:
+        assert all(desc == "reference: this build has no CUDA kernels" for desc in cuda.values())
+
+
+@pytest.mark.skipif(not _ffi.has_kernel("jax_msa_dot_product_attention_fwd", "cuda"),
+                    reason="needs a build with the CUDA kernels (no GPU needed: lowering only)")
+def test_cuda_kernels_give_way_on_a_gpu_of_another_architecture(monkeypatch):
+    """On a GPU the build has no code for (an A100 with an sm_90a build), "auto"
+    lowers to the reference and "kernel" says why, instead of failing at run time."""
+    rng = np.random.default_rng(6)
+    q, k = normal(rng, (1, 200, 8, 128), jnp.bfloat16), normal(rng, (1, 200, 2, 128), jnp.bfloat16)
+    loss = lambda q, k: jnp.sum(jax_msa.dot_product_attention(q, k, k).astype(jnp.float32))
+    assert "jax_msa_dot_product_attention" in _lower_for_cuda(lambda: jax.grad(loss)(q, k))
+    monkeypatch.setattr(_ffi, "cuda_device_capabilities", lambda: ("8.0", "9.0"))
+    assert "jax_msa_" not in _lower_for_cuda(lambda: jax.grad(loss)(q, k))
+    with pytest.raises(jax_msa.NoKernelError, match="compute capability 8.0"):
+        _lower_for_cuda(lambda: jax_msa.dot_product_attention(q, k, k, implementation="kernel"))
+    info = jax_msa.kernel_info("cuda")
+    assert info["dot_product_attention"].startswith("reference: compute capability 8.0"), info
+
+
 @pytest.mark.skipif(not _ffi.has_kernel("jax_msa_dot_product_attention_fwd", "cuda"),
                     reason="needs a build with the CUDA kernels (no GPU needed: lowering only)")
 def test_cuda_dense_kernels_lower_where_they_apply():

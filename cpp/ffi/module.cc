@@ -57,6 +57,7 @@ NB_MODULE(_jax_msa, m) {
         "Target name -> FFI handler capsule for platform 'CUDA' (empty without CUDA).");
 #ifdef JAX_MSA_WITH_CUDA
   m.attr("with_cuda") = true;
+  m.attr("cuda_architectures") = JAX_MSA_CUDA_ARCHITECTURES;  // e.g. "90a" or "90a,100a"
   m.def(
       "sparse_bwd_workspace",
       [](int64_t B, int64_t Sq, int64_t Sk, int64_t Hq, int64_t Hkv, int64_t D, int64_t topk) {
@@ -100,5 +101,6 @@ NB_MODULE(_jax_msa, m) {
       "CTAs per tile of the CUDA paged attention (split-KV) for these shapes on this device.");
 #else
   m.attr("with_cuda") = false;
+  m.attr("cuda_architectures") = "";
 #endif
 }

@@ -1,0 +1,56 @@
+"""`kernel_info()`: which implementation serves each jax_msa op here, and why."""
+
+from __future__ import annotations
+
+import jax
+
+from jax_msa import _ffi
+
+# Public op -> (its CPU FFI targets, its CUDA FFI targets); the forward's first.
+_TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "block_scores": (("jax_msa_block_scores",), ("jax_msa_block_scores",)),
+    "topk_select": (("jax_msa_topk_select",), ("jax_msa_topk_select",)),
+    "indexer": (("jax_msa_indexer",), ("jax_msa_indexer_scores", "jax_msa_indexer_select")),
+    "indexer_kl_loss": (("jax_msa_indexer_kl_loss",), ()),
+    "sparse_attention": (("jax_msa_sparse_attention_fwd", "jax_msa_sparse_attention_bwd"),
+                         ("jax_msa_sparse_attention_fwd_query", "jax_msa_sparse_attention_bwd_cuda")),
+    "dot_product_attention": (("jax_msa_dot_product_attention_fwd", "jax_msa_dot_product_attention_bwd"),
+                              ("jax_msa_dot_product_attention_fwd", "jax_msa_dot_product_attention_bwd_cuda")),
+    "paged_indexer": (("jax_msa_paged_indexer",), ("jax_msa_paged_indexer_scores",)),
+    "paged_attention": (("jax_msa_paged_attention",), ("jax_msa_paged_attention_cuda",)),
+}
+
+
+def _describe(platform: str, targets: tuple[str, ...]) -> str:
+    have = [t for t in targets if _ffi.has_kernel(t, platform)]
+    if platform == "cpu":
+        return "C++ CPU kernel" if have and len(have) == len(targets) else "reference: no CPU kernel"
+    if not _ffi.built_with_cuda():
+        return "reference: this build has no CUDA kernels"
+    if not have:
+        return "reference: no CUDA kernel for this op yet"
+    gap = _ffi.cuda_kernels_missing()
+    if gap is not None:
+        return f"reference: {gap}"
+    archs = ", ".join(f"sm_{a}" for a in _ffi.cuda_architectures())
+    scope = "" if len(have) == len(targets) else " (forward; the backward runs the reference)"
+    return f"CUDA kernel for {archs}{scope}"
+
+
+def kernel_info(platform: str | None = None) -> dict[str, str]:
+    """Which implementation serves each op under ``implementation="auto"``, and why.
+
+    Args:
+      platform: ``"cpu"`` or ``"cuda"``; default: JAX's default backend.
+
+    Returns:
+      ``{op name: description}``, e.g. ``"CUDA kernel for sm_90a"``, or
+      ``"reference: compute capability 8.0 (this build has kernels for sm_90a
+      only)"``. Where a kernel serves, it may still decline particular inputs
+      (dtypes, head dims, sizes: see the README), which then run the reference.
+    """
+    platform = platform or jax.default_backend()
+    platform = "cuda" if platform == "gpu" else platform
+    if platform not in ("cpu", "cuda"):
+        return {op: f"reference: no {platform} kernels" for op in _TARGETS}
+    return {op: _describe(platform, cpu if platform == "cpu" else cuda) for op, (cpu, cuda) in _TARGETS.items()}
