@@ -48,8 +48,6 @@ using cutlass::arch::ClusterTransactionBarrier;
 using kv_outer::cp_async_4z;
 using kv_outer::fast_exp2;
 using kv_outer::gemm_overwrite;
-using kv_outer::pack2;
-using sparse_bwd::acc_to_operand_a;
 using sparse_bwd::kLog2e;
 
 template <class Element_>
