@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 
 from jax_msa import _jax_msa
@@ -66,8 +68,9 @@ def cuda_device_capabilities() -> tuple[str, ...]:
         devices = jax.devices("cuda")
     except RuntimeError:  # no CUDA backend in this process
         return ()
-    # A device that does not say (no such attribute) is not held against the kernels.
-    return tuple(sorted({str(c) for d in devices if (c := getattr(d, "compute_capability", None))}))
+    # A device that does not say, or not as "major.minor", is not held against the kernels.
+    found = {str(getattr(d, "compute_capability", "")) for d in devices}
+    return tuple(sorted(c for c in found if re.fullmatch(r"\d+\.\d+", c)))
 
 
 def cuda_kernels_missing() -> str | None:
