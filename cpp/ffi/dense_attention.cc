@@ -123,8 +123,7 @@ ffi::Error DenseAttentionBwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::Any
       e.failure()) {
     return e;
   }
-  const cuda::DenseBwdWorkspacePtrs ws{DataOf<float>(delta), DataOf<int32_t>(index),
-                                       DataOf<float>(partial), DataOf<float>(dq_accum)};
+  const cuda::DenseBwdWorkspacePtrs ws{DataOf<float>(delta), DataOf<float>(dq_accum)};
   return CudaStatus("dot_product_attention_bwd",
                     cuda::dense_attention_bwd(dtype, args, out.untyped_data(), DataOf<float>(lse),
                                               dout.untyped_data(), DataOf<float>(dlse), ws,

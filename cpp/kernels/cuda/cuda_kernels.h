@@ -294,10 +294,9 @@ bool dense_attention_bwd_args_valid(DType dtype, const DenseAttentionArgs& a);
 // these buffers as extra results). None needs zeroing.
 KvOuterBwdWorkspace dense_attention_bwd_workspace(const DenseAttentionArgs& a);
 
+// The index and partial workspaces of KvOuterBwdWorkspace are empty here.
 struct DenseBwdWorkspacePtrs {
   float* delta;
-  int32_t* index;  // 8-byte aligned
-  float* partial;
   float* dq_accum;  // 16-byte aligned
 };
 

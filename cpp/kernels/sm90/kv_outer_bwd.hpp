@@ -1,11 +1,11 @@
-// The KV-outer attention backward on SM90, shared by the block-sparse
-// backward (sparse_attention_bwd.cu, whose top comment describes the
-// pipeline) and the dense one (dense_attention_bwd.cu): delta_kernel, the
-// dK / dV (+ fused dQ) kernel walking a block -> queries index
-// (sparse_block_index.hpp), finish_kernel for buckets split between CTAs,
-// and the dq_accum zero / convert kernels, plus their host launchers.
-// The dense backward feeds the same kernels an index whose bucket (b, kv
-// head, key block c) holds the consecutive queries that see block c.
+// The KV-outer attention backward on SM90 of the block-sparse backward
+// (sparse_attention_bwd.cu, whose top comment describes the pipeline):
+// delta_kernel, the dK / dV (+ fused dQ) kernel walking a block -> queries
+// index (sparse_block_index.hpp), finish_kernel for buckets split between
+// CTAs, and the dq_accum zero / convert kernels, plus their host launchers.
+// The dense backward (dense_attention_bwd_kernel.hpp) shares the delta,
+// zero and convert kernels and the per-warpgroup pieces (KeyBlockFragments,
+// store_ds_t, issue_dv_dk, store_dkdv).
 #pragma once
 
 #include <algorithm>
@@ -291,9 +291,7 @@ __device__ __forceinline__ void red_add_v2(float* addr, float a, float b) {
 // named barrier on warpgroup 1's dS. Three dS buffers: buffer t % 3 is
 // rewritten (tile t + 3) only after both warpgroups have taken a turn past
 // the ones that read it, i.e. after their waits on those dQ products.
-// kCausal (always for sparse): query i sees keys j <= kv_len - q_len + i;
-// otherwise (dense only) every key j < kv_len.
-template <class Traits, bool kFusedDq, bool kCausal = true>
+template <class Traits, bool kFusedDq>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     dkdv_kernel(const __grid_constant__ DkdvParams<Traits> p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -522,11 +520,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     int key_rel[kKeyRows];
     CUTE_UNROLL
     for (int r = 0; r < kKeyRows; ++r) {
-      if constexpr (kCausal) {
-        key_rel[r] = static_cast<int>(c * kBlock + 64 * w + get<0>(cS_rc(r, 0)) - (kv_len - q_len));
-      } else {  // tokens are >= 0: -1 lets every query see the key
-        key_rel[r] = c * kBlock + 64 * w + get<0>(cS_rc(r, 0)) < kv_len ? -1 : INT_MAX;
-      }
+      key_rel[r] = static_cast<int>(c * kBlock + 64 * w + get<0>(cS_rc(r, 0)) - (kv_len - q_len));
     }
     clear(f.accV);
     clear(f.accK);
@@ -758,18 +752,9 @@ __global__ void __launch_bounds__(256) dq_convert_kernel(const float* __restrict
 
 
 // ---------------------------------------------------------------------------
-// Host side: launchers shared by the sparse and dense backward.
+// Host side: launchers (launch_delta also serves the dense backward).
 
 // CTAs of the dK/dV kernel: one wave (at most kMaxCtas), fewer for tiny problems.
-// The workspace sizes of a backward over geometry `geo` whose index takes
-// `index_ints` (none without buckets).
-inline cuda::KvOuterBwdWorkspace workspace_sizes(const cuda::SparseAttentionArgs& a,
-                                                 const Geometry& geo, int64_t index_ints) {
-  const int64_t slots = 2 * std::min<int64_t>(kMaxCtas, geo.nbkt > 0 ? geo.tiles_bound : 0);
-  return {a.B * a.Sq * a.Hq, geo.nbkt > 0 ? index_ints : 0, slots * kSlotFloats,
-          a.B * a.Sq * a.Hq * a.D};
-}
-
 inline int dkdv_ctas(const Geometry& geo) {
   const int64_t n = std::min<int64_t>(kMaxCtas, geo.tiles_bound);
   return static_cast<int>(std::min<int64_t>(n, cuda::multiprocessor_count(kMaxCtas)));
@@ -788,19 +773,17 @@ cudaError_t launch_delta(const cuda::SparseAttentionArgs& a, const void* out, co
   return cudaGetLastError();
 }
 
-// dK / dV (and with dq_accum the fused dQ) over the index of geometry `geo`
-// (the sparse index: Geometry(a); the dense one: Geometry::dense), then the
-// split buckets' sums and dq. kCausal = false (dense only): every key below
-// kv_len is visible. With `costs` (and dq_accum), both dK / dV kernels are
-// enqueued behind complementary gates: the fused one unless the query-outer
-// dQ wins. kAlwaysFused (the dense backward): dq_accum is always given and
-// costs never, so only the fused dK / dV kernel is built.
-template <class Element, bool kCausal, bool kAlwaysFused = false>
-cudaError_t dkdv(const cuda::SparseAttentionArgs& a, const Geometry& geo, const float* lse, const void* dout,
+// dK / dV (and with dq_accum the fused dQ) over the block index, then the
+// split buckets' sums and dq. With `costs` (and dq_accum), both dK / dV
+// kernels are enqueued behind complementary gates: the fused one unless the
+// query-outer dQ wins.
+template <class Element>
+cudaError_t dkdv(const cuda::SparseAttentionArgs& a, const float* lse, const void* dout,
                  const float* delta, const int32_t* index, float* partial, float* dq_accum,
                  void* dq, void* dk, void* dv, cudaStream_t stream,
                  const ScheduleCosts* costs) {
   using Traits = SparseBwdTraits<Element>;
+  const Geometry geo(a);
   const ScheduleGate fused_gate{costs, a.Hq / a.Hkv, false, kDqQueryOverBlockCost};
   const int64_t dq_elems = a.B * a.Sq * a.Hq * kHeadDim;
   if (dq_accum != nullptr && dq_elems > 0) {
@@ -849,22 +832,14 @@ cudaError_t dkdv(const cuda::SparseAttentionArgs& a, const Geometry& geo, const 
       kernel<<<ctas, Traits::kThreads, Traits::kSmemBytes, stream>>>(params);
       return cudaGetLastError();
     };
-    cudaError_t st;
-    if constexpr (kAlwaysFused) {  // the unfused kernel is not instantiated
-      if (dq_accum == nullptr || costs != nullptr) return cudaErrorInvalidValue;
-      st = run(dkdv_kernel<Traits, true, kCausal>, p);
-    } else {
-      st = dq_accum != nullptr ? run(dkdv_kernel<Traits, true, kCausal>, p)
-                               : run(dkdv_kernel<Traits, false, kCausal>, p);
-    }
+    cudaError_t st = dq_accum != nullptr ? run(dkdv_kernel<Traits, true>, p)
+                                         : run(dkdv_kernel<Traits, false>, p);
     if (st != cudaSuccess) return st;
-    if constexpr (!kAlwaysFused) {
-      if (dq_accum != nullptr && costs != nullptr) {  // the other way: dK / dV alone
-        DkdvParams<Traits> alone = p;
-        alone.dq_accum = nullptr;
-        alone.gate.query = true;
-        if ((st = run(dkdv_kernel<Traits, false, kCausal>, alone)) != cudaSuccess) return st;
-      }
+    if (dq_accum != nullptr && costs != nullptr) {  // the other way: dK / dV alone
+      DkdvParams<Traits> alone = p;
+      alone.dq_accum = nullptr;
+      alone.gate.query = true;
+      if ((st = run(dkdv_kernel<Traits, false>, alone)) != cudaSuccess) return st;
     }
   }
   finish_kernel<Element><<<static_cast<unsigned>(geo.nbkt), 256, 0, stream>>>(

@@ -86,8 +86,15 @@ namespace jax_msa::cuda {
 
 KvOuterBwdWorkspace sparse_attention_bwd_workspace(const SparseAttentionArgs& a) {
   const sm90::sparse_bwd::Geometry geo(a);
+  KvOuterBwdWorkspace ws;
+  ws.delta_floats = a.B * a.Sq * a.Hq;
   // The ScheduleCosts (4 ints, 8-byte aligned) after the index.
-  return sm90::sparse_bwd::workspace_sizes(a, geo, (geo.index_ints + 1) / 2 * 2 + 4);
+  ws.index_ints = geo.nbkt > 0 ? (geo.index_ints + 1) / 2 * 2 + 4 : 0;
+  const int64_t slots =
+      2 * std::min<int64_t>(sm90::sparse_bwd::kMaxCtas, geo.nbkt > 0 ? geo.tiles_bound : 0);
+  ws.partial_floats = slots * sm90::sparse_bwd::kSlotFloats;
+  ws.dq_accum_floats = a.B * a.Sq * a.Hq * a.D;
+  return ws;
 }
 
 cudaError_t sparse_attention_bwd_prepare(DType dtype, const SparseAttentionArgs& a,
@@ -114,9 +121,9 @@ cudaError_t sparse_attention_bwd_dkdv(DType dtype, const SparseAttentionArgs& a,
   }
   if (costs != nullptr && dq_accum == nullptr) return cudaErrorInvalidValue;
   return dtype == DType::kBF16
-             ? sm90::sparse_bwd::dkdv<cutlass::bfloat16_t, true>(a, sm90::sparse_bwd::Geometry(a), lse, dout, delta, index, partial,
+             ? sm90::sparse_bwd::dkdv<cutlass::bfloat16_t>(a, lse, dout, delta, index, partial,
                                                            dq_accum, dq, dk, dv, stream, costs)
-             : sm90::sparse_bwd::dkdv<cutlass::half_t, true>(a, sm90::sparse_bwd::Geometry(a), lse, dout, delta, index, partial,
+             : sm90::sparse_bwd::dkdv<cutlass::half_t>(a, lse, dout, delta, index, partial,
                                                        dq_accum, dq, dk, dv, stream, costs);
 }
 

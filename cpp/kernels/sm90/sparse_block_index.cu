@@ -142,20 +142,19 @@ __device__ void block_scan2(int64_t& a, int64_t& b, int64_t& total_a, int64_t& t
   __syncthreads();  // warp_a / warp_b are reused by the next call
 }
 
-// The tile offsets of the buckets and Ttot (with the entries' total) from
-// the bucket sizes count(k); store(k, e) takes each bucket's entry offset.
-// One CTA of 1024 threads.
-template <class Count, class Store>
-__device__ __forceinline__ void scan_buckets(const IndexView& ix, const Geometry& geo, Count count,
-                                             Store store) {
+// Bucket offsets (entries and tiles) and Ttot. One CTA of 1024 threads.
+__global__ void __launch_bounds__(1024) bucket_scan_kernel(int32_t* index, Geometry geo,
+                                                           ScheduleGate gate) {
+  if (gate.closed()) return;
+  IndexView ix(index, geo);
   int64_t run_entries = 0, run_tiles = 0;
   for (int64_t base = 0; base < geo.nbkt; base += 1024) {
     const int64_t k = base + threadIdx.x;
-    const int64_t cnt = k < geo.nbkt ? count(k) : 0;
+    const int64_t cnt = k < geo.nbkt ? ix.count[k] : 0;
     int64_t e = cnt, t = (cnt + geo.tpt - 1) / geo.tpt, total_e, total_t;
     block_scan2(e, t, total_e, total_t);
     if (k < geo.nbkt) {
-      store(k, run_entries + e);
+      ix.entry_start[k] = run_entries + e;
       ix.tile_start[k] = run_tiles + t;
     }
     run_entries += total_e;
@@ -166,43 +165,6 @@ __device__ __forceinline__ void scan_buckets(const IndexView& ix, const Geometry
     ix.header[0] = run_tiles;
     ix.header[1] = run_entries;
   }
-}
-
-// Bucket offsets (entries and tiles) and Ttot. One CTA of 1024 threads.
-__global__ void __launch_bounds__(1024) bucket_scan_kernel(int32_t* index, Geometry geo,
-                                                           ScheduleGate gate) {
-  if (gate.closed()) return;
-  const IndexView ix(index, geo);
-  const int32_t* count = ix.count;
-  int64_t* entry_start = ix.entry_start;
-  scan_buckets(ix, geo, [=](int64_t k) { return int64_t{count[k]}; },
-               [=](int64_t k, int64_t entry) { entry_start[k] = entry; });
-}
-
-// The dense index (build_dense_index): counts from the lengths, then the
-// same scans as bucket_scan_kernel; entry_start[k] is the bucket's first
-// query, an offset into the identity entries. One CTA of 1024 threads.
-__global__ void __launch_bounds__(1024) dense_index_kernel(int32_t* index, Geometry geo,
-                                                           const int32_t* q_lengths,
-                                                           const int32_t* kv_lengths,
-                                                           bool causal) {
-  IndexView ix(index, geo);
-  for (int64_t t = threadIdx.x; t < geo.Sq; t += blockDim.x) ix.entries[t] = static_cast<int32_t>(t);
-  const auto count = [&](int64_t k) {
-    const int64_t c = k % geo.nb;
-    const int64_t b = k / geo.nb / geo.Hkv;
-    const int64_t q_len = clamp_len(q_lengths, b, geo.Sq);
-    const int64_t kv_len = clamp_len(kv_lengths, b, geo.Sk);
-    int64_t cnt = 0, first = 0;
-    if (c * kBlock < kv_len) {
-      first = causal ? min(max<int64_t>(c * kBlock - (kv_len - q_len), 0), q_len) : 0;
-      cnt = q_len - first;
-    }
-    ix.entry_start[k] = first;  // not the entry offset: the identity entries
-    ix.count[k] = static_cast<int32_t>(cnt);
-    return cnt;
-  };
-  scan_buckets(ix, geo, count, [](int64_t, int64_t) {});
 }
 
 // One warp per (bg, chunk): writes the chunk's queries into their buckets in
@@ -336,14 +298,6 @@ cudaError_t build_block_index(const cuda::SparseAttentionArgs& a, const Geometry
                                                      rev, geo, gate);
     }
   }
-  return cudaGetLastError();
-}
-
-cudaError_t build_dense_index(const Geometry& geo, const int32_t* q_lengths,
-                              const int32_t* kv_lengths, bool causal, int32_t* index,
-                              cudaStream_t stream) {
-  if (geo.nbkt == 0) return cudaSuccess;
-  dense_index_kernel<<<1, 1024, 0, stream>>>(index, geo, q_lengths, kv_lengths, causal);
   return cudaGetLastError();
 }
 

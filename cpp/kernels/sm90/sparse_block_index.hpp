@@ -73,20 +73,6 @@ struct Geometry {
     index_ints = off_entries + B * Hkv * tok_count * topk;
     tiles_bound = (B * Hkv * tok_count * topk + tpt - 1) / tpt + nbkt;
   }
-
-  // The index of dense attention (build_dense_index): bucket (b, g, c) holds
-  // the consecutive queries that see a key of block c, so every query counts
-  // in every block for tiles_bound; no histogram; the entries are the Sq
-  // tokens 0, 1, ..., Sq - 1 and entry_start[k] is the bucket's first query.
-  __host__ __device__ static Geometry dense(const cuda::SparseAttentionArgs& a) {
-    cuda::SparseAttentionArgs every = a;
-    every.topk = (a.Sk + kBlock - 1) / kBlock;
-    Geometry geo(every);
-    geo.nchunks = 0;
-    geo.off_entries = geo.off_hist;
-    geo.index_ints = geo.off_entries + geo.Sq;
-    return geo;
-  }
 };
 
 struct IndexView {
@@ -157,14 +143,5 @@ __device__ __forceinline__ int64_t bucket_of_tile(const int64_t* tile_start, int
 cudaError_t build_block_index(const cuda::SparseAttentionArgs& a, const Geometry& geo,
                               int32_t* index, int32_t* rev, cudaStream_t stream,
                               ScheduleGate gate = {});
-
-// Enqueues the dense index of Geometry::dense(a) (one kernel; geo.nbkt > 0):
-// bucket (b, g, c) holds the queries [first, q_len) with first = 0 without
-// the causal mask, else the first query whose position kv_len - q_len + i
-// reaches 128 c; it is empty when 128 c >= kv_len. `index` (8-byte aligned)
-// holds geo.index_ints ints.
-cudaError_t build_dense_index(const Geometry& geo, const int32_t* q_lengths,
-                              const int32_t* kv_lengths, bool causal, int32_t* index,
-                              cudaStream_t stream);
 
 }  // namespace jax_msa::sm90::block_index
