@@ -59,11 +59,11 @@ def _cuda_bwd_takes(q, k, v, *rest, implementation, **params) -> bool:
             and 0 < sk < 2**31 - 256 and sq < 2**31 - 1 and b * hkv * -(-sk // 128) < 2**31)
 
 
-# The backward on CUDA: delta, the dense block -> queries index, dK / dV with
-# dQ fused (float32 atomic sums into dq_accum) and its conversion, in one
-# call whose four workspaces are extra (discarded) results, so that the
-# handler allocates nothing. A hidden primitive, bound only inside the
-# lowering of _bwd_p.
+# The backward on CUDA: delta, then dK / dV per key block with dQ summed in
+# float32 (TMA reduce-adds into dq_accum) and its conversion, in one call
+# whose workspaces are extra (discarded) results, so that the handler
+# allocates nothing (the KV-outer backward's four; the index and partial ones
+# are empty here). A hidden primitive, bound only inside the lowering of _bwd_p.
 def _bwd_cuda_abstract(q, k, v, *rest, scale, causal):
     b, sq, hq, d = q.shape
     sizes = _ffi.dense_bwd_workspace(b, sq, k.shape[1], hq, k.shape[2], d)
