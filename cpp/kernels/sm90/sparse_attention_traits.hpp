@@ -37,18 +37,19 @@ struct SparseAttentionTraits {
   static constexpr int kConsumers = 2;
   static constexpr int kRows = 64 * kConsumers;  // (token, head) rows per tile
   static constexpr int kThreads = 128 * (1 + kConsumers);
-  // K and V blocks in flight: what shared memory holds besides the rows and
-  // 1 KiB of barriers and slot data (6 for the forward at D = 128, 5 for dQ),
-  // at most 12.
-  static constexpr int kTileBytes = 128 * kD * static_cast<int>(sizeof(Element));
-  static constexpr int kSlots =
-      (227 * 1024 - kRowTensors * kTileBytes - 1024) / kTileBytes < 12
-          ? (227 * 1024 - kRowTensors * kTileBytes - 1024) / kTileBytes
-          : 12;
   // tokens * topk <= kMaxCandidates: the union is built in one warp's
   // registers; tokens <= 64: one bit per token.
   static constexpr int kMaxCandidates = 128;
   static constexpr int kMaxTokens = 64;
+  // K and V blocks in flight: what shared memory holds besides the rows and
+  // 1 KiB of barriers and slot data plus the union's list (6 for the forward
+  // at D = 128, 5 for dQ), at most 12.
+  static constexpr int kTileBytes = 128 * kD * static_cast<int>(sizeof(Element));
+  static constexpr int kReserved = 1024 + kMaxCandidates * 12;
+  static constexpr int kSlots =
+      (227 * 1024 - kRowTensors * kTileBytes - kReserved) / kTileBytes < 12
+          ? (227 * 1024 - kRowTensors * kTileBytes - kReserved) / kTileBytes
+          : 12;
 
   using SmemAtom = decltype(GMMA::Layout_K_SW128_Atom<Element>{});
   using SmemLayoutQ = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kRows>, Int<kD>>{}));
@@ -87,6 +88,9 @@ struct SparseAttentionTraits {
     uint64_t slot_tokens[kSlots];  // bit t: token t of the tile selected the block
     int32_t slot_block[kSlots];
     int32_t tile_blocks;  // blocks in the current tile's union
+    // The producer's list of the current tile's union (sparse_tile_producer.hpp).
+    uint64_t union_tokens[kMaxCandidates];
+    int32_t union_block[kMaxCandidates];
   };
   static constexpr int kSmemBytes = sizeof(SharedStorage);
   static_assert(kSmemBytes <= 227 * 1024, "fits one SM90 CTA");

@@ -1,7 +1,7 @@
 // The producer side of the query-outer sparse-attention kernels: one warp
-// builds the union of the tile's selected blocks (in registers) and feeds the
-// consumers: the tile's Q rows by cp.async, then per union block its K and V
-// by TMA through the ring of slots.
+// builds the union of the tile's selected blocks (in registers, then as a
+// list in shared memory) and feeds the consumers: the tile's Q rows by
+// cp.async, then per union block its K and V by TMA through the ring of slots.
 //
 // Only valid ids enter the union (0 <= c < ceil(kv_len / 128) and c <= the
 // token's local block), so whatever the ids say, nothing outside k and v is
@@ -121,9 +121,12 @@ __device__ inline void cp_async_wait_and_fence() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-// Copies the tile's 128 x 128 rows of a [B, Sq, Hq, D] tensor into `smem`
+// Copies the tile's 128 x kD rows of a [B, Sq, Hq, kD] tensor into `smem`
 // (layout Traits::SmemLayoutQ); missing rows are zeros. Row r = token
-// token0 + r / group, head g * group + r % group. Called by one warp.
+// token0 + r / group, head g * group + r % group. Called by one warp: each
+// lane copies one 16-byte chunk of every (32 / chunks per row)-th row, with
+// addresses from constants and one float multiply per row (the division per
+// row this copy had made it as long as a tile's K/V stream at G = 16).
 template <class Traits>
 __device__ void load_tile_rows(const typename Traits::Element* src, typename Traits::Element* smem,
                                const SparseShape& s, const SparseTile& tile, int64_t q_len,
@@ -131,18 +134,37 @@ __device__ void load_tile_rows(const typename Traits::Element* src, typename Tra
   using Element = typename Traits::Element;
   constexpr int kChunks = Traits::kD * sizeof(Element) / 16;  // 16-byte chunks per row
   constexpr int kPerChunk = 16 / sizeof(Element);
+  static_assert(32 % kChunks == 0 && kChunks >= 4, "a row's chunks within one warp");
+  constexpr int kStep = 32 / kChunks;   // rows per pass of the warp
+  constexpr int kPeriod = 8 / kStep;    // passes per 8-row swizzle atom
   Tensor sQ = make_tensor(make_smem_ptr(smem), typename Traits::SmemLayoutQ{});
-  const int used = s.tokens * static_cast<int>(s.group);
-  for (int i = lane; i < Traits::kRows * kChunks; i += 32) {
-    const int r = i / kChunks;
-    const int chunk = i % kChunks;
-    const int64_t token = tile.token0 + r / s.group;
-    const bool valid = r < used && token < q_len;
-    const int64_t head = tile.g * s.group + r % s.group;
-    const Element* from =
-        valid ? src + ((tile.b * s.Sq + token) * s.Hq + head) * Traits::kD + chunk * kPerChunk
-              : src;
-    cp_async_16(&sQ(r, chunk * kPerChunk), from, valid);
+  const int group = static_cast<int>(s.group);
+  const int chunk = lane % kChunks;
+  const int r0 = lane / kChunks;
+  // Rows of tokens below q_len: r < rows_valid (<= tokens * group).
+  const int rows_valid =
+      group * static_cast<int>(std::clamp<int64_t>(q_len - tile.token0, 0, s.tokens));
+  // Row r = t * group + h sits at row0 + r * kD + t * gap: a group's heads are
+  // adjacent in memory, its tokens Hq * kD apart.
+  const Element* row0 =
+      src + ((tile.b * s.Sq + tile.token0) * s.Hq + tile.g * group) * Traits::kD + chunk * kPerChunk;
+  const int gap = static_cast<int>((s.Hq - group) * Traits::kD);
+  const float inv_group = 1.0f / static_cast<float>(group);
+  // In shared memory, rows 8 apart are one swizzle atom apart (the swizzle
+  // permutes within an atom).
+  Element* dst[kPeriod];
+  CUTE_UNROLL
+  for (int k = 0; k < kPeriod; ++k) dst[k] = &sQ(r0 + kStep * k, chunk * kPerChunk);
+  const int atom = static_cast<int>(&sQ(r0 + 8, chunk * kPerChunk) - dst[0]);
+  CUTE_UNROLL
+  for (int i = 0; i < Traits::kRows / kStep; ++i) {
+    const int r = r0 + kStep * i;
+    // t = r / group: exact, as r < 128 and group <= 64 keep (r + 0.5) / group
+    // at least 1/128 from an integer.
+    const int t = static_cast<int>((static_cast<float>(r) + 0.5f) * inv_group);
+    const bool valid = r < rows_valid;
+    cp_async_16(dst[i % kPeriod] + (i / kPeriod) * atom, valid ? row0 + (r * Traits::kD + t * gap) : src,
+                valid);
   }
 }
 
@@ -175,6 +197,8 @@ struct TileUnion {
   bool first[kRegs];          // the candidate is its block's first occurrence (enters the union)
   int count;                  // blocks in the union (the same in every lane)
   int attended;               // candidates that are not -1 (the same in every lane)
+
+  TileUnion() = default;
 
   __device__ __forceinline__ TileUnion(const SparseShape& s, const SparseTile& tile,
                                        int64_t q_len, int64_t kv_len, int lane) {
@@ -234,21 +258,39 @@ struct TileUnion {
       attended += __popc(__ballot_sync(kFull, cand[i] >= 0));
     }
   }
+
+  // Writes the union's blocks and their tokens, in the order of their first
+  // occurrence, to blocks[0, count) and tokens[0, count) (all 32 lanes).
+  __device__ void store(int32_t* blocks, uint64_t* tokens, int lane) const {
+    int base = 0;
+    CUTE_UNROLL
+    for (int i = 0; i < kRegs; ++i) {
+      const uint32_t firsts = __ballot_sync(0xFFFFFFFFu, first[i]);
+      if (first[i]) {
+        const int at = base + __popc(firsts & ((1u << lane) - 1));
+        blocks[at] = cand[i];
+        tokens[at] = tokens_of[i];
+      }
+      base += __popc(firsts);
+    }
+    __syncwarp();
+  }
 };
 
-// The producer warp: for each tile of the CTA's sequence, builds the union of
-// its selected blocks, loads the rows (via `load_rows(tile, q_len)`, cp.async
-// by this warp) once the consumers have released the previous tile's, and
-// streams K_c, V_c for every union block. Ring order: with kLagV (the
-// forward) K_0, K_1, V_0, K_2, V_1, ...: the consumer issues S_u = Q K_u^T
-// together with O += P_{u-1} V_{u-1} and frees K_u before V_{u-1}; without,
-// K_0, V_0, K_1, V_1, ...
+// The producer warp: for each tile of the CTA's sequence, loads the rows (via
+// `load_rows(tile, q_len)`, cp.async by this warp) once the consumers have
+// released the previous tile's, and streams K_c, V_c for every block of the
+// tile's union. Ring order: with kLagV (the forward) K_0, K_1, V_0, K_2, V_1,
+// ...: the consumer issues S_u = Q K_u^T together with O += P_{u-1} V_{u-1}
+// and frees K_u before V_{u-1}; without, K_0, V_0, K_1, V_1, ...
+// The union of the next tile is built while the current one streams (after
+// its first kSlots / 2 blocks, when the ring is full), not between the two:
+// built there, it kept the consumers waiting for the next tile's rows.
 template <class Traits, bool kLagV, class SharedStorage, class LoadRows>
 __device__ void produce_tiles(SharedStorage& ss, const SparseShape& s,
                               const TmaKV<Traits>& tma_k, const TmaKV<Traits>& tma_v,
                               int64_t first_tile, int64_t tile_stride, LoadRows load_rows) {
   constexpr int kSlots = Traits::kSlots;
-  constexpr uint32_t kFull = 0xFFFFFFFFu;
   const int lane = threadIdx.x % 32;
   if (lane == 0) {
     cute::prefetch_tma_descriptor(tma_k.get_tma_descriptor());
@@ -256,64 +298,66 @@ __device__ void produce_tiles(SharedStorage& ss, const SparseShape& s,
   }
   Tensor sRing = make_tensor(make_smem_ptr(ss.kv), typename Traits::SmemLayoutRing{});
   uint32_t seq = 0;  // K/V loads issued so far (ring position)
-  int64_t round = 0;
-  for (int64_t index = first_tile; index < s.tiles; index += tile_stride, ++round) {
-    const SparseTile tile(index, s.B, s.Hkv, s.chunks, s.tokens);
-    const int64_t q_len = s.q_lengths[tile.b];
-    const int64_t kv_len = s.kv_lengths[tile.b];
-    const TileUnion<Traits> u(s, tile, q_len, kv_len, lane);
-    constexpr int kRegs = TileUnion<Traits>::kRegs;
-    const int count = u.count;
-
-    // The rows, once the consumer is done with the previous tile's.
-    ClusterBarrier::wait(&ss.q_empty, static_cast<uint32_t>((round & 1) ^ 1));
-    if (lane == 0) ss.tile_blocks = count;
-    load_rows(tile, q_len);
-    cp_async_wait_and_fence();
-    ClusterBarrier::arrive(&ss.q_full);
-
-    auto issue = [&](const auto& tma, int32_t c, uint64_t tokens, bool with_meta) {
-      const int slot = static_cast<int>(seq % kSlots);
-      ClusterBarrier::wait(&ss.empty[slot], ((seq / kSlots) & 1) ^ 1);
-      if (lane == 0) {
-        if (with_meta) {
-          ss.slot_block[slot] = c;
-          ss.slot_tokens[slot] = tokens;
-        }
-        // Not load_kv_block (kv_block_tma.hpp): the same copy, but through it
-        // ptxas schedules this kernel's consumers differently (SASS compared).
-        Tensor mKV = tma.get_tma_tensor(make_shape(static_cast<int>(s.Sk), Int<Traits::kD>{},
-                                                   static_cast<int>(s.Hkv),
-                                                   static_cast<int>(s.B)));
-        Tensor gKV = local_tile(mKV(_, _, tile.g, tile.b), typename Traits::TileKV{},
-                                make_coord(_, _0{}));  // (keys, D, block)
-        auto cta = tma.get_slice(_0{});
-        ClusterTransactionBarrier::arrive_and_expect_tx(&ss.full[slot], Traits::kBytesKV);
-        copy(tma.with(ss.full[slot]), cta.partition_S(gKV)(_, _, _, c),
-             cta.partition_D(sRing)(_, _, _, slot));
+  SparseTile tile(first_tile, s.B, s.Hkv, s.chunks, s.tokens);  // the current tile
+  auto issue = [&](const auto& tma, int32_t c, uint64_t tokens, bool with_meta) {
+    const int slot = static_cast<int>(seq % kSlots);
+    ClusterBarrier::wait(&ss.empty[slot], ((seq / kSlots) & 1) ^ 1);
+    if (lane == 0) {
+      if (with_meta) {
+        ss.slot_block[slot] = c;
+        ss.slot_tokens[slot] = tokens;
       }
-      __syncwarp();
-      ++seq;
-    };
+      // Not load_kv_block (kv_block_tma.hpp): the same copy, but through it
+      // ptxas schedules this kernel's consumers differently (SASS compared).
+      Tensor mKV = tma.get_tma_tensor(make_shape(static_cast<int>(s.Sk), Int<Traits::kD>{},
+                                                 static_cast<int>(s.Hkv),
+                                                 static_cast<int>(s.B)));
+      Tensor gKV = local_tile(mKV(_, _, tile.g, tile.b), typename Traits::TileKV{},
+                              make_coord(_, _0{}));  // (keys, D, block)
+      auto cta = tma.get_slice(_0{});
+      ClusterTransactionBarrier::arrive_and_expect_tx(&ss.full[slot], Traits::kBytesKV);
+      copy(tma.with(ss.full[slot]), cta.partition_S(gKV)(_, _, _, c),
+           cta.partition_D(sRing)(_, _, _, slot));
+    }
+    __syncwarp();
+    ++seq;
+  };
+
+  TileUnion<Traits> next;  // the union of tile `index + tile_stride`
+  int count = 0;           // blocks of the current tile (none before the first)
+  // Pass p streams the CTA's tile p - 1 (none for p = 0) and starts tile p.
+  for (int64_t index = first_tile - tile_stride, round = 0;; index += tile_stride, ++round) {
+    const int64_t following = index + tile_stride;
+    const int build_at = std::min(count, kSlots / 2);
     int32_t pending_v = -1;
-    CUTE_UNROLL
-    for (int i = 0; i < kRegs; ++i) {
-      uint32_t todo = __ballot_sync(kFull, u.first[i]);
-      while (todo != 0) {
-        const int src = __ffs(todo) - 1;
-        todo &= todo - 1;
-        const int32_t c = __shfl_sync(kFull, u.cand[i], src);
-        const uint64_t tokens = __shfl_sync(kFull, u.tokens_of[i], src);
-        issue(tma_k, c, tokens, true);
-        if (!kLagV) {
-          issue(tma_v, c, 0, false);
-        } else {
-          if (pending_v >= 0) issue(tma_v, pending_v, 0, false);
-          pending_v = c;
-        }
+    for (int e = 0;; ++e) {
+      if (e == build_at && following < s.tiles) {
+        const SparseTile t(following, s.B, s.Hkv, s.chunks, s.tokens);
+        next = TileUnion<Traits>(s, t, s.q_lengths[t.b], s.kv_lengths[t.b], lane);
+      }
+      if (e == count) break;
+      const int32_t c = ss.union_block[e];
+      issue(tma_k, c, ss.union_tokens[e], true);
+      if (!kLagV) {
+        issue(tma_v, c, 0, false);
+      } else {
+        if (pending_v >= 0) issue(tma_v, pending_v, 0, false);
+        pending_v = c;
       }
     }
     if (pending_v >= 0) issue(tma_v, pending_v, 0, false);
+    if (following >= s.tiles) break;
+
+    // Start the following tile: its block list, then its rows once the
+    // consumers are done with the previous tile's.
+    tile = SparseTile(following, s.B, s.Hkv, s.chunks, s.tokens);
+    count = next.count;
+    next.store(ss.union_block, ss.union_tokens, lane);
+    ClusterBarrier::wait(&ss.q_empty, static_cast<uint32_t>((round & 1) ^ 1));
+    if (lane == 0) ss.tile_blocks = count;
+    load_rows(tile, s.q_lengths[tile.b]);
+    cp_async_wait_and_fence();
+    ClusterBarrier::arrive(&ss.q_full);
   }
 }
 
