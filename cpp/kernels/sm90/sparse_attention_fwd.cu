@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {
     cutlass::arch::warpgroup_reg_dealloc<56>();
-    if (threadIdx.x < 32) {
+    if (threadIdx.x < 64) {  // warp 0 loads, warp 1 builds the unions
       produce_tiles<Traits, true>(ss, s, p.tma_k, p.tma_v, blockIdx.x, gridDim.x,
                             [&](const SparseTile& tile, int64_t q_len) {
                               load_tile_rows<Traits>(p.q, ss.rows[0], s, tile, q_len, threadIdx.x);

@@ -10,7 +10,7 @@
 // the L2 -> SM traffic of the block loads, not by the tensor cores.
 //
 // One CTA = 3 warpgroups, persistent over tiles:
-//   warpgroup 0      producer: one warp builds the tile's block union and
+//   warpgroup 0      producer: one warp builds each tile's block union, one
 //                    feeds the consumers (Q by cp.async, K/V blocks by TMA
 //                    through a ring of kSlots 128 x 128 slots);
 //   warpgroups 1, 2  consumers: 64 rows each, wgmma from shared memory.
@@ -88,9 +88,13 @@ struct SparseAttentionTraits {
     uint64_t slot_tokens[kSlots];  // bit t: token t of the tile selected the block
     int32_t slot_block[kSlots];
     int32_t tile_blocks;  // blocks in the current tile's union
-    // The producer's list of the current tile's union (sparse_tile_producer.hpp).
+    // The union list of a tile, from the producer's union warp to its loading
+    // warp (sparse_tile_producer.hpp).
+    uint64_t list_full;
+    uint64_t list_empty;
     uint64_t union_tokens[kMaxCandidates];
     int32_t union_block[kMaxCandidates];
+    int32_t union_count;
   };
   static constexpr int kSmemBytes = sizeof(SharedStorage);
   static_assert(kSmemBytes <= 227 * 1024, "fits one SM90 CTA");

@@ -1,6 +1,6 @@
 // The producer side of the query-outer sparse-attention kernels: one warp
-// builds the union of the tile's selected blocks (in registers, then as a
-// list in shared memory) and feeds the consumers: the tile's Q rows by
+// builds the union of each tile's selected blocks (in registers, then as a
+// list in shared memory); another feeds the consumers: the tile's Q rows by
 // cp.async, then per union block its K and V by TMA through the ring of slots.
 //
 // Only valid ids enter the union (0 <= c < ceil(kv_len / 128) and c <= the
@@ -156,26 +156,30 @@ __device__ void load_tile_rows(const typename Traits::Element* src, typename Tra
   CUTE_UNROLL
   for (int k = 0; k < kPeriod; ++k) dst[k] = &sQ(r0 + kStep * k, chunk * kPerChunk);
   const int atom = static_cast<int>(&sQ(r0 + 8, chunk * kPerChunk) - dst[0]);
-  CUTE_UNROLL
-  for (int i = 0; i < Traits::kRows / kStep; ++i) {
-    const int r = r0 + kStep * i;
-    // t = r / group: exact, as r < 128 and group <= 64 keep (r + 0.5) / group
-    // at least 1/128 from an integer.
-    const int t = static_cast<int>((static_cast<float>(r) + 0.5f) * inv_group);
-    const bool valid = r < rows_valid;
-    cp_async_16(dst[i % kPeriod] + (i / kPeriod) * atom, valid ? row0 + (r * Traits::kD + t * gap) : src,
-                valid);
+  for (int m = 0; m < Traits::kRows / 8; ++m) {
+    CUTE_UNROLL
+    for (int k = 0; k < kPeriod; ++k) {
+      const int r = r0 + kStep * k + 8 * m;
+      // t = r / group: exact, as r < 128 and group <= 64 keep (r + 0.5) /
+      // group at least 1/128 from an integer.
+      const int t = static_cast<int>((static_cast<float>(r) + 0.5f) * inv_group);
+      const bool valid = r < rows_valid;
+      cp_async_16(dst[k] + m * atom, valid ? row0 + (r * Traits::kD + t * gap) : src, valid);
+    }
   }
 }
 
 // Initialises the tile and ring barriers (arrivals: `q_arrivals` for q_full,
 // by default the producer warp's 32 lanes, every consumer thread for q_empty
-// and empty, one expect-tx arrival for full), then syncs the CTA.
+// and empty, one expect-tx arrival for full, a warp for the union list's),
+// then syncs the CTA.
 template <class Traits, class SharedStorage>
 __device__ void init_tile_barriers(SharedStorage& ss, int q_arrivals = 32) {
   if (threadIdx.x == 0) {
     ClusterBarrier::init(&ss.q_full, q_arrivals);
     ClusterBarrier::init(&ss.q_empty, 128 * Traits::kConsumers);
+    ClusterBarrier::init(&ss.list_full, 32);
+    ClusterBarrier::init(&ss.list_empty, 32);
     for (int i = 0; i < Traits::kSlots; ++i) {
       ClusterBarrier::init(&ss.full[i], 1);
       ClusterBarrier::init(&ss.empty[i], 128 * Traits::kConsumers);
@@ -198,7 +202,6 @@ struct TileUnion {
   int count;                  // blocks in the union (the same in every lane)
   int attended;               // candidates that are not -1 (the same in every lane)
 
-  TileUnion() = default;
 
   __device__ __forceinline__ TileUnion(const SparseShape& s, const SparseTile& tile,
                                        int64_t q_len, int64_t kv_len, int lane) {
@@ -277,67 +280,84 @@ struct TileUnion {
   }
 };
 
-// The producer warp: for each tile of the CTA's sequence, loads the rows (via
-// `load_rows(tile, q_len)`, cp.async by this warp) once the consumers have
-// released the previous tile's, and streams K_c, V_c for every block of the
-// tile's union. Ring order: with kLagV (the forward) K_0, K_1, V_0, K_2, V_1,
-// ...: the consumer issues S_u = Q K_u^T together with O += P_{u-1} V_{u-1}
-// and frees K_u before V_{u-1}; without, K_0, V_0, K_1, V_1, ...
-// The union of the next tile is built while the current one streams (after
-// its first kSlots / 2 blocks, when the ring is full), not between the two:
-// built there, it kept the consumers waiting for the next tile's rows.
+// The producer's two warps (warps 0 and 1 of the CTA call it together). For
+// each tile of the CTA's sequence, warp 1 builds the union of its selected
+// blocks and writes it as a list to shared memory once warp 0 is done with the
+// previous tile's; warp 0 loads the tile's rows (via `load_rows(tile, q_len)`,
+// cp.async by this warp) once the consumers have released the previous tile's,
+// and streams K_c, V_c for every block of the list. Ring order: with kLagV
+// (the forward) K_0, K_1, V_0, K_2, V_1, ...: the consumer issues
+// S_u = Q K_u^T together with O += P_{u-1} V_{u-1} and frees K_u before
+// V_{u-1}; without, K_0, V_0, K_1, V_1, ... (One warp doing both kept the
+// consumers waiting: first for the rows, then for K/V blocks while it built
+// the next union.)
 template <class Traits, bool kLagV, class SharedStorage, class LoadRows>
 __device__ void produce_tiles(SharedStorage& ss, const SparseShape& s,
                               const TmaKV<Traits>& tma_k, const TmaKV<Traits>& tma_v,
                               int64_t first_tile, int64_t tile_stride, LoadRows load_rows) {
   constexpr int kSlots = Traits::kSlots;
   const int lane = threadIdx.x % 32;
+  if (threadIdx.x / 32 == 1) {  // the union builder
+    int64_t round = 0;
+    for (int64_t index = first_tile; index < s.tiles; index += tile_stride, ++round) {
+      const SparseTile tile(index, s.B, s.Hkv, s.chunks, s.tokens);
+      const TileUnion<Traits> u(s, tile, s.q_lengths[tile.b], s.kv_lengths[tile.b], lane);
+      ClusterBarrier::wait(&ss.list_empty, static_cast<uint32_t>((round & 1) ^ 1));
+      u.store(ss.union_block, ss.union_tokens, lane);
+      if (lane == 0) ss.union_count = u.count;
+      ClusterBarrier::arrive(&ss.list_full);
+    }
+    return;
+  }
+
   if (lane == 0) {
     cute::prefetch_tma_descriptor(tma_k.get_tma_descriptor());
     cute::prefetch_tma_descriptor(tma_v.get_tma_descriptor());
   }
   Tensor sRing = make_tensor(make_smem_ptr(ss.kv), typename Traits::SmemLayoutRing{});
   uint32_t seq = 0;  // K/V loads issued so far (ring position)
-  SparseTile tile(first_tile, s.B, s.Hkv, s.chunks, s.tokens);  // the current tile
-  auto issue = [&](const auto& tma, int32_t c, uint64_t tokens, bool with_meta) {
-    const int slot = static_cast<int>(seq % kSlots);
-    ClusterBarrier::wait(&ss.empty[slot], ((seq / kSlots) & 1) ^ 1);
-    if (lane == 0) {
-      if (with_meta) {
-        ss.slot_block[slot] = c;
-        ss.slot_tokens[slot] = tokens;
-      }
-      // Not load_kv_block (kv_block_tma.hpp): the same copy, but through it
-      // ptxas schedules this kernel's consumers differently (SASS compared).
-      Tensor mKV = tma.get_tma_tensor(make_shape(static_cast<int>(s.Sk), Int<Traits::kD>{},
-                                                 static_cast<int>(s.Hkv),
-                                                 static_cast<int>(s.B)));
-      Tensor gKV = local_tile(mKV(_, _, tile.g, tile.b), typename Traits::TileKV{},
-                              make_coord(_, _0{}));  // (keys, D, block)
-      auto cta = tma.get_slice(_0{});
-      ClusterTransactionBarrier::arrive_and_expect_tx(&ss.full[slot], Traits::kBytesKV);
-      copy(tma.with(ss.full[slot]), cta.partition_S(gKV)(_, _, _, c),
-           cta.partition_D(sRing)(_, _, _, slot));
-    }
-    __syncwarp();
-    ++seq;
-  };
+  int64_t round = 0;
+  for (int64_t index = first_tile; index < s.tiles; index += tile_stride, ++round) {
+    const SparseTile tile(index, s.B, s.Hkv, s.chunks, s.tokens);
+    ClusterBarrier::wait(&ss.list_full, static_cast<uint32_t>(round & 1));
+    const int count = ss.union_count;
 
-  TileUnion<Traits> next;  // the union of tile `index + tile_stride`
-  int count = 0;           // blocks of the current tile (none before the first)
-  // Pass p streams the CTA's tile p - 1 (none for p = 0) and starts tile p.
-  for (int64_t index = first_tile - tile_stride, round = 0;; index += tile_stride, ++round) {
-    const int64_t following = index + tile_stride;
-    const int build_at = std::min(count, kSlots / 2);
-    int32_t pending_v = -1;
-    for (int e = 0;; ++e) {
-      if (e == build_at && following < s.tiles) {
-        const SparseTile t(following, s.B, s.Hkv, s.chunks, s.tokens);
-        next = TileUnion<Traits>(s, t, s.q_lengths[t.b], s.kv_lengths[t.b], lane);
+    // The rows, once the consumers are done with the previous tile's.
+    ClusterBarrier::wait(&ss.q_empty, static_cast<uint32_t>((round & 1) ^ 1));
+    if (lane == 0) ss.tile_blocks = count;
+    load_rows(tile, s.q_lengths[tile.b]);
+    cp_async_wait_and_fence();
+    ClusterBarrier::arrive(&ss.q_full);
+
+    auto issue = [&](const auto& tma, int32_t c, uint64_t tokens, bool with_meta) {
+      const int slot = static_cast<int>(seq % kSlots);
+      ClusterBarrier::wait(&ss.empty[slot], ((seq / kSlots) & 1) ^ 1);
+      if (lane == 0) {
+        if (with_meta) {
+          ss.slot_block[slot] = c;
+          ss.slot_tokens[slot] = tokens;
+        }
+        // Not load_kv_block (kv_block_tma.hpp): the same copy, but through it
+        // ptxas schedules this kernel's consumers differently (SASS compared).
+        Tensor mKV = tma.get_tma_tensor(make_shape(static_cast<int>(s.Sk), Int<Traits::kD>{},
+                                                   static_cast<int>(s.Hkv),
+                                                   static_cast<int>(s.B)));
+        Tensor gKV = local_tile(mKV(_, _, tile.g, tile.b), typename Traits::TileKV{},
+                                make_coord(_, _0{}));  // (keys, D, block)
+        auto cta = tma.get_slice(_0{});
+        ClusterTransactionBarrier::arrive_and_expect_tx(&ss.full[slot], Traits::kBytesKV);
+        copy(tma.with(ss.full[slot]), cta.partition_S(gKV)(_, _, _, c),
+             cta.partition_D(sRing)(_, _, _, slot));
       }
-      if (e == count) break;
+      __syncwarp();
+      ++seq;
+    };
+    int32_t pending_v = -1;
+    for (int e = 0; e < count; ++e) {
       const int32_t c = ss.union_block[e];
-      issue(tma_k, c, ss.union_tokens[e], true);
+      const uint64_t tokens = ss.union_tokens[e];
+      if (e == count - 1) ClusterBarrier::arrive(&ss.list_empty);  // its last read
+      issue(tma_k, c, tokens, true);
       if (!kLagV) {
         issue(tma_v, c, 0, false);
       } else {
@@ -345,19 +365,8 @@ __device__ void produce_tiles(SharedStorage& ss, const SparseShape& s,
         pending_v = c;
       }
     }
+    if (count == 0) ClusterBarrier::arrive(&ss.list_empty);
     if (pending_v >= 0) issue(tma_v, pending_v, 0, false);
-    if (following >= s.tiles) break;
-
-    // Start the following tile: its block list, then its rows once the
-    // consumers are done with the previous tile's.
-    tile = SparseTile(following, s.B, s.Hkv, s.chunks, s.tokens);
-    count = next.count;
-    next.store(ss.union_block, ss.union_tokens, lane);
-    ClusterBarrier::wait(&ss.q_empty, static_cast<uint32_t>((round & 1) ^ 1));
-    if (lane == 0) ss.tile_blocks = count;
-    load_rows(tile, s.q_lengths[tile.b]);
-    cp_async_wait_and_fence();
-    ClusterBarrier::arrive(&ss.q_full);
   }
 }
 
