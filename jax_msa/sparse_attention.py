@@ -176,9 +176,10 @@ def sparse_attention(
         share blocks), "block" (each selected block once for every row that
         chose it, partials merged by lse; cost independent of the sharing), or
         "auto" (the device picks one per call from the ids, with a cost
-        estimate: on an H100 at T = 128K "query" is 1.6x faster on window ids,
-        "block" 1.6x to 2.8x faster on clustered and indexer ids, see
-        benchmarks/RESULTS.md). Same results up to rounding; ignored elsewhere.
+        estimate: on an H100 at T = 128K "query" is 2.7x faster on window ids,
+        both are even on clustered ids and "block" is 1.7x faster on indexer
+        ids, see benchmarks/RESULTS.md). Same results up to rounding; ignored
+        elsewhere.
       deterministic: make the CUDA backward bitwise reproducible (on one
         device): dq always from a separate query-outer pass. By default the
         device picks per call from the ids: that pass where neighbouring

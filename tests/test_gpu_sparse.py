@@ -44,6 +44,18 @@ def _window_ids(b, sq, hkv, topk, q_lengths, kv_lengths):
     return jnp.asarray(ids)
 
 
+def _spread_ids(b, sq, hkv, topk, q_lengths, kv_lengths):
+    """Blocks that neighbouring tokens do not share: token t takes blocks
+    (t * topk + k) mod (local block + 1), distinct, then -1."""
+    ids = np.full((b, sq, hkv, topk), -1, np.int32)
+    slot = np.arange(topk)[None, :]
+    for row in range(b):
+        t = np.arange(int(q_lengths[row]))[:, None]
+        local = (int(kv_lengths[row]) - int(q_lengths[row]) + t) // BLOCK
+        ids[row, : len(t), :, :] = np.where(slot <= local, (t * topk + slot) % (local + 1), -1)[:, None, :]
+    return jnp.asarray(ids)
+
+
 def _inputs(seed, shape, dtype, pattern):
     b, sq, sk, hq, hkv, topk = shape
     rng = np.random.default_rng(seed)
@@ -55,6 +67,8 @@ def _inputs(seed, shape, dtype, pattern):
     ql, kl = jnp.asarray(ql), jnp.asarray(kl)
     if pattern == "window":
         ids = _window_ids(b, sq, hkv, topk, np.asarray(ql), np.asarray(kl))
+    elif pattern == "spread":
+        ids = _spread_ids(b, sq, hkv, topk, np.asarray(ql), np.asarray(kl))
     else:
         qi, ki = normal(rng, (b, sq, hkv, 64)), normal(rng, (b, sk, 64))
         ids = reference.indexer(qi, ki, topk=topk, q_lengths=ql, kv_lengths=kl)
@@ -123,19 +137,23 @@ def test_forward_duplicate_and_huge_ids_stay_safe():
         assert np.isfinite(np.asarray(out, np.float32)).all()
 
 
-@pytest.mark.parametrize("pattern,query_wins", [("window", True), ("indexer", False)])
-def test_auto_schedule_picks_one_schedule_from_the_ids(pattern, query_wins):
-    """schedule="auto" enqueues both forwards; the cost sums (the last 4 ints of
-    its index workspace) pick the query-outer one on window ids and the
-    by-block one on indexer ids (schedule_gate.hpp), and only that one writes
-    the output: bitwise the result of the picked schedule run alone."""
+@pytest.mark.parametrize("pattern,topk,query_wins", [("window", 16, True), ("spread", 4, False)])
+def test_auto_schedule_picks_one_schedule_from_the_ids(pattern, topk, query_wins):
+    """schedule="auto" enqueues both forwards; the cost sums (the ScheduleCosts in
+    the last 6 ints of its index workspace: union blocks, attended pairs, walked
+    blocks) pick the query-outer one on window ids and the by-block one on ids
+    that neighbouring tokens do not share (schedule_gate.hpp), and only that
+    one writes the output: bitwise the result of the picked schedule run alone."""
     from jax_msa.sparse_attention import _fwd_auto_p
-    a = jax.device_put(_inputs(8, (1, 8192, 8192, 16, 1, 16), jnp.bfloat16, pattern), GPU)
+    a = jax.device_put(_inputs(8, (1, 8192, 8192, 16, 1, topk), jnp.bfloat16, pattern), GPU)
     args = [a[n] for n in ("q", "k", "v", "ids", "q_lengths", "kv_lengths")]
     out, lse, index, _ = jax.jit(lambda *x: _fwd_auto_p.bind(*x, scale=np.float32(128**-0.5),
                                                              implementation="kernel"))(*args)
-    union_blocks, attended = np.asarray(index[-4:]).view(np.uint64)
-    assert attended > 0 and (76 * union_blocks < 16 * attended) == query_wins
+    union_blocks, attended, walked_blocks = np.asarray(index[-6:]).view(np.uint64)
+    # Each of the two consumer warpgroups walks at most the tile's union.
+    assert 0 < union_blocks <= walked_blocks <= 2 * union_blocks
+    # 90000: the by-block forward's launches per chunk (one chunk here).
+    assert attended > 0 and (22 * walked_blocks + 90000 < 16 * attended) == query_wins
     picked_out, picked_lse = _kernel_forward(a, schedule="query" if query_wins else "block")
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(picked_out, np.float32))
     np.testing.assert_array_equal(np.asarray(lse), np.asarray(picked_lse))

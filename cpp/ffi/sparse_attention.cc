@@ -190,7 +190,8 @@ ffi::Error SparseAttentionBwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::An
   // The device's choice between the two dQ (none without blocks to visit).
   cuda::ScheduleCosts* costs = nullptr;
   if (!deterministic && need.index_ints > 0) {
-    costs = reinterpret_cast<cuda::ScheduleCosts*>(DataOf<int32_t>(index) + need.index_ints - 4);
+    costs = reinterpret_cast<cuda::ScheduleCosts*>(DataOf<int32_t>(index) + need.index_ints -
+                                                   cuda::kScheduleCostsInts);
     if (auto e = CudaStatus("sparse_attention_bwd (schedule costs)",
                             cuda::sparse_schedule_costs(dtype, args, costs, stream));
         e.failure()) {

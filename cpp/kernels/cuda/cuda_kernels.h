@@ -175,7 +175,12 @@ bool sparse_attention_args_valid(DType dtype, const SparseAttentionArgs& a);
 struct ScheduleCosts {
   unsigned long long union_blocks;
   unsigned long long attended;
+  // The (consumer warpgroup, union block) pairs the query-outer forward walks:
+  // a warpgroup leaves out the blocks none of its tokens selected.
+  unsigned long long walked_blocks;
 };
+// Its size in workspace ints.
+constexpr int64_t kScheduleCostsInts = sizeof(ScheduleCosts) / 4;
 cudaError_t sparse_schedule_costs(DType dtype, const SparseAttentionArgs& a, ScheduleCosts* costs,
                                   cudaStream_t stream);
 

@@ -784,7 +784,7 @@ cudaError_t dkdv(const cuda::SparseAttentionArgs& a, const float* lse, const voi
                  const ScheduleCosts* costs) {
   using Traits = SparseBwdTraits<Element>;
   const Geometry geo(a);
-  const ScheduleGate fused_gate{costs, a.Hq / a.Hkv, false, kDqQueryOverBlockCost};
+  const ScheduleGate fused_gate{costs, a.Hq / a.Hkv, false, kDqQueryOverBlockCost, false};
   const int64_t dq_elems = a.B * a.Sq * a.Hq * kHeadDim;
   if (dq_accum != nullptr && dq_elems > 0) {
     const int64_t n4 = dq_elems / 4;  // D = 128: whole float4s, 16-byte aligned (checked)

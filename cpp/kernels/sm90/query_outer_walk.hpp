@@ -117,4 +117,76 @@ __device__ __forceinline__ void walk_blocks(int blocks, IssueS issue_s, IssuePV 
   pv_done(v_slot);
 }
 
+// walk_blocks for a warpgroup that leaves out the blocks none of its rows
+// selected (the sparse forward: the two warpgroups of a tile hold different
+// tokens, whose unions differ). Every K and V of the ring is still taken and
+// released in order, and a left-out block's V is released one step after its
+// K, as a walked block's is, so that the warpgroup never holds more than two
+// slots. take_k() waits for the next K and returns {slot, selected};
+// take_v() waits for the next V and returns its slot; issue_s(slot) /
+// issue_pv(slot) issue the products; s_done(slot, u, selected) and
+// pv_done(slot, selected) release the slots (after the product, if any).
+template <class TakeK, class TakeV, class IssueS, class IssuePV, class SDone, class PVDone,
+          class Softmax, class Convert>
+__device__ __forceinline__ void walk_selected_blocks(int blocks, TakeK take_k, TakeV take_v,
+                                                     IssueS issue_s, IssuePV issue_pv,
+                                                     SDone s_done, PVDone pv_done,
+                                                     Softmax softmax, Convert convert) {
+  if (blocks <= 0) return;
+  auto [k_slot, selected] = take_k();
+  if (selected) {
+    issue_s(k_slot);
+    warpgroup_wait<0>();
+  }
+  s_done(k_slot, 0, selected);
+  if (selected) {
+    softmax();
+    convert();
+  }
+  bool previous = selected;  // block u - 1 was walked: P_{u-1} V_{u-1} is due
+  // Each case issues and waits for its own products, so that no wgmma is in
+  // flight across a branch (ptxas serialises wgmma where it cannot tell).
+  for (int u = 1; u < blocks; ++u) {
+    const auto k = take_k();
+    k_slot = k.first;
+    selected = k.second;
+    if (selected && previous) {
+      issue_s(k_slot);
+      const int v_slot = take_v();
+      issue_pv(v_slot);
+      warpgroup_wait<1>();
+      s_done(k_slot, u, true);
+      softmax();
+      warpgroup_wait<0>();
+      pv_done(v_slot, true);
+      convert();
+    } else if (selected) {
+      issue_s(k_slot);
+      const int v_slot = take_v();
+      warpgroup_wait<0>();
+      s_done(k_slot, u, true);
+      softmax();
+      pv_done(v_slot, false);
+      convert();
+    } else if (previous) {
+      const int v_slot = take_v();
+      issue_pv(v_slot);
+      s_done(k_slot, u, false);
+      warpgroup_wait<0>();
+      pv_done(v_slot, true);
+    } else {
+      const int v_slot = take_v();
+      s_done(k_slot, u, false);
+      pv_done(v_slot, false);
+    }
+    previous = selected;
+  }
+  const int v_slot = take_v();
+  if (previous) {
+    issue_pv(v_slot);
+    warpgroup_wait<0>();
+  }
+  pv_done(v_slot, previous);
+}
+
 }  // namespace jax_msa::sm90

@@ -15,12 +15,15 @@ namespace jax_msa::sm90 {
 
 using cuda::ScheduleCosts;
 
-// The query-outer forward costs ~24.8 ns per (tile of 128 rows, union block),
-// the by-block forward ~0.33 ns per (row, slot): measured on an H100 at
-// T = 128K, G = 16, window ids (6.5 ms for 262K tile-blocks against 10.9 ms for
-// 33.3M row-slots; benchmarks/RESULTS.md). Query-outer wins when
-// kQueryOverBlockCost * union_blocks < G * attended.
-constexpr unsigned long long kQueryOverBlockCost = 76;
+// The query-outer forward costs ~7.8 ns per (consumer warpgroup, walked
+// block), the by-block forward ~0.33 ns per (row, slot): measured on an H100
+// at T = 128K, G = 16, window ids (4.1 ms for 524K walked blocks against
+// 11.2 ms for 33.5M row-slots; benchmarks/RESULTS.md, session 8).
+// Query-outer wins when kQueryOverBlockCost * walked_blocks plus the by-block
+// launches it leaves idle (kByBlockChunkCost per chunk: 16 chunks of ~7
+// launches that return at once cost ~0.5 ms there) < G * attended.
+constexpr unsigned long long kQueryOverBlockCost = 22;
+constexpr unsigned long long kByBlockChunkCost = 90000;
 
 // The backward's dQ: the query-outer dQ kernel costs ~38 ns per (tile, union
 // block), the fused dQ ~6.5 ns per attended (token, slot) pair on top of the
@@ -32,12 +35,16 @@ struct ScheduleGate {
   const ScheduleCosts* costs = nullptr;  // null: the kernel always runs
   int64_t group = 1;                     // G = Hq / Hkv
   bool query = false;                    // the kernel belongs to the query-outer way
-  // Query-outer wins when block_cost * union_blocks < G * attended.
+  // Query-outer wins when block_cost * blocks + fixed < G * attended, with
+  // blocks the forward's walked_blocks, or the tiles' union_blocks (dQ).
   unsigned long long block_cost = kQueryOverBlockCost;
+  bool walked = true;
+  unsigned long long fixed = 0;
 
   __device__ bool closed() const {
     if (costs == nullptr) return false;
-    const bool query_wins = block_cost * costs->union_blocks <
+    const unsigned long long blocks = walked ? costs->walked_blocks : costs->union_blocks;
+    const bool query_wins = block_cost * blocks + fixed <
                             static_cast<unsigned long long>(group) * costs->attended;
     return query_wins != query;
   }

@@ -88,8 +88,8 @@ KvOuterBwdWorkspace sparse_attention_bwd_workspace(const SparseAttentionArgs& a)
   const sm90::sparse_bwd::Geometry geo(a);
   KvOuterBwdWorkspace ws;
   ws.delta_floats = a.B * a.Sq * a.Hq;
-  // The ScheduleCosts (4 ints, 8-byte aligned) after the index.
-  ws.index_ints = geo.nbkt > 0 ? (geo.index_ints + 1) / 2 * 2 + 4 : 0;
+  // The ScheduleCosts (8-byte aligned) after the index.
+  ws.index_ints = geo.nbkt > 0 ? (geo.index_ints + 1) / 2 * 2 + kScheduleCostsInts : 0;
   const int64_t slots =
       2 * std::min<int64_t>(sm90::sparse_bwd::kMaxCtas, geo.nbkt > 0 ? geo.tiles_bound : 0);
   ws.partial_floats = slots * sm90::sparse_bwd::kSlotFloats;

@@ -231,7 +231,7 @@ cudaError_t sparse_attention_bwd_dq(DType dtype, const SparseAttentionArgs& a, c
                                     cudaStream_t stream, const ScheduleCosts* costs) {
   if (!sparse_attention_args_valid(dtype, a)) return cudaErrorInvalidValue;
   if (a.B == 0 || a.Sq == 0) return cudaSuccess;
-  const sm90::ScheduleGate gate{costs, a.Hq / a.Hkv, true, sm90::kDqQueryOverBlockCost};
+  const sm90::ScheduleGate gate{costs, a.Hq / a.Hkv, true, sm90::kDqQueryOverBlockCost, false};
   return dtype == DType::kBF16
              ? sm90::launch<cutlass::bfloat16_t>(a, lse, dout, delta, dq, stream, gate)
              : sm90::launch<cutlass::half_t>(a, lse, dout, delta, dq, stream, gate);

@@ -5,8 +5,10 @@
 // warpgroup holds 64 of the rows. Per block: S = Q K^T (wgmma, both from
 // shared memory), the row mask (the row's token did not select the block) and
 // the causal / length mask, an online softmax in fp32 with exp2, then
-// O += P V (wgmma, P from registers). Tiles are handed out persistently (CTA
-// i takes tiles i, i + grid, ...) while the producer warp prepares the next.
+// O += P V (wgmma, P from registers). A warpgroup leaves out the blocks that
+// none of its own tokens selected (walk_selected_blocks). Tiles are handed out
+// persistently (CTA i takes tiles i, i + grid, ...) while the producer warps
+// prepare the next.
 #include <algorithm>
 #include <climits>
 #include <cmath>
@@ -78,6 +80,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   TileRows<kRowsPerThread> rows(tid);
   OnlineSoftmax<kRowsPerThread> softmax;
 
+  const uint64_t own_tokens = warpgroup_tokens(tid / 128, static_cast<int>(s.group), s.tokens);
+
   uint32_t seq = 0;
   int64_t round = 0;
   for (int64_t index = blockIdx.x; index < s.tiles; index += gridDim.x, ++round) {
@@ -96,33 +100,35 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     if (blocks == 0) ClusterBarrier::arrive(&ss.q_empty);
 
     // Ring order K_0, K_1, V_0, K_2, V_1, ..., V_last (see produce_tiles).
-    int64_t c;  // the block of the last S issued, and its tokens
+    // A block none of this warpgroup's tokens selected is only released.
+    int64_t c;  // the block of the last K taken, and its tokens
     uint64_t tokens;
-    walk_blocks(
+    auto take = [&] {
+      const int slot = static_cast<int>(seq % kSlots);
+      ClusterBarrier::wait(&ss.full[slot], (seq / kSlots) & 1);
+      ++seq;
+      return slot;
+    };
+    walk_selected_blocks(
         blocks,
-        [&] {  // S = Q K^T for the next block
-          const int slot = static_cast<int>(seq % kSlots);
-          ClusterBarrier::wait(&ss.full[slot], (seq / kSlots) & 1);
-          ++seq;
+        [&] {
+          const int slot = take();
           c = ss.slot_block[slot];
           tokens = ss.slot_tokens[slot];
-          issue_product(f.mma_s, f.tSrQ, f.tSrK(_, _, _, slot), f.accS);
-          return slot;
+          // Uniform over the warpgroup; the vote lets ptxas see that it is
+          // over the warp (a branch it sees as divergent serialises wgmma).
+          return std::make_pair(slot, __any_sync(0xFFFFFFFFu, (tokens & own_tokens) != 0));
         },
-        [&] {  // O += P V
-          const int slot = static_cast<int>(seq % kSlots);
-          ClusterBarrier::wait(&ss.full[slot], (seq / kSlots) & 1);
-          ++seq;
-          issue_accumulate(f.mma_o, f.tOrP, f.tOrV(_, _, _, slot), f.accO);
-          return slot;
-        },
-        [&](int slot, int u) {
-          warpgroup_fence_operand(f.accS);
+        take,
+        [&](int slot) { issue_product(f.mma_s, f.tSrQ, f.tSrK(_, _, _, slot), f.accS); },
+        [&](int slot) { issue_accumulate(f.mma_o, f.tOrP, f.tOrV(_, _, _, slot), f.accO); },
+        [&](int slot, int u, bool walked) {
+          if (walked) warpgroup_fence_operand(f.accS);
           ClusterBarrier::arrive(&ss.empty[slot]);
           if (u == blocks - 1) ClusterBarrier::arrive(&ss.q_empty);
         },
-        [&](int slot) {
-          warpgroup_fence_operand(f.accO);
+        [&](int slot, bool walked) {
+          if (walked) warpgroup_fence_operand(f.accO);
           ClusterBarrier::arrive(&ss.empty[slot]);
         },
         [&] { softmax.apply(accS_rc, rows, c * Traits::kKeys, Traits::kKeys, tokens); },
@@ -138,23 +144,37 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 }
 
 // schedule="auto": per query-outer tile (one warp each), the blocks of its
-// union and its attended (token, slot) pairs, summed into `costs` (zeroed
-// before). Integer sums: the choice is deterministic.
+// union, those its consumer warpgroups walk, and its attended (token, slot)
+// pairs, summed into `costs` (zeroed before). Integer sums: the choice is
+// deterministic.
 template <class Traits>
 __global__ void __launch_bounds__(256) schedule_costs_kernel(const SparseShape s,
                                                              ScheduleCosts* costs) {
   const int lane = threadIdx.x % 32;
   const int64_t warps = int64_t{gridDim.x} * (blockDim.x / 32);
-  unsigned long long union_blocks = 0, attended = 0;
+  unsigned long long union_blocks = 0, walked_blocks = 0, attended = 0;
+  uint64_t own[Traits::kConsumers];  // the forward's consumer warpgroups' tokens
+  CUTE_UNROLL
+  for (int w = 0; w < Traits::kConsumers; ++w) {
+    own[w] = warpgroup_tokens(w, static_cast<int>(s.group), s.tokens);
+  }
   for (int64_t index = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / 32; index < s.tiles;
        index += warps) {  // uniform over the warp
     const SparseTile tile(index, s.B, s.Hkv, s.chunks, s.tokens);
     const TileUnion<Traits> u(s, tile, s.q_lengths[tile.b], s.kv_lengths[tile.b], lane);
     union_blocks += u.count;
     attended += u.attended;
+    CUTE_UNROLL
+    for (int i = 0; i < TileUnion<Traits>::kRegs; ++i) {
+      CUTE_UNROLL
+      for (int w = 0; w < Traits::kConsumers; ++w) {
+        walked_blocks += __popc(__ballot_sync(0xFFFFFFFFu, u.first[i] && (u.tokens_of[i] & own[w])));
+      }
+    }
   }
   if (lane == 0 && union_blocks + attended > 0) {
     atomicAdd(&costs->union_blocks, union_blocks);
+    atomicAdd(&costs->walked_blocks, walked_blocks);
     atomicAdd(&costs->attended, attended);
   }
 }
@@ -199,12 +219,16 @@ cudaError_t launch_auto(const cuda::SparseAttentionArgs& a, int32_t* index, void
   cudaError_t st = enqueue_schedule_costs<Element>(a, costs, stream);
   if (st != cudaSuccess) return st;
   const int64_t group = a.Hq / a.Hkv;
-  if ((st = launch<Element>(a, out, lse, stream, ScheduleGate{costs, group, true})) != cudaSuccess) {
+  const unsigned long long fixed = kByBlockChunkCost * static_cast<unsigned long long>(plan.nchunks);
+  if ((st = launch<Element>(a, out, lse, stream,
+                            ScheduleGate{costs, group, true, kQueryOverBlockCost, true, fixed})) !=
+      cudaSuccess) {
     return st;
   }
   constexpr DType kDType = std::is_same_v<Element, cutlass::bfloat16_t> ? DType::kBF16 : DType::kF16;
   return fwd_by_block::run(kDType, a, plan, index, partial, out, lse, stream,
-                           nullptr, nullptr, ScheduleGate{costs, group, false});
+                           nullptr, nullptr,
+                           ScheduleGate{costs, group, false, kQueryOverBlockCost, true, fixed});
 }
 
 }  // namespace

@@ -30,9 +30,9 @@ struct Plan {
   int64_t entries = 0;       // index entries of a chunk at most: B * Hkv * Tc * topk
   int64_t o_bytes = 0;       // partial O: entries * G rows of D elements (16-bit), 256-aligned
   int64_t lse_bytes = 0;     // partial lse: entries * G floats
-  // Then, 8-byte aligned, the ScheduleCosts of schedule="auto" (4 ints).
+  // Then, 8-byte aligned, the ScheduleCosts of schedule="auto".
   int64_t costs_offset() const { return index_ints + (rev_ints + 1) / 2 * 2; }
-  int64_t workspace_ints() const { return costs_offset() + 4; }
+  int64_t workspace_ints() const { return costs_offset() + cuda::kScheduleCostsInts; }
   int64_t workspace_bytes() const { return o_bytes + lse_bytes; }
 };
 

@@ -79,6 +79,14 @@ struct TileRows {
   }
 };
 
+// The tile tokens with a row in consumer warpgroup w (rows 64 w .. 64 w + 63;
+// row r holds token r / group), as bits.
+__device__ inline uint64_t warpgroup_tokens(int w, int group, int tokens) {
+  const int first = 64 * w / group;
+  const int last = std::min((64 * w + 63) / group, tokens - 1);
+  return first > last ? 0 : (~uint64_t{0} >> (63 - (last - first))) << first;
+}
+
 // The tiling of problem `a` for kernel traits `Traits`.
 template <class Traits>
 SparseShape make_sparse_shape(const cuda::SparseAttentionArgs& a) {
