@@ -210,7 +210,6 @@ struct TileUnion {
   int count;                  // blocks in the union (the same in every lane)
   int attended;               // candidates that are not -1 (the same in every lane)
 
-
   __device__ __forceinline__ TileUnion(const SparseShape& s, const SparseTile& tile,
                                        int64_t q_len, int64_t kv_len, int lane) {
     constexpr uint32_t kFull = 0xFFFFFFFFu;
