@@ -194,7 +194,7 @@ cudaError_t sparse_attention_fwd(DType dtype, const SparseAttentionArgs& a, void
 struct KvOuterBwdWorkspace {
   int64_t delta_floats;     // float32 [B, Sq, Hq]: the row terms rowsum(dout * out) - dlse
   int64_t index_ints;       // int32: the block -> queries index (sparse: then, when not
-                            // empty, the ScheduleCosts in its last 4 ints)
+                            // empty, the ScheduleCosts in its last kScheduleCostsInts)
   int64_t partial_floats;   // float32: dK / dV sums of key blocks split between CTAs (may be 0)
   int64_t dq_accum_floats;  // float32 [B, Sq, Hq, D]: fused dQ sums (sparse: the
                             // non-deterministic path only)

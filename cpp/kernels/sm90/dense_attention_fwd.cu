@@ -8,9 +8,9 @@
 // - Non-causal: persistent. One CTA per SM takes tiles i, i + grid, ...; its
 //   producer loads the next tile's Q (once the consumers have issued their
 //   last S) and first K/V blocks while the consumers finish the current tile
-//   (S = 1K: 0.95-1.00x cuDNN, against 0.86-0.91x with one CTA per tile).
+//   (S = 1K: 0.93-1.06x cuDNN, against 0.87-0.89x with one CTA per tile).
 // - Causal: one CTA per tile, handed out in order by the hardware as CTAs
-//   finish (a static round-robin over these uneven tiles was slower: 0.76-0.86x
+//   finish (a static round-robin over these uneven tiles was slower: 0.76-0.84x
 //   cuDNN at S = 1K, against 0.87-0.99x), and the two consumer warpgroups take
 //   turns issuing their products (two named barriers), so that one's softmax
 //   runs under the other's wgmma.
