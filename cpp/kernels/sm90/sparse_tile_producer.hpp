@@ -149,9 +149,10 @@ __device__ void load_tile_rows(const typename Traits::Element* src, typename Tra
   const int group = static_cast<int>(s.group);
   const int chunk = lane % kChunks;
   const int r0 = lane / kChunks;
-  // Rows of tokens below q_len: r < rows_valid (<= tokens * group).
-  const int rows_valid =
-      group * static_cast<int>(std::clamp<int64_t>(q_len - tile.token0, 0, s.tokens));
+  // Rows of tokens below q_len and Sq (a traced q_lengths is not checked
+  // against Sq): r < rows_valid (<= tokens * group).
+  const int rows_valid = group * static_cast<int>(std::clamp<int64_t>(
+                                     std::min(q_len, s.Sq) - tile.token0, 0, s.tokens));
   // Row r = t * group + h sits at row0 + r * kD + t * gap: a group's heads are
   // adjacent in memory, its tokens Hq * kD apart.
   const Element* row0 =
