@@ -112,6 +112,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     warpgroup_commit_batch();
   };
 
+  const uint64_t own_tokens = warpgroup_tokens(tid / 128, static_cast<int>(s.group), s.tokens);
+
   uint32_t seq = 0;
   int64_t round = 0;
   for (int64_t index = blockIdx.x; index < s.tiles; index += gridDim.x, ++round) {
@@ -137,6 +139,17 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       ClusterBarrier::wait(&ss.full[k_slot], (seq / kSlots) & 1);
       const int64_t c = ss.slot_block[k_slot];
       const uint64_t tokens = ss.slot_tokens[k_slot];
+      // A block none of this warpgroup's tokens selected adds nothing to its
+      // dQ: release K and V unread. (The vote shows ptxas that the branch is
+      // uniform over the warp.)
+      if (!__any_sync(0xFFFFFFFFu, (tokens & own_tokens) != 0)) {
+        ClusterBarrier::wait(&ss.full[v_slot], ((seq + 1) / kSlots) & 1);
+        seq += 2;
+        ClusterBarrier::arrive(&ss.empty[v_slot]);
+        ClusterBarrier::arrive(&ss.empty[k_slot]);
+        if (u == blocks - 1) ClusterBarrier::arrive(&ss.q_empty);
+        continue;
+      }
       issue(accS, tSrQ, k_slot);
       ClusterBarrier::wait(&ss.full[v_slot], ((seq + 1) / kSlots) & 1);
       issue(accdP, tSrdO, v_slot);
