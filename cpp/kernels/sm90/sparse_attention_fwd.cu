@@ -145,21 +145,30 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
 // schedule="auto": per query-outer tile (one warp each), the blocks of its
 // union, those its consumer warpgroups walk, and its attended (token, slot)
-// pairs, summed into `costs` (zeroed before). Integer sums: the choice is
-// deterministic.
+// pairs, summed into `costs` (zeroed before). Beyond kCostSampleTiles tiles a
+// sample of that many serves, one tile out of each run of `stride`, at an
+// offset that varies from run to run (a fixed one could fall on the same
+// chunk of every (b, kv head)); each warp scales its sums by tiles / samples.
+// Integer sums: the choice is deterministic.
+constexpr int64_t kCostSampleTiles = 2048;
+
 template <class Traits>
 __global__ void __launch_bounds__(256) schedule_costs_kernel(const SparseShape s,
                                                              ScheduleCosts* costs) {
   const int lane = threadIdx.x % 32;
   const int64_t warps = int64_t{gridDim.x} * (blockDim.x / 32);
+  const int64_t stride = (s.tiles + kCostSampleTiles - 1) / kCostSampleTiles;
+  const int64_t samples = (s.tiles + stride - 1) / stride;
   unsigned long long union_blocks = 0, walked_blocks = 0, attended = 0;
   uint64_t own[Traits::kConsumers];  // the forward's consumer warpgroups' tokens
   CUTE_UNROLL
   for (int w = 0; w < Traits::kConsumers; ++w) {
     own[w] = warpgroup_tokens(w, static_cast<int>(s.group), s.tokens);
   }
-  for (int64_t index = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / 32; index < s.tiles;
-       index += warps) {  // uniform over the warp
+  for (int64_t sample = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / 32; sample < samples;
+       sample += warps) {  // uniform over the warp
+    const int64_t offset = static_cast<int64_t>((sample * 2654435761ull) % stride);
+    const int64_t index = std::min(s.tiles - 1, sample * stride + offset);
     const SparseTile tile(index, s.B, s.Hkv, s.chunks, s.tokens);
     const TileUnion<Traits> u(s, tile, s.q_lengths[tile.b], s.kv_lengths[tile.b], lane);
     union_blocks += u.count;
@@ -173,9 +182,12 @@ __global__ void __launch_bounds__(256) schedule_costs_kernel(const SparseShape s
     }
   }
   if (lane == 0 && union_blocks + attended > 0) {
-    atomicAdd(&costs->union_blocks, union_blocks);
-    atomicAdd(&costs->walked_blocks, walked_blocks);
-    atomicAdd(&costs->attended, attended);
+    const auto scaled = [&](unsigned long long sum) {
+      return static_cast<unsigned long long>(sum * static_cast<double>(s.tiles) / samples);
+    };
+    atomicAdd(&costs->union_blocks, scaled(union_blocks));
+    atomicAdd(&costs->walked_blocks, scaled(walked_blocks));
+    atomicAdd(&costs->attended, scaled(attended));
   }
 }
 
@@ -188,7 +200,8 @@ cudaError_t enqueue_schedule_costs(const cuda::SparseAttentionArgs& a, ScheduleC
   cudaError_t st = cudaMemsetAsync(costs, 0, sizeof(ScheduleCosts), stream);
   if (st != cudaSuccess) return st;
   const SparseShape shape = make_sparse_shape<Traits>(a);
-  const int64_t blocks = std::min<int64_t>((shape.tiles + 7) / 8, 1024);  // 8 warps per CTA
+  const int64_t samples = std::min(shape.tiles, kCostSampleTiles);
+  const int64_t blocks = std::min<int64_t>((samples + 7) / 8, 1024);  // 8 warps per CTA
   schedule_costs_kernel<Traits><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(shape, costs);
   return cudaGetLastError();
 }

@@ -527,6 +527,13 @@ cudaError_t run_typed(const cuda::SparseAttentionArgs& a, const Plan& plan, int3
       gate};
   CombineParams<Element> cp{a.q_lengths, rev, part_o, part_lse, static_cast<Element*>(out), lse,
                             a.B, a.Sq, a.Hq, a.Hkv, G, a.topk, 0, 0, gate};
+  // One wave of combine CTAs (grid-stride): when the gate closes, a second
+  // wave of CTAs that return at once would cost as much as the first.
+  int combine_per_sm = 0;
+  if ((st = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&combine_per_sm, combine_kernel<Element>,
+                                                          256, 0)) != cudaSuccess) {
+    return st;
+  }
 
   for (int64_t n = 0; n < plan.nchunks; ++n) {
     const int64_t t0 = n * plan.chunk_tokens;
@@ -546,7 +553,8 @@ cudaError_t run_typed(const cuda::SparseAttentionArgs& a, const Plan& plan, int3
     cp.tok_begin = t0;
     cp.tok_count = ntok;
     const int64_t rows = a.B * ntok * a.Hq;
-    const int64_t grid = std::min<int64_t>((rows + 15) / 16, int64_t{sms} * 32);
+    const int64_t grid =
+        std::min<int64_t>((rows + 15) / 16, int64_t{sms} * std::max(1, combine_per_sm));
     combine_kernel<Element><<<static_cast<unsigned>(grid), 256, 0, stream>>>(cp);
     st = cudaGetLastError();
     if (st != cudaSuccess) return st;
