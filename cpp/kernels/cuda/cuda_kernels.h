@@ -118,8 +118,8 @@ struct PagedAttentionArgs {
 
 // Whether paged_attention takes these inputs: bfloat16 or float16 q with
 // D = 128, G = Hq / Hkv <= 128, topk <= 64, and caches both of q's type or
-// both e4m3 (then q is rounded to e4m3 per row, with a power-of-two scale,
-// for the Q K^T product; V is widened to float16 exactly).
+// both e4m3 (then both products are e4m3 wgmma: q rounded to e4m3 per row
+// with a power-of-two scale, P scaled by 2^8 and rounded to e4m3).
 bool paged_attention_supported(DType q_dtype, CacheType cache, const PagedAttentionArgs& a);
 
 // The CTAs per tile that paged_attention's callers should pass as a.splits

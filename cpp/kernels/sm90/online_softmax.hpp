@@ -8,7 +8,9 @@
 // The max is taken on the raw products, so that each element costs one FFMA
 // and one MUFU.EX2; a negative factor (a negative logit scale) negates S
 // first. O is rescaled only when the max of some row of the warp moved, which
-// after the first blocks is rare.
+// after the first blocks is rare. kLog2Gain: P is scaled by 2^kLog2Gain (an
+// e4m3 P keeps its small values normal); O / l is unchanged by it and lse()
+// takes it out.
 #pragma once
 
 #include <cfloat>
@@ -23,7 +25,7 @@
 
 namespace jax_msa::sm90 {
 
-template <int kRowsPerThread>
+template <int kRowsPerThread, int kLog2Gain = 0>
 struct OnlineSoftmax {
   float factor[kRowsPerThread];   // S -> log2-domain logits, > 0
   float row_max[kRowsPerThread];  // running max of (+-) S
@@ -78,8 +80,8 @@ struct OnlineSoftmax {
       }
       m = quad_max(m);
       moved = moved || m != row_max[r];
-      const float base = m == -INFINITY ? 0.0f : m * factor[r];
-      correction[r] = fast_exp2(row_max[r] * factor[r] - base);
+      const float base = m == -INFINITY ? 0.0f : m * factor[r] - kLog2Gain;
+      correction[r] = fast_exp2(row_max[r] * factor[r] - kLog2Gain - base);
       row_max[r] = m;
       float sum = 0.0f;
       CUTE_UNROLL
@@ -106,7 +108,7 @@ struct OnlineSoftmax {
 
   // Row r's lse (natural log) given its total sum of P over the quad; -inf if 0.
   __device__ float lse(int r, float total) const {
-    return total > 0.0f ? (row_max[r] * factor[r] + log2f(total)) * 0.6931471805599453f
+    return total > 0.0f ? (row_max[r] * factor[r] - kLog2Gain + log2f(total)) * 0.6931471805599453f
                         : -INFINITY;
   }
 

@@ -14,16 +14,18 @@
 //
 // One CTA = 3 warpgroups:
 //   warpgroup 0, warp 0     producer: the page list, K and V pages by TMA;
-//   warpgroup 0, warps 1-2  V: e4m3 pages are widened to float16 (exactly)
-//                           from a staging slot into the V ring; 16-bit pages
-//                           land in the ring directly and only get their keys
-//                           past kv_len zeroed (0 * NaN would poison P V);
-//   warpgroups 1, 2         consumers, 64 rows each: S = Q K^T (wgmma, e4m3 x
-//                           e4m3 for e4m3 caches, Q rounded to e4m3 with a
-//                           power-of-two scale per row), masks, online softmax
-//                           (exp2), O += P V (wgmma, P from registers).
+//   warpgroup 0, warps 1-2  V: e4m3 pages are transposed (dims x keys, the
+//                           K-major operand that 8-bit wgmma needs) from a
+//                           staging slot into the V ring; 16-bit pages land in
+//                           the ring directly and only get their keys past
+//                           kv_len zeroed (0 * NaN would poison P V);
+//   warpgroups 1, 2         consumers, 64 rows each: S = Q K^T (wgmma), masks,
+//                           online softmax (exp2), O += P V (wgmma, P from
+//                           registers). e4m3 caches: both products e4m3 x e4m3
+//                           (Q rounded to e4m3 with a power-of-two scale per
+//                           row, P scaled by 2^8 and rounded to e4m3).
 // Memory-bound: an e4m3 page pair (32 KB) feeds 8.4 MFLOP at 128 rows, which
-// the e4m3 wgmma for Q K^T keeps below the HBM time (DESIGN_NOTES, Decode).
+// e4m3 wgmma keeps below the HBM time (DESIGN_NOTES, Decode).
 #include <algorithm>
 #include <climits>
 #include <cmath>
@@ -55,7 +57,7 @@ struct PagedTraits {
   using QElement = QElement_;
   static constexpr bool kFp8 = kFp8_;
   using KElement = std::conditional_t<kFp8, cutlass::float_e4m3_t, QElement>;  // Q, K in S = Q K^T
-  using VElement = std::conditional_t<kFp8, cutlass::half_t, QElement>;        // P, V in O += P V
+  using VElement = KElement;  // P, V in O += P V
   static constexpr int kD = 128;
   static constexpr int kKeys = 128;  // keys per page (spec §3.7)
   static constexpr int kConsumers = 2;
@@ -77,10 +79,17 @@ struct PagedTraits {
       decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<VElement>{}, Shape<Int<kKeys>, Int<kD>>{}));
   using SmemLayoutVRing = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<VElement>{},
                                                  Shape<Int<kKeys>, Int<kD>, Int<kVSlots>>{}));
-  // The V ring seen as dims x keys x slot: the MN-major B operand of P V.
-  using SmemLayoutVRingT = decltype(composition(
-      SmemLayoutVRing{}, make_layout(Shape<Int<kD>, Int<kKeys>, Int<kVSlots>>{},
-                                     Stride<Int<kKeys>, _1, Int<kKeys * kD>>{})));
+  // The B operand of P V, dims x keys x slot: 16-bit pages as they landed in
+  // the ring (MN-major); e4m3 pages as the converter warps write them
+  // (K-major: 8-bit wgmma takes no other), each 32-key group in the order of
+  // P's registers (e4m3_p_operand).
+  using SmemLayoutVRingT = std::conditional_t<
+      kFp8,
+      decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<VElement>{},
+                             Shape<Int<kD>, Int<kKeys>, Int<kVSlots>>{})),
+      decltype(composition(SmemLayoutVRing{},
+                           make_layout(Shape<Int<kD>, Int<kKeys>, Int<kVSlots>>{},
+                                       Stride<Int<kKeys>, _1, Int<kKeys * kD>>{})))>;
   // e4m3 V pages land here as they are in memory, keys x dims bytes.
   using SmemLayoutStage = Layout<Shape<Int<kKeys>, Int<kD>>, Stride<Int<kD>, _1>>;
   using SmemLayoutVTma = std::conditional_t<kFp8, SmemLayoutStage, SmemLayoutV>;
@@ -91,16 +100,16 @@ struct PagedTraits {
       Layout<Shape<Int<kConsumers>, _1, _1>>{}));
   using MmaO = decltype(make_tiled_mma(
       GMMA::rs_op_selector<VElement, VElement, float, Shape<_64, Int<kD>, Int<kKeys>>,
-                           GMMA::Major::K, GMMA::Major::MN>(),
+                           GMMA::Major::K, kFp8 ? GMMA::Major::K : GMMA::Major::MN>(),
       Layout<Shape<Int<kConsumers>, _1, _1>>{}));
 
   static constexpr uint32_t kBytesK = kKeys * kD * sizeof(KElement);
-  static constexpr uint32_t kBytesV = kKeys * kD * (kFp8 ? 1 : sizeof(VElement));
+  static constexpr uint32_t kBytesV = kKeys * kD * sizeof(VElement);
 
   struct SharedStorage {
     alignas(1024) KElement q[cosize_v<SmemLayoutQ>];
     alignas(1024) KElement k[cosize_v<SmemLayoutKRing>];
-    alignas(1024) VElement v[cosize_v<SmemLayoutVRing>];
+    alignas(1024) VElement v[cosize_v<SmemLayoutVRingT>];
     alignas(128) uint8_t stage[kFp8 ? kVSlots * kKeys * kD : 16];
     float row_scale[kRows];  // Q row r = row_scale[r] * its e4m3 row (kFp8)
     uint64_t q_full;         // the tile's page count is in
@@ -305,11 +314,9 @@ __device__ void produce_pages(typename Traits::SharedStorage& ss, const PagedPar
   if (pending_c >= 0) issue_v(pending_c, pending_page);
 }
 
-__device__ __forceinline__ uint4 load_shared_16(uint32_t addr) {
-  uint4 v;
-  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "r"(addr));
+__device__ __forceinline__ uint32_t load_shared_4(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr));
   return v;
 }
 
@@ -319,59 +326,90 @@ __device__ __forceinline__ void store_shared_16(uint32_t addr, const uint4& v) {
                : "memory");
 }
 
-// Two float16 words (8 values) from 8 e4m3 bytes.
-__device__ __forceinline__ uint4 widen_e4m3x8(uint32_t lo, uint32_t hi) {
-  return make_uint4(widen_e4m3x2(lo), widen_e4m3x2(lo >> 16), widen_e4m3x2(hi),
-                    widen_e4m3x2(hi >> 16));
+// The e4m3 A operand of O += P V from the float32 accumulator of S. Of each
+// 32 keys a thread holds the same 8 in both, in another order: S (C layout)
+// keys 2t, 2t + 1, 8 + 2t, 9 + 2t, 16 + 2t, .., 25 + 2t (t = lane % 4); the A
+// operand positions 4t .. 4t + 3, 16 + 4t .. 19 + 4t. P's values go to the A
+// positions in order, so that column p of a 16-key chunk of P is key
+// 8 ((p % 4) / 2) + 2 (p / 4) + p % 2 of the chunk; the converter warps lay
+// V's keys out in that order (prepare_values). Rows match (no shuffles).
+template <class Acc, class Operand>
+__device__ __forceinline__ void e4m3_p_operand(const Acc& acc, Operand& operand) {
+  static_assert(decltype(size(acc))::value == decltype(size(operand))::value);
+  Tensor words = recast<uint32_t>(operand);
+  CUTE_UNROLL
+  for (int a = 0; a < size(acc); a += 4) {
+    // A positions a .. a + 3: row half (a / 4) % 2, chunk a / 8 of 16 keys.
+    const int c = 2 * ((a / 4) % 2) + 8 * (a / 8);
+    words(a / 4) = uint32_t{narrow_e4m3x2(acc(c), acc(c + 1))} |
+                   (uint32_t{narrow_e4m3x2(acc(c + 4), acc(c + 5))} << 16);
+  }
 }
 
 // Warps 1-2 (kConverters threads): make each V page usable by P V (see the
-// file comment). e4m3: thread t widens the 16-byte column c = t % 8 of key
-// row r = t / 8 of each 8-key atom row of the page: from the staged page
-// (keys x 128 bytes) into the float16 slot (SmemLayoutV: 8 x 64 atoms of
-// 128-byte rows, keys first, the 16-byte column c of row r at c ^ r), so
-// that both addresses only move by 1024 bytes per atom row. Keys past kv_len
-// (the last page only) become zeros.
+// file comment).
+// e4m3: thread t transposes the 16 x 16 bytes of keys 16 j .. 16 j + 15 and
+// dims 16 i .. 16 i + 15 (i = t % 8, j = (i + t / 8) % 8) from the staged
+// page (keys x 128 bytes) into the slot (SmemLayoutVRingT: dim d's 128 bytes
+// at row d % 8 of atom d / 8, the 16-byte chunk j at j ^ (d % 8)). Per word x
+// of the source rows: 16 loads of 4 bytes, four 4 x 4 byte transposes, four
+// 16-byte stores (dims 16 i + 4 x ..). Byte q of chunk j is key 16 j +
+// 8 ((q % 4) / 2) + 2 (q / 4) + q % 2 (e4m3_p_operand), so word w takes keys
+// 2 w, 2 w + 1, 8 + 2 w, 9 + 2 w. The words are taken in an order rotated by
+// t / 8, so that a warp's loads hit 32 banks; a quarter warp's stores hit 8
+// distinct chunks. Keys past kv_len (the last page only) become zeros.
 template <class Traits>
 __device__ void prepare_values(typename Traits::SharedStorage& ss, int ctid) {
-  constexpr int kAtomRows = Traits::kKeys / 8;
   ClusterBarrier::wait(&ss.q_full, 0);
   const int pages = ss.tile_pages;
-  const int c16 = ctid % 8, r = ctid / 8;
-  const int column = 2 * (c16 % 4);
-  const uint32_t src0 = cast_smem_ptr_to_uint(ss.stage) + r * Traits::kD + 16 * c16;
-  const uint32_t dst_row = cast_smem_ptr_to_uint(ss.v) + 16 * (c16 / 4) * 1024 + r * 128;
-  const uint32_t dst0 = dst_row + ((column ^ r) << 4), dst1 = dst_row + (((column + 1) ^ r) << 4);
+  constexpr int kPageBytes = Traits::kKeys * Traits::kD;
+  const int i = ctid % 8, j = (i + ctid / 8) % 8, rot = (ctid / 8) % 4;
+  const uint32_t src0 = cast_smem_ptr_to_uint(ss.stage) + 16 * j * Traits::kD + 16 * i;
+  const uint32_t dst0 = cast_smem_ptr_to_uint(ss.v) + 2 * i * 1024;
   for (int u = 0; u < pages; ++u) {
     const int slot = u % Traits::kVSlots;
     ClusterBarrier::wait(&ss.v_loaded[slot], (u / Traits::kVSlots) & 1);
     const int keys = ss.v_keys[slot];
     if constexpr (Traits::kFp8) {
-      static_assert(std::is_same_v<typename Traits::VElement, cutlass::half_t> &&
-                    Traits::kD == 128 && Traits::kConverters == 64);
-      const uint32_t src = src0 + slot * Traits::kKeys * Traits::kD;
-      const uint32_t offset = slot * Traits::kKeys * Traits::kD * 2;
-      constexpr int kBatch = 4;  // loads in flight per thread
-      CUTE_UNROLL
-      for (int a0 = 0; a0 < kAtomRows; a0 += kBatch) {
-        uint4 raw[kBatch];
+      static_assert(Traits::kD == 128 && Traits::kKeys == 128 && Traits::kConverters == 64);
+      const uint32_t src = src0 + slot * kPageBytes, dst = dst0 + slot * kPageBytes;
+#pragma unroll 1  // (unrolled, the addresses of all four words stay live: spills)
+      for (int x0 = 0; x0 < 4; ++x0) {
+        const int x = (x0 + rot) % 4;
+        uint32_t w[16];
         CUTE_UNROLL
-        for (int a = 0; a < kBatch; ++a) {
-          raw[a] = load_shared_16(src + (a0 + a) * 1024);
-          if (8 * (a0 + a) + r >= keys) raw[a] = make_uint4(0, 0, 0, 0);
+        for (int k = 0; k < 16; ++k) {
+          w[k] = 16 * j + k < keys ? load_shared_4(src + k * Traits::kD + 4 * x) : 0u;
         }
+        // Dim 16 i + r, r = 4 x + 2 half + y, is row r of the two atoms at
+        // dst: 128 r bytes in, its chunk j at j ^ (r % 8).
+        const uint32_t row0 = dst + 512 * x;
+        const int chunk0 = j ^ (4 * (x % 2));
         CUTE_UNROLL
-        for (int a = 0; a < kBatch; ++a) {
-          store_shared_16(dst0 + offset + (a0 + a) * 1024, widen_e4m3x8(raw[a].x, raw[a].y));
-          store_shared_16(dst1 + offset + (a0 + a) * 1024, widen_e4m3x8(raw[a].z, raw[a].w));
+        for (int half = 0; half < 2; ++half) {  // dims + {0, 1}, then + {2, 3}
+          uint32_t out[2][4];                   // [y][word]
+          CUTE_UNROLL
+          for (int wd = 0; wd < 4; ++wd) {
+            const uint32_t sel = half == 0 ? 0x5140 : 0x7362;
+            const uint32_t ab = __byte_perm(w[2 * wd], w[2 * wd + 1], sel);
+            const uint32_t cd = __byte_perm(w[8 + 2 * wd], w[9 + 2 * wd], sel);
+            out[0][wd] = __byte_perm(ab, cd, 0x5410);
+            out[1][wd] = __byte_perm(ab, cd, 0x7632);
+          }
+          CUTE_UNROLL
+          for (int y = 0; y < 2; ++y) {
+            const int r4 = 2 * half + y;  // r - 4 x
+            store_shared_16(row0 + 128 * r4 + ((chunk0 ^ r4) << 4),
+                            make_uint4(out[y][0], out[y][1], out[y][2], out[y][3]));
+          }
         }
       }
     } else {
       // Only the last page has keys past kv_len; zero them.
       constexpr int kChunks = Traits::kD / 8;  // 16-byte chunks per key
       Tensor sV = make_tensor(make_smem_ptr(ss.v), typename Traits::SmemLayoutVRing{});
-      for (int i = ctid; i < (Traits::kKeys - keys) * kChunks; i += Traits::kConverters) {
-        const int key = keys + i / kChunks, d0 = 8 * (i % kChunks);
+      for (int n = ctid; n < (Traits::kKeys - keys) * kChunks; n += Traits::kConverters) {
+        const int key = keys + n / kChunks, d0 = 8 * (n % kChunks);
         *reinterpret_cast<uint4*>(&sV(key, d0, slot)) = make_uint4(0, 0, 0, 0);
       }
     }
@@ -504,7 +542,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
   // Per row: the factor from the wgmma's S to log2-domain logits (row_scale > 0:
   // one sign for all rows).
-  OnlineSoftmax<kRowsPerThread> softmax;
+  OnlineSoftmax<kRowsPerThread, Traits::kFp8 ? 8 : 0> softmax;  // e4m3 P: 2^8 P
   const float k_scale = *p.k_scale;
   float factors[kRowsPerThread];
   CUTE_UNROLL
@@ -549,7 +587,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       [&] { softmax.apply(accS_rc, rows, c * Traits::kKeys, Traits::kKeys, tokens); },
       [&] {
         softmax.rescale_output(accO_rc);
-        acc_to_operand(accS, tOrP);
+        if constexpr (Traits::kFp8) {
+          e4m3_p_operand(accS, tOrP);
+        } else {
+          acc_to_operand(accS, tOrP);
+        }
       });
 
   // Partials: O / l (times v_scale) and lse = ln(sum of exp), 0 / -inf for a
