@@ -15,6 +15,7 @@
 #include <cutlass/arch/barrier.h>
 
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/multiprocessors.h"
 #include "kernels/sm90/kv_block_tma.hpp"
 #include "kernels/sm90/sparse_attention_traits.hpp"
 
@@ -101,17 +102,10 @@ SparseShape make_sparse_shape(const cuda::SparseAttentionArgs& a) {
 // Launches a persistent query-outer kernel: one CTA per SM (at most one per tile).
 template <class Traits, class Params>
 cudaError_t launch_persistent(void (*kernel)(Params), const Params& p, cudaStream_t stream) {
-  int device = 0, sms = 0;
-  cudaError_t status = cudaGetDevice(&device);
-  if (status == cudaSuccess) {
-    status = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  }
-  if (status == cudaSuccess) {
-    status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  Traits::kSmemBytes);
-  }
+  const cudaError_t status = cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
   if (status != cudaSuccess) return status;
-  const int64_t grid = std::min<int64_t>(sms, p.shape.tiles);
+  const int64_t grid = std::min<int64_t>(cuda::multiprocessor_count(132), p.shape.tiles);
   kernel<<<static_cast<unsigned>(grid), Traits::kThreads, Traits::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
