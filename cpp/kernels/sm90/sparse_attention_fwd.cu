@@ -233,15 +233,14 @@ cudaError_t launch_auto(const cuda::SparseAttentionArgs& a, int32_t* index, void
   if (st != cudaSuccess) return st;
   const int64_t group = a.Hq / a.Hkv;
   const unsigned long long fixed = kByBlockChunkCost * static_cast<unsigned long long>(plan.nchunks);
-  if ((st = launch<Element>(a, out, lse, stream,
-                            ScheduleGate{costs, group, true, kQueryOverBlockCost, true, fixed})) !=
-      cudaSuccess) {
-    return st;
-  }
+  const ScheduleGate query_gate{costs, group, true, kQueryOverBlockCost, true, fixed};
+  if ((st = launch<Element>(a, out, lse, stream, query_gate)) != cudaSuccess) return st;
+  // The same rule, the other side: exactly one of the two ways runs.
+  ScheduleGate by_block_gate = query_gate;
+  by_block_gate.query = false;
   constexpr DType kDType = std::is_same_v<Element, cutlass::bfloat16_t> ? DType::kBF16 : DType::kF16;
-  return fwd_by_block::run(kDType, a, plan, index, partial, out, lse, stream,
-                           nullptr, nullptr,
-                           ScheduleGate{costs, group, false, kQueryOverBlockCost, true, fixed});
+  return fwd_by_block::run(kDType, a, plan, index, partial, out, lse, stream, nullptr, nullptr,
+                           by_block_gate);
 }
 
 }  // namespace
