@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+from typing import Sequence
 
 import jax
 
@@ -73,18 +75,46 @@ def cuda_device_capabilities() -> tuple[str, ...]:
     return tuple(sorted(c for c in found if re.fullmatch(r"\d+\.\d+", c)))
 
 
-def cuda_kernels_missing() -> str | None:
-    """Why the built CUDA kernels cannot run on this process's CUDA devices; None when they can.
+def portable_targets() -> frozenset[str]:
+    """The CUDA targets that also serve on any GPU since sm_80 (the portable family, built as sm_80 PTX)."""
+    return frozenset(str(t) for t in _jax_msa.portable_cuda_targets())
 
-    With no CUDA device in sight (lowering ahead of time, or on a CPU-only
-    host) the kernels are taken to serve: they are lowered for the build's
-    architectures.
+
+def portable_forced() -> bool:
+    """Whether JAX_MSA_KERNELS=portable asks for the portable family on every GPU (tests run it on Hopper)."""
+    return os.environ.get("JAX_MSA_KERNELS", "native") == "portable"
+
+
+def _native_runs(capability: str) -> bool:
+    return not portable_forced() and any(runs_on(a, capability) for a in cuda_architectures())
+
+
+def _portable_runs(capability: str) -> bool:
+    return bool(cuda_architectures()) and tuple(int(x) for x in capability.split(".")) >= (8, 0)
+
+
+def portable_family_serves() -> bool:
+    """Whether the portable family serves on some CUDA device of this process (or is forced)."""
+    return portable_forced() or any(not _native_runs(c) for c in cuda_device_capabilities())
+
+
+def cuda_kernels_missing(targets: Sequence[str] = ()) -> str | None:
+    """Why the CUDA kernels of `targets` cannot serve on this process's CUDA devices; None when they can.
+
+    A device runs the build's native (Hopper) family where the build has code
+    for its architecture, and targets of the portable family wherever it is
+    sm_80 or later. `targets` empty: the native family only. With no CUDA
+    device in sight (lowering ahead of time, or on a CPU-only host) the
+    kernels are taken to serve: they are lowered for the build's
+    architectures (with JAX_MSA_KERNELS=portable, for the portable family).
     """
-    archs = cuda_architectures()
-    missing = [c for c in cuda_device_capabilities() if not any(runs_on(a, c) for a in archs)]
+    portable = bool(targets) and set(targets) <= portable_targets()
+    if portable_forced() and not portable:
+        return "JAX_MSA_KERNELS=portable (no portable-family kernel)"
+    missing = [c for c in cuda_device_capabilities() if not (_native_runs(c) or (portable and _portable_runs(c)))]
     if not missing:
         return None
-    built = ", ".join(f"sm_{a}" for a in archs) or "no CUDA architecture"
+    built = ", ".join(f"sm_{a}" for a in cuda_architectures()) or "no CUDA architecture"
     return f"compute capability {', '.join(missing)} (this build has kernels for {built} only)"
 
 

@@ -48,6 +48,7 @@ def define_primitive(
     shared_operands: int = 0,
     kernel_takes: dict[str, Callable[..., bool]] | None = None,
     kernel_lowering: dict[str, Callable[..., Sequence[jax.Array]]] | None = None,
+    portable_cuda_targets: Sequence[str] = (),
 ) -> Primitive:
     """Creates primitive `jax_msa_<name>` lowering to FFI target of that name.
 
@@ -65,6 +66,9 @@ def define_primitive(
     kernel_lowering: per platform, a JAX function of the operands and params
     that runs the kernels there (e.g. a hidden primitive with workspace
     results), used instead of a call of target `jax_msa_<name>`.
+    portable_cuda_targets: with a CUDA kernel_lowering, the CUDA targets it
+    binds where the portable family serves (kernel_family.h; none: it needs the
+    build's native family, and other GPUs take the reference).
     """
     target = f"jax_msa_{name}"
     prim = Primitive(target)
@@ -76,7 +80,7 @@ def define_primitive(
     for platform in LOWERING_PLATFORMS:
         takes = (kernel_takes or {}).get(platform, lambda *avals, implementation, **params: True)
         rule = _lowering(prim, layout, platform, reference, ffi_attributes, takes,
-                         (kernel_lowering or {}).get(platform))
+                         (kernel_lowering or {}).get(platform), tuple(portable_cuda_targets))
         mlir.register_lowering(prim, rule, platform=platform)
     _partitioning.register(prim)
     batching.primitive_batchers[prim] = lambda args, dims, **params: _fold_vmap_axis(
@@ -85,8 +89,10 @@ def define_primitive(
 
 
 def _lowering(prim: Primitive, layout, platform: str, reference: Callable, ffi_attributes: Sequence[str],
-              takes: Callable[..., bool], kernel_fn: Callable | None):
+              takes: Callable[..., bool], kernel_fn: Callable | None, portable_targets: tuple[str, ...]):
     target = prim.name
+    # The CUDA targets the kernel path calls, as far as the portable family goes.
+    needs = (target,) if kernel_fn is None else portable_targets
     if kernel_fn is None:
         ffi_rule = jax.ffi.ffi_lowering(target)
         kernel_rule = lambda ctx, *args, implementation, **params: ffi_rule(
@@ -100,7 +106,7 @@ def _lowering(prim: Primitive, layout, platform: str, reference: Callable, ffi_a
             return _partitioning.lower_partitioned(prim, layout, ctx, *args, implementation=implementation, **params)
         has_kernel = kernel_fn is not None or _ffi.has_kernel(target, platform)
         # A build's CUDA kernels may not run on this GPU (another architecture).
-        device_gap = _ffi.cuda_kernels_missing() if has_kernel and platform == "cuda" else None
+        device_gap = _ffi.cuda_kernels_missing(needs) if has_kernel and platform == "cuda" else None
         if has_kernel and device_gap is None and takes(*ctx.avals_in, implementation=implementation, **params):
             return kernel_rule(ctx, *args, implementation=implementation, **params)
         if implementation == "kernel":

@@ -39,10 +39,11 @@ def _reference_backward(q, k, v, out, lse, dout, dlse, q_lengths, kv_lengths, *,
 
 
 def _cuda_kernel_takes(q, k, v, *rest, implementation, **params) -> bool:
-    """Whether the SM90 forward serves these inputs (cuda::dense_attention_args_valid)."""
+    """Whether the CUDA forward serves these inputs (cuda::dense_attention_args_valid; the
+    portable family's also asks for G = Hq / Hkv <= 128)."""
     b, sq, hq, d = q.shape
     return (q.dtype in (jnp.bfloat16, jnp.float16) and d in (64, 128) and 0 < k.shape[1] < 2**31 - 256
-            and -(-sq // 128) * b * hq < 2**31)
+            and -(-sq // 128) * b * hq < 2**31 and (hq // k.shape[2] <= 128 or not _ffi.portable_family_serves()))
 
 
 _fwd_p = define_primitive("dot_product_attention_fwd", abstract_eval=forward_abstract,

@@ -29,11 +29,14 @@ def _describe(platform: str, targets: tuple[str, ...]) -> str:
         return "reference: this build has no CUDA kernels"
     if not have:
         return "reference: no CUDA kernel for this op yet"
-    gap = _ffi.cuda_kernels_missing()
-    if gap is not None:
-        return f"reference: {gap}"
+    # The forward serves if the native family does, or its portable target (the first listed).
+    serving = [t for t in have if _ffi.cuda_kernels_missing((t,)) is None]
+    if targets[0] not in serving:
+        return f"reference: {_ffi.cuda_kernels_missing((targets[0],))}"
+    scope = "" if len(serving) == len(targets) else " (forward; the backward runs the reference)"
+    if _ffi.portable_family_serves():
+        return f"CUDA kernel, portable family (sm_80 PTX){scope}"
     archs = ", ".join(f"sm_{a}" for a in _ffi.cuda_architectures())
-    scope = "" if len(have) == len(targets) else " (forward; the backward runs the reference)"
     return f"CUDA kernel for {archs}{scope}"
 
 
@@ -44,10 +47,12 @@ def kernel_info(platform: str | None = None) -> dict[str, str]:
       platform: ``"cpu"`` or ``"cuda"``; default: JAX's default backend.
 
     Returns:
-      ``{op name: description}``, e.g. ``"CUDA kernel for sm_90a"``, or
-      ``"reference: compute capability 8.0 (this build has kernels for sm_90a
-      only)"``. Where a kernel serves, it may still decline particular inputs
-      (dtypes, head dims, sizes: see the README), which then run the reference.
+      ``{op name: description}``, e.g. ``"CUDA kernel for sm_90a"`` (the
+      Hopper family), ``"CUDA kernel, portable family (sm_80 PTX)"`` (any GPU
+      since sm_80; JAX_MSA_KERNELS=portable forces it), or ``"reference:
+      compute capability 7.5 (this build has kernels for sm_90a only)"``.
+      Where a kernel serves, it may still decline particular inputs (dtypes,
+      head dims, sizes: see the README), which then run the reference.
     """
     platform = platform or jax.default_backend()
     platform = "cuda" if platform == "gpu" else platform

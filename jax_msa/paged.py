@@ -143,7 +143,8 @@ def _indexer_cuda(ki_cache, ki_scale, qi, page_table, q_lengths, kv_lengths, *, 
 _indexer_p = define_primitive(
     "paged_indexer", abstract_eval=_indexer_abstract, reference=_indexer_reference,
     ffi_attributes=("topk", "scale"), shared_operands=2, kernel_takes={"cuda": _cuda_indexer_takes},
-    kernel_lowering=({"cuda": _indexer_cuda} if _ffi.has_kernel("jax_msa_paged_indexer_scores", "cuda") else None))
+    kernel_lowering=({"cuda": _indexer_cuda} if _ffi.has_kernel("jax_msa_paged_indexer_scores", "cuda") else None),
+    portable_cuda_targets=("jax_msa_paged_indexer_scores", "jax_msa_indexer_select"))
 
 
 def int32_indices(x: jax.Array, bound: int) -> jax.Array:

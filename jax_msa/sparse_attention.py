@@ -77,6 +77,8 @@ _FWD_ON_CUDA = {"query": _fwd_query_p, "block": _fwd_by_block_p, "auto": _fwd_au
 
 
 def _fwd_on_cuda(*args, scale, schedule, implementation):
+    if _ffi.portable_family_serves():  # its only forward is the query-outer one
+        schedule = "query"
     return _FWD_ON_CUDA[schedule].bind(*args, scale=scale, implementation=implementation)[:2]
 
 
@@ -87,7 +89,8 @@ _fwd_p = define_primitive("sparse_attention_fwd", abstract_eval=forward_abstract
                           sharding="bqhd,bkgd,bkgd,bqgt,b,b->bqhd,bqh",
                           kernel_takes={"cuda": _cuda_kernel_takes},
                           kernel_lowering={"cuda": _fwd_on_cuda}
-                          if _ffi.has_kernel("jax_msa_sparse_attention_fwd_query", "cuda") else None)
+                          if _ffi.has_kernel("jax_msa_sparse_attention_fwd_query", "cuda") else None,
+                          portable_cuda_targets=("jax_msa_sparse_attention_fwd_query",))
 # The backward on CUDA: one call that runs prepare (row terms, block index)
 # and the KV-outer dK/dV kernel, which also computes dQ (float32 atomic sums
 # into the dq_accum workspace, [B, Sq, Hq, D]) unless the device picks the

@@ -99,6 +99,18 @@ def test_forward_matches_reference(shape, causal, dtype):
     _check(out, lse, *_reference(a, causal), a, dtype)
 
 
+@pytest.mark.parametrize("d", [128, 64])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{s[0]}x{s[1]}x{s[2]}_{s[3]}-{s[4]}_{s[5]}" for s in SHAPES])
+def test_portable_forward_matches_reference(shape, causal, d, monkeypatch):
+    """The portable family's forward (mma.sync; kernel_family.h), forced with
+    JAX_MSA_KERNELS=portable on this card."""
+    monkeypatch.setenv("JAX_MSA_KERNELS", "portable")
+    a = _inputs(shape, jnp.bfloat16, d=d)
+    out, lse = _kernel(a, causal)
+    _check(out, lse, *_reference(a, causal), a, jnp.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[4], (1, 2048, 2048, 4, 1, "full")])

@@ -114,6 +114,33 @@ def test_forward_matches_reference(shape, pattern, schedule):
         assert np.all(np.isneginf(np.asarray(lse[b, ql[b]:])))
 
 
+@pytest.mark.parametrize("shape,pattern", CASES)
+def test_portable_forward_matches_reference(shape, pattern, monkeypatch):
+    """The portable family's forward (mma.sync; kernel_family.h), forced with
+    JAX_MSA_KERNELS=portable on this card, on the query-outer path."""
+    monkeypatch.setenv("JAX_MSA_KERNELS", "portable")
+    a = jax.device_put(_inputs(zlib.crc32(repr((shape, pattern, "portable")).encode()), shape, jnp.bfloat16,
+                               pattern), GPU)
+    out, lse = _kernel_forward(a, schedule="query")
+    ref_out, ref_lse = _reference(a)
+    rtol, atol = TOLERANCES[jnp.bfloat16]
+    assert rel_err(out, ref_out) <= rtol
+    assert_lse_close(lse, ref_lse, atol)
+    ql = np.asarray(a["q_lengths"])
+    for b in range(out.shape[0]):
+        assert not np.any(np.asarray(out[b, ql[b]:], np.float32))
+        assert np.all(np.isneginf(np.asarray(lse[b, ql[b]:])))
+
+
+def test_portable_forward_fp16_negative_scale(monkeypatch):
+    monkeypatch.setenv("JAX_MSA_KERNELS", "portable")
+    a = jax.device_put(_inputs(15, (1, 900, 900, 16, 1, 16), jnp.float16, "indexer"), GPU)
+    out, lse = _kernel_forward(a, scale=-0.05, schedule="query")
+    ref_out, ref_lse = _reference(a, scale=-0.05)
+    assert rel_err(out, ref_out) <= 1e-2
+    assert_lse_close(lse, ref_lse, 2e-3)
+
+
 @pytest.mark.parametrize("schedule", ["query", "block"])
 def test_forward_fp16_negative_scale(schedule):
     a = jax.device_put(_inputs(5, (1, 900, 900, 16, 1, 16), jnp.float16, "indexer"), GPU)

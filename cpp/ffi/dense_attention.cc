@@ -5,6 +5,7 @@
 #include "ffi/attention_common.h"
 #ifdef JAX_MSA_WITH_CUDA
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/kernel_family.h"
 #endif
 
 namespace jax_msa {
@@ -79,9 +80,11 @@ ffi::Error DenseAttentionFwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::Any
         "jax_msa: the CUDA dense-attention forward takes bfloat16/float16 inputs with head dim "
         "128 or 64, 0 < Sk < 2^31 - 256 and ceil(Sq / 128) * B * Hq < 2^31");
   }
+  const auto forward = cuda::kernel_family() == cuda::KernelFamily::kPortable
+                           ? cuda::portable_dense_attention_fwd
+                           : cuda::dense_attention_fwd;
   return CudaStatus("dot_product_attention_fwd",
-                    cuda::dense_attention_fwd(dtype, args, out->untyped_data(),
-                                              DataOf<float>(lse), stream));
+                    forward(dtype, args, out->untyped_data(), DataOf<float>(lse), stream));
 }
 
 // The SM90 backward (cuda::dense_attention_bwd_args_valid; the Python
@@ -172,6 +175,7 @@ void AddDenseAttentionTargets(TargetTable& table) {
   table.cpu.emplace_back("jax_msa_dot_product_attention_bwd", kDenseAttentionBwdCpu);
 #ifdef JAX_MSA_WITH_CUDA
   table.cuda.emplace_back("jax_msa_dot_product_attention_fwd", kDenseAttentionFwdCuda);
+  table.portable.emplace_back("jax_msa_dot_product_attention_fwd");
   table.cuda.emplace_back("jax_msa_dot_product_attention_bwd_cuda", kDenseAttentionBwdCuda);
 #endif
 }

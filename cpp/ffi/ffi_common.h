@@ -31,6 +31,9 @@ namespace ffi = ::xla::ffi;
 struct TargetTable {
   std::vector<std::pair<std::string, XLA_FFI_Handler*>> cpu;
   std::vector<std::pair<std::string, XLA_FFI_Handler*>> cuda;
+  // CUDA targets whose every kernel also exists for any GPU since sm_80 (the
+  // portable family, or code with no Hopper instruction, built as sm_80 PTX).
+  std::vector<std::string> portable;
 };
 
 void AddIndexerTargets(TargetTable& table);

@@ -326,9 +326,11 @@ void AddIndexerTargets(TargetTable& table) {
   table.cpu.emplace_back("jax_msa_indexer", kIndexerCpu);
 #ifdef JAX_MSA_WITH_CUDA
   table.cuda.emplace_back("jax_msa_topk_select", kTopkSelectCuda);
+  table.portable.emplace_back("jax_msa_topk_select");
   table.cuda.emplace_back("jax_msa_block_scores", kBlockScoresCuda);
   table.cuda.emplace_back("jax_msa_indexer_scores", kIndexerScoresCuda);
   table.cuda.emplace_back("jax_msa_indexer_select", kIndexerSelectCuda);
+  table.portable.emplace_back("jax_msa_indexer_select");
   table.cuda.emplace_back("jax_msa_selected_lse", kSelectedLseCuda);
 #endif
 }

@@ -55,6 +55,13 @@ NB_MODULE(_jax_msa, m) {
         "Target name -> FFI handler capsule for platform 'cpu'.");
   m.def("cuda_targets", [] { return ToDict(Targets().cuda); },
         "Target name -> FFI handler capsule for platform 'CUDA' (empty without CUDA).");
+  m.def("portable_cuda_targets",
+        [] {
+          nb::list names;
+          for (const auto& name : Targets().portable) names.append(nb::str(name.c_str()));
+          return names;
+        },
+        "The CUDA targets that also serve on any GPU since sm_80 (the portable family).");
 #ifdef JAX_MSA_WITH_CUDA
   m.attr("with_cuda") = true;
   m.attr("cuda_architectures") = JAX_MSA_CUDA_ARCHITECTURES;  // e.g. "90a" or "90a,100a"

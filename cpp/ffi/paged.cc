@@ -345,6 +345,7 @@ void AddPagedTargets(TargetTable& table) {
 #ifdef JAX_MSA_WITH_CUDA
   table.cuda.emplace_back("jax_msa_paged_attention_cuda", kPagedAttentionCuda);
   table.cuda.emplace_back("jax_msa_paged_indexer_scores", kPagedIndexerScoresCuda);
+  table.portable.emplace_back("jax_msa_paged_indexer_scores");
 #endif
 }
 

@@ -5,6 +5,7 @@
 #include "ffi/attention_common.h"
 #ifdef JAX_MSA_WITH_CUDA
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/kernel_family.h"
 #endif
 
 namespace jax_msa {
@@ -105,9 +106,11 @@ ffi::Error SparseAttentionFwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::An
       e.failure()) {
     return e;
   }
-  return CudaStatus("sparse_attention_fwd", cuda::sparse_attention_fwd(dtype, args,
-                                                                        out->untyped_data(),
-                                                                        DataOf<float>(lse), stream));
+  const auto forward = cuda::kernel_family() == cuda::KernelFamily::kPortable
+                           ? cuda::portable_sparse_attention_fwd
+                           : cuda::sparse_attention_fwd;
+  return CudaStatus("sparse_attention_fwd",
+                    forward(dtype, args, out->untyped_data(), DataOf<float>(lse), stream));
 }
 
 // The KV-outer forward (kAuto: or the query-outer one, picked on the device):
@@ -272,6 +275,7 @@ void AddSparseAttentionTargets(TargetTable& table) {
   table.cpu.emplace_back("jax_msa_sparse_attention_bwd", kSparseAttentionBwdCpu);
 #ifdef JAX_MSA_WITH_CUDA
   table.cuda.emplace_back("jax_msa_sparse_attention_fwd_query", kSparseAttentionFwdCuda);
+  table.portable.emplace_back("jax_msa_sparse_attention_fwd_query");
   table.cuda.emplace_back("jax_msa_sparse_attention_fwd_by_block", kSparseAttentionFwdByBlockCuda);
   table.cuda.emplace_back("jax_msa_sparse_attention_fwd_auto", kSparseAttentionFwdAutoCuda);
   table.cuda.emplace_back("jax_msa_sparse_attention_bwd_cuda", kSparseAttentionBwdCuda);

@@ -187,6 +187,10 @@ cudaError_t sparse_schedule_costs(DType dtype, const SparseAttentionArgs& a, Sch
 // Forward: out [B, Sq, Hq, D] (dtype of q), lse [B, Sq, Hq] float32.
 cudaError_t sparse_attention_fwd(DType dtype, const SparseAttentionArgs& a, void* out,
                                  float* lse, cudaStream_t stream);
+// The same forward from the portable family (kernels/portable/: sm_80
+// instructions only; kernel_family.h says when it serves).
+cudaError_t portable_sparse_attention_fwd(DType dtype, const SparseAttentionArgs& a, void* out,
+                                          float* lse, cudaStream_t stream);
 
 // Backward workspace, in elements, for the problem `a` (host function; the
 // FFI layer asks XLA for these buffers as extra results).
@@ -290,6 +294,9 @@ bool dense_attention_args_valid(DType dtype, const DenseAttentionArgs& a);
 // Asynchronous, no allocation, no host sync.
 cudaError_t dense_attention_fwd(DType dtype, const DenseAttentionArgs& a, void* out, float* lse,
                                 cudaStream_t stream);
+// The same forward from the portable family (kernels/portable/; G <= 128).
+cudaError_t portable_dense_attention_fwd(DType dtype, const DenseAttentionArgs& a, void* out,
+                                         float* lse, cudaStream_t stream);
 
 // Whether the SM90 dense backward takes these inputs: bf16/fp16, D = 128,
 // Hq / Hkv <= 64, 0 < Sk <= 2^31 - 257, Sq < 2^31, B * Hkv * ceil(Sk / 128) < 2^31.

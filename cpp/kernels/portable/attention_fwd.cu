@@ -1,0 +1,393 @@
+// Block-sparse and dense attention forwards for every GPU since Ampere (the
+// portable family: mma.sync, ldmatrix and cp.async only; built as sm_80 PTX
+// that the driver compiles for newer cards, and as SASS for the build's
+// targets). One kernel: the dense forward walks blocks 0 .. n - 1 (n: the last
+// block a row of the tile sees) where the sparse one walks the union.
+//
+// Query-outer, as the SM90 forward (sparse_attention_fwd.cu): a CTA takes one
+// tile of 128 (token, head) rows, `tokens` consecutive query tokens times the
+// G query heads of one KV group, and walks the union of its tokens' selected
+// blocks. Eight warps of 16 rows each (at G = 16: one token per warp). The
+// union's blocks stream through shared memory in pieces of 64 keys (K and V,
+// two stages, cp.async, every thread loading a share); a warp skips the
+// pieces of blocks none of its tokens selected, so that the tensor work is
+// that of the selected blocks (at G = 16 exactly), whatever the union.
+//
+// Per warp and piece: S = Q K^T (16 x 64, Q held in registers), the masks
+// and online softmax of the SM90 kernels (OnlineSoftmax, TileRows: an
+// mma.sync m16n8 accumulator holds the rows and columns that a warp's part
+// of a 64-row wgmma accumulator does), O += P V (16 x 128, P from
+// registers, V through ldmatrix.trans).
+//
+// Only valid ids enter the union (TileUnion); keys at or past min(kv_len, Sk)
+// are zero-filled, not read, so that no padding value (NaN, say) reaches
+// P V.
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cute/tensor.hpp>
+#include <cutlass/numeric_types.h>
+
+#include "kernels/cuda/cuda_kernels.h"
+#include "kernels/sm90/online_softmax.hpp"
+#include "kernels/sm90/rowmax_epilogue.hpp"
+#include "kernels/sm90/sparse_tile_producer.hpp"
+
+namespace jax_msa::portable {
+namespace {
+
+using namespace cute;
+using sm90::cp_async_16;
+using sm90::OnlineSoftmax;
+using sm90::SparseShape;
+using sm90::SparseTile;
+using sm90::TileRows;
+using sm90::TileUnion;
+
+template <class Element_, int kD_ = 128>
+struct FwdTraits {
+  using Element = Element_;
+  static constexpr int kD = kD_;  // head dim: 128, or 64 (dense)
+  static constexpr int kKeys = 128;   // keys per block (spec §2)
+  static constexpr int kPiece = 64;   // keys per shared-memory stage
+  static constexpr int kStages = 2;
+  static constexpr int kWarps = 8;
+  static constexpr int kRows = 16 * kWarps;
+  static constexpr int kThreads = 32 * kWarps;
+  // For make_sparse_shape and TileUnion: tokens * topk <= 128, tokens <= 64.
+  static constexpr int kMaxCandidates = 128;
+  static constexpr int kMaxTokens = 64;
+
+  using MmaAtom = std::conditional_t<std::is_same_v<Element, cutlass::bfloat16_t>,
+                                     SM80_16x8x16_F32BF16BF16F32_TN, SM80_16x8x16_F32F16F16F32_TN>;
+  // Warp w: rows 16 w .. 16 w + 15; N in 16s so that one ldmatrix.x4 feeds two atoms.
+  using TiledMma = decltype(make_tiled_mma(MmaAtom{}, Layout<Shape<Int<kWarps>, _1, _1>>{},
+                                           Tile<Int<kRows>, _16, _16>{}));
+  // 128-byte rows, 16-byte chunks swizzled within 8-row atoms: conflict-free
+  // cp.async stores and ldmatrix loads.
+  using SmemAtom = decltype(composition(Swizzle<3, 3, 3>{},
+                                        Layout<Shape<_8, _64>, Stride<_64, _1>>{}));
+  using SmemLayoutQ = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kRows>, Int<kD>>{}));
+  using SmemLayoutKV =
+      decltype(tile_to_shape(SmemAtom{}, Shape<Int<kPiece>, Int<kD>, Int<kStages>>{}));
+  // V seen as dims x keys x stage: the B operand of P V.
+  using SmemLayoutVt = decltype(composition(
+      SmemLayoutKV{}, make_layout(Shape<Int<kD>, Int<kPiece>, Int<kStages>>{},
+                                  Stride<Int<kPiece>, _1, Int<kPiece * kD>>{})));
+
+  struct SharedStorage {
+    alignas(128) Element q[cosize_v<SmemLayoutQ>];
+    alignas(128) Element k[cosize_v<SmemLayoutKV>];
+    alignas(128) Element v[cosize_v<SmemLayoutKV>];
+    uint64_t union_tokens[kMaxCandidates];
+    int32_t union_block[kMaxCandidates];
+    int32_t union_count;
+  };
+  static constexpr int kSmemBytes = sizeof(SharedStorage);
+};
+
+template <class Traits>
+struct FwdParams {
+  SparseShape shape;  // dense: ids null, topk 0, tokens = 128 / G
+  bool causal;        // dense only (the sparse forward is causal by its ids)
+  const typename Traits::Element* q;
+  const typename Traits::Element* k;
+  const typename Traits::Element* v;
+  typename Traits::Element* out;
+  float* lse;
+  float scale_log2;  // scale * log2(e)
+};
+
+// The dense forward's rows: TileRows where every row takes every block;
+// a padded row (token >= q_len) masks itself out (last_key -1).
+template <int kRowsPerThread>
+struct AllRows : TileRows<kRowsPerThread> {
+  using TileRows<kRowsPerThread>::TileRows;
+  __device__ bool member(int, uint64_t) const { return true; }
+
+  __device__ void start(const SparseShape& s, const SparseTile& tile, int64_t q_len,
+                        int64_t kv_len_, bool causal) {
+    TileRows<kRowsPerThread>::start(s, tile, q_len, kv_len_);
+    const bool padded = tile.token0 + s.tokens > q_len;
+    // partial() compares with the smallest position: -1 keeps every block masked.
+    if (padded) this->first_position = -1;
+    else if (!causal) this->first_position = INT64_MAX / 2;
+    CUTE_UNROLL
+    for (int r = 0; r < kRowsPerThread; ++r) {
+      if (this->token_of[r] < 0) continue;
+      if (tile.token0 + this->token_of[r] >= q_len) this->last_key[r] = -1;
+      else if (!causal) this->last_key[r] = static_cast<int>(kv_len_ - 1);
+    }
+  }
+};
+
+// Blocks 0 .. n - 1 that a dense tile walks: up to the last block any of its
+// valid rows sees.
+__device__ inline int dense_tile_blocks(const SparseShape& s, const SparseTile& tile,
+                                        int64_t q_len, int64_t kv_len, bool causal) {
+  const int64_t last_token = std::min(tile.token0 + s.tokens, q_len) - 1;
+  if (last_token < tile.token0 || kv_len <= 0) return 0;
+  const int64_t all = (kv_len + 127) / 128;
+  return static_cast<int>(causal ? std::min(all, (kv_len - q_len + last_token) / 128 + 1) : all);
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// ((2, 2), M, N) mma.sync accumulator layout -> ((2, M), (2, N)): rows x columns
+// (column j is 8 (j / 2) + 2 (lane % 4) + j % 2, as TileRows::column says).
+template <class Layout>
+__device__ auto rowcol_layout(Layout l) {
+  static_assert(decltype(rank<0>(l))::value == 2, "SM80 mma.sync accumulator layout");
+  return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<2>(l)));
+}
+
+// The tile's Q rows into shared memory (all threads): row r = token
+// token0 + r / G, head g G + r % G; rows of tokens past min(q_len, Sq) are zeros.
+template <class Traits>
+__device__ void load_q(typename Traits::SharedStorage& ss, const FwdParams<Traits>& p,
+                       const SparseTile& tile, int64_t q_len) {
+  const SparseShape& s = p.shape;
+  Tensor sQ = make_tensor(make_smem_ptr(ss.q), typename Traits::SmemLayoutQ{});
+  constexpr int kChunks = Traits::kD / 8;  // 16-byte chunks per row
+  const int group = static_cast<int>(s.group);
+  const int rows_valid = group * static_cast<int>(std::clamp<int64_t>(
+                                     std::min(q_len, s.Sq) - tile.token0, 0, s.tokens));
+  const int chunk = threadIdx.x % kChunks;
+  CUTE_UNROLL
+  for (int i = 0; i < Traits::kRows * kChunks / Traits::kThreads; ++i) {
+    const int r = threadIdx.x / kChunks + i * (Traits::kThreads / kChunks);
+    const int64_t token = tile.token0 + r / group;
+    const int64_t head = tile.g * group + r % group;
+    const bool valid = r < rows_valid;
+    const auto* src = valid ? p.q + ((tile.b * s.Sq + token) * s.Hq + head) * Traits::kD + 8 * chunk
+                            : p.q;
+    cp_async_16(&sQ(r, 8 * chunk), src, valid);
+  }
+}
+
+// Keys key0 .. key0 + kPiece - 1 of K and V (kv head g of row b) into stage
+// `stage` (all threads); keys at or past `limit` (min(kv_len, Sk)) are zeros.
+template <class Traits>
+__device__ void load_piece(typename Traits::SharedStorage& ss, const FwdParams<Traits>& p,
+                           const SparseTile& tile, int64_t key0, int64_t limit, int stage) {
+  const SparseShape& s = p.shape;
+  Tensor sK = make_tensor(make_smem_ptr(ss.k), typename Traits::SmemLayoutKV{});
+  Tensor sV = make_tensor(make_smem_ptr(ss.v), typename Traits::SmemLayoutKV{});
+  constexpr int kChunks = Traits::kD / 8;
+  const int chunk = threadIdx.x % kChunks;
+  CUTE_UNROLL
+  for (int i = 0; i < Traits::kPiece * kChunks / Traits::kThreads; ++i) {
+    const int key = threadIdx.x / kChunks + i * (Traits::kThreads / kChunks);
+    const bool valid = key0 + key < limit;
+    const int64_t at = ((tile.b * s.Sk + key0 + key) * s.Hkv + tile.g) * Traits::kD + 8 * chunk;
+    cp_async_16(&sK(key, 8 * chunk, stage), valid ? p.k + at : p.k, valid);
+    cp_async_16(&sV(key, 8 * chunk, stage), valid ? p.v + at : p.v, valid);
+  }
+}
+
+template <class Traits, bool kDense>
+__global__ void __launch_bounds__(Traits::kThreads, 1)
+    attention_fwd_kernel(const __grid_constant__ FwdParams<Traits> p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using Element = typename Traits::Element;
+  extern __shared__ char smem_raw[];
+  auto& ss = *reinterpret_cast<typename Traits::SharedStorage*>(smem_raw);
+  const SparseShape& s = p.shape;
+  const SparseTile tile(blockIdx.x, s.B, s.Hkv, s.chunks, s.tokens);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int64_t q_len = s.q_lengths[tile.b];
+  const int64_t kv_len = s.kv_lengths[tile.b];
+  const int64_t key_limit = std::min(kv_len, s.Sk);
+
+  load_q<Traits>(ss, p, tile, q_len);
+  cp_async_commit();
+  if constexpr (kDense) {
+    if (tid == 0) ss.union_count = dense_tile_blocks(s, tile, q_len, kv_len, p.causal);
+  } else if (warp == 0) {
+    const TileUnion<Traits> u(s, tile, q_len, kv_len, lane);
+    u.store(ss.union_block, ss.union_tokens, lane);
+    if (lane == 0) ss.union_count = u.count;
+  }
+  __syncthreads();
+  const int pieces = 2 * ss.union_count;
+  auto piece_key0 = [&](int piece) {
+    const int64_t block = kDense ? piece / 2 : ss.union_block[piece / 2];
+    return block * Traits::kKeys + (piece % 2) * Traits::kPiece;
+  };
+  if (pieces > 0) load_piece<Traits>(ss, p, tile, piece_key0(0), key_limit, 0);
+  cp_async_commit();
+
+  // This warp's rows hold tokens first .. last of the tile (sparse: as bits;
+  // dense: all blocks, if it holds a row).
+  const int group = static_cast<int>(s.group);
+  const int first = 16 * warp / group;
+  const int last = std::min((16 * warp + 15) / group, s.tokens - 1);
+  const uint64_t own = first > last ? 0
+                       : kDense    ? ~uint64_t{0}
+                                   : (~uint64_t{0} >> (63 - (last - first))) << first;
+
+  typename Traits::TiledMma mma;
+  auto thr = mma.get_thread_slice(tid);
+  Tensor sQ = make_tensor(make_smem_ptr(ss.q), typename Traits::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(ss.k), typename Traits::SmemLayoutKV{});
+  Tensor sVt = make_tensor(make_smem_ptr(ss.v), typename Traits::SmemLayoutVt{});
+  using TileS = Shape<Int<Traits::kRows>, Int<Traits::kPiece>>;
+  using TileO = Shape<Int<Traits::kRows>, Int<Traits::kD>>;
+  Tensor tSrQ = thr.partition_fragment_A(sQ);                 // (MMA, 1, D / 16)
+  Tensor tSrK = thr.partition_fragment_B(sK(_, _, 0));        // (MMA, keys / 16, D / 16)
+  Tensor tOrVt = thr.partition_fragment_B(sVt(_, _, 0));      // (MMA, D / 16, keys / 16)
+  Tensor accS = partition_fragment_C(mma, TileS{});
+  Tensor accO = partition_fragment_C(mma, TileO{});
+  Tensor tOrP = make_tensor<Element>(partition_shape_A(mma, TileS{}));
+  Tensor accS_rc = make_tensor(accS.data(), rowcol_layout(accS.layout()));
+  Tensor accO_rc = make_tensor(accO.data(), rowcol_layout(accO.layout()));
+
+  auto copy_q = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, Element>{}, mma);
+  auto copy_k = make_tiled_copy_B(Copy_Atom<SM75_U32x4_LDSM_N, Element>{}, mma);
+  auto copy_v = make_tiled_copy_B(Copy_Atom<SM75_U16x8_LDSM_T, Element>{}, mma);
+  auto thr_q = copy_q.get_thread_slice(tid);
+  auto thr_k = copy_k.get_thread_slice(tid);
+  auto thr_v = copy_v.get_thread_slice(tid);
+  Tensor tSsK = thr_k.partition_S(sK);    // (CPY, keys / 16, D / 16, stage)
+  Tensor tSrK_view = thr_k.retile_D(tSrK);
+  Tensor tOsVt = thr_v.partition_S(sVt);  // (CPY, D / 16, keys / 16, stage)
+  Tensor tOrVt_view = thr_v.retile_D(tOrVt);
+
+  constexpr int kRowsPerThread = decltype(size<0>(accS_rc))::value;
+  std::conditional_t<kDense, AllRows<kRowsPerThread>, TileRows<kRowsPerThread>> rows(tid);
+  if constexpr (kDense) {
+    rows.start(s, tile, q_len, kv_len, p.causal);
+  } else {
+    rows.start(s, tile, q_len, kv_len);
+  }
+  OnlineSoftmax<kRowsPerThread> softmax;
+  {
+    float factors[kRowsPerThread];
+    CUTE_UNROLL
+    for (int r = 0; r < kRowsPerThread; ++r) factors[r] = p.scale_log2;
+    softmax.start(factors);
+  }
+  clear(accO);
+
+  // Q into registers once (it waits for the first commit group: Q).
+  cp_async_wait<1>();
+  __syncthreads();
+  copy(copy_q, thr_q.partition_S(sQ), thr_q.retile_D(tSrQ));
+
+  for (int piece = 0; piece < pieces; ++piece) {
+    const int stage = piece % Traits::kStages;
+    if (piece + 1 < pieces) {
+      load_piece<Traits>(ss, p, tile, piece_key0(piece + 1), key_limit, (piece + 1) % Traits::kStages);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const uint64_t tokens = kDense ? ~uint64_t{0} : ss.union_tokens[piece / 2];
+    if ((tokens & own) != 0) {  // uniform over the warp
+      clear(accS);
+      CUTE_UNROLL
+      for (int kd = 0; kd < size<2>(tSrK); ++kd) {
+        copy(copy_k, tSsK(_, _, kd, stage), tSrK_view(_, _, kd));
+        cute::gemm(mma, tSrQ(_, _, kd), tSrK(_, _, kd), accS);
+      }
+      softmax.apply(accS_rc, rows, piece_key0(piece), Traits::kPiece, tokens);
+      softmax.rescale_output(accO_rc);
+      sm90::acc_to_operand(accS, tOrP);
+      CUTE_UNROLL
+      for (int kk = 0; kk < size<2>(tOrVt); ++kk) {
+        copy(copy_v, tOsVt(_, _, kk, stage), tOrVt_view(_, _, kk));
+        cute::gemm(mma, tOrP(_, _, kk), tOrVt(_, _, kk), accO);
+      }
+    }
+    __syncthreads();  // the stage is refilled by the next piece but one
+  }
+
+  // out = O / l, lse = ln(sum of exp): zero / -inf for an empty row.
+  softmax.template store<Traits::kD>(accO_rc, rows, p.out, p.lse, tid);
+#endif
+}
+
+template <class Traits, bool kDense>
+cudaError_t launch(const FwdParams<Traits>& p, cudaStream_t stream) {
+  auto kernel = attention_fwd_kernel<Traits, kDense>;
+  cudaError_t st = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        Traits::kSmemBytes);
+  if (st != cudaSuccess) return st;
+  if (p.shape.tiles > INT32_MAX) return cudaErrorInvalidValue;
+  kernel<<<static_cast<unsigned>(p.shape.tiles), Traits::kThreads, Traits::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// Args: cuda::SparseAttentionArgs or cuda::DenseAttentionArgs (q, k, v, scale).
+template <class Traits, class Args>
+FwdParams<Traits> make_params(const SparseShape& shape, bool causal, const Args& a, void* out,
+                              float* lse) {
+  using Element = typename Traits::Element;
+  return {shape,
+          causal,
+          static_cast<const Element*>(a.q),
+          static_cast<const Element*>(a.k),
+          static_cast<const Element*>(a.v),
+          static_cast<Element*>(out),
+          lse,
+          a.scale * 1.4426950408889634f};
+}
+
+template <class Element>
+cudaError_t launch_sparse(const cuda::SparseAttentionArgs& a, void* out, float* lse,
+                          cudaStream_t stream) {
+  using Traits = FwdTraits<Element>;
+  return launch<Traits, false>(
+      make_params<Traits>(sm90::make_sparse_shape<Traits>(a), true, a, out, lse), stream);
+}
+
+// Dense tiles: 128 / G tokens times the G heads of a KV group (G <= 128).
+template <class Element, int kD>
+cudaError_t launch_dense(const cuda::DenseAttentionArgs& a, void* out, float* lse,
+                         cudaStream_t stream) {
+  using Traits = FwdTraits<Element, kD>;
+  const int64_t group = a.Hq / a.Hkv;
+  const int tokens = static_cast<int>(Traits::kRows / group);
+  const int64_t chunks = (a.Sq + tokens - 1) / tokens;
+  const SparseShape shape{nullptr, a.q_lengths, a.kv_lengths, a.B, a.Sq, a.Sk, a.Hq, a.Hkv, 0,
+                          group, tokens, chunks, a.B * a.Hkv * chunks};
+  return launch<Traits, true>(make_params<Traits>(shape, a.causal, a, out, lse), stream);
+}
+
+}  // namespace
+}  // namespace jax_msa::portable
+
+namespace jax_msa::cuda {
+
+cudaError_t portable_sparse_attention_fwd(DType dtype, const SparseAttentionArgs& a, void* out,
+                                          float* lse, cudaStream_t stream) {
+  if (!sparse_attention_args_valid(dtype, a)) return cudaErrorInvalidValue;
+  if (a.B == 0 || a.Sq == 0) return cudaSuccess;
+  return dtype == DType::kBF16
+             ? portable::launch_sparse<cutlass::bfloat16_t>(a, out, lse, stream)
+             : portable::launch_sparse<cutlass::half_t>(a, out, lse, stream);
+}
+
+cudaError_t portable_dense_attention_fwd(DType dtype, const DenseAttentionArgs& a, void* out,
+                                         float* lse, cudaStream_t stream) {
+  if (!dense_attention_args_valid(dtype, a) || a.Hq / a.Hkv > 128) return cudaErrorInvalidValue;
+  if (a.B == 0 || a.Sq == 0 || a.Hq == 0) return cudaSuccess;
+  const bool bf16 = dtype == DType::kBF16;
+  if (a.D == 64) {
+    return bf16 ? portable::launch_dense<cutlass::bfloat16_t, 64>(a, out, lse, stream)
+                : portable::launch_dense<cutlass::half_t, 64>(a, out, lse, stream);
+  }
+  return bf16 ? portable::launch_dense<cutlass::bfloat16_t, 128>(a, out, lse, stream)
+              : portable::launch_dense<cutlass::half_t, 128>(a, out, lse, stream);
+}
+
+}  // namespace jax_msa::cuda
