@@ -33,6 +33,7 @@
 #include <cutlass/numeric_types.h>
 
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/portable/mma_sync.hpp"
 #include "kernels/sm90/online_softmax.hpp"
 #include "kernels/sm90/rowmax_epilogue.hpp"
 #include "kernels/sm90/sparse_tile_producer.hpp"
@@ -133,21 +134,6 @@ __device__ inline int dense_tile_blocks(const SparseShape& s, const SparseTile& 
   if (last_token < tile.token0 || kv_len <= 0) return 0;
   const int64_t all = (kv_len + 127) / 128;
   return static_cast<int>(causal ? std::min(all, (kv_len - q_len + last_token) / 128 + 1) : all);
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
-
-// ((2, 2), M, N) mma.sync accumulator layout -> ((2, M), (2, N)): rows x columns
-// (column j is 8 (j / 2) + 2 (lane % 4) + j % 2, as TileRows::column says).
-template <class Layout>
-__device__ auto rowcol_layout(Layout l) {
-  static_assert(decltype(rank<0>(l))::value == 2, "SM80 mma.sync accumulator layout");
-  return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<2>(l)));
 }
 
 // The tile's Q rows into shared memory (all threads): row r = token
