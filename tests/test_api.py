@@ -105,7 +105,7 @@ def test_kernel_info_names_every_op_and_its_implementation():
     assert cuda.keys() == cpu.keys()
     assert cuda["indexer_kl_loss"].startswith("reference")
     if _ffi.built_with_cuda():
-        assert cuda["sparse_attention"] == f"CUDA kernel for sm_{_ffi.cuda_architectures()[0]}"
+        assert cuda["sparse_attention"] == f"CUDA kernel, Hopper family (sm_{_ffi.cuda_architectures()[0]})"
     else:
         assert all(desc == "reference: this build has no CUDA kernels" for desc in cuda.values())
 
