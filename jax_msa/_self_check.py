@@ -37,7 +37,7 @@ def _cases() -> dict[str, tuple[tuple[str, ...], Callable[[], list[jax.Array]]]]
     Unaligned lengths, padded rows, GQA, -1 and out-of-range ids: the cases
     a wrong tiling or mask gets wrong first.
     """
-    from jax_msa import dense_attention, indexer, sparse_attention  # they import _ffi: not at import time
+    import jax_msa  # the public ops (this module is imported while the package initialises)
 
     rng = np.random.default_rng(20261127)
     normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
@@ -48,16 +48,15 @@ def _cases() -> dict[str, tuple[tuple[str, ...], Callable[[], list[jax.Array]]]]
     qi, ki = normal(b, s, 4, 64), normal(b, s, 64)
 
     def sparse():
-        return sparse_attention.sparse_attention(q, k, v, ids, q_lengths=q_lengths, kv_lengths=kv_lengths,
-                                                 return_lse=True, implementation="kernel", schedule="query")
+        return jax_msa.sparse_attention(q, k, v, ids, q_lengths=q_lengths, kv_lengths=kv_lengths, return_lse=True,
+                                        implementation="kernel", schedule="query")
 
     def dense():
-        return dense_attention.dot_product_attention(q, k, v, causal=True, q_lengths=q_lengths,
-                                                     kv_lengths=kv_lengths, return_lse=True,
-                                                     implementation="kernel")
+        return jax_msa.dot_product_attention(q, k, v, causal=True, q_lengths=q_lengths, kv_lengths=kv_lengths,
+                                             return_lse=True, implementation="kernel")
 
     def scores():
-        return [indexer.block_scores(qi, ki, q_lengths=q_lengths, kv_lengths=kv_lengths, implementation="kernel")]
+        return [jax_msa.block_scores(qi, ki, q_lengths=q_lengths, kv_lengths=kv_lengths, implementation="kernel")]
 
     return {
         "sparse_attention": (("jax_msa_sparse_attention_fwd_query",), jax.jit(sparse)),
