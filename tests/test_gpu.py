@@ -86,7 +86,8 @@ def family(request, monkeypatch):
 
 
 # (B, Sq, Sk, Hi, Di, dtype, q_lengths, kv_lengths, topk): unaligned lengths,
-# padded rows, chunked prefill (Sq < Sk), an empty row, decode, Hi 1/2/3/4.
+# padded rows, chunked prefill (Sq < Sk), an empty row, decode, Hi 1/2/3/4,
+# rows of more than 32 blocks.
 INDEXER_CASES = [
     (1, 1000, 1000, 1, 128, jnp.bfloat16, None, None, 16),
     (2, 777, 1500, 2, 64, jnp.float16, [777, 300], [1500, 1000], 16),
@@ -96,6 +97,7 @@ INDEXER_CASES = [
     (2, 300, 300, 3, 64, jnp.bfloat16, [300, 257], [300, 299], 2),
     (2, 1, 5000, 4, 128, jnp.float16, [1, 1], [5000, 2], 16),
     (1, 2500, 2500, 2, 128, jnp.float16, None, None, 1),
+    (1, 3000, 9000, 2, 128, jnp.bfloat16, [2999], [8800], 16),  # 71 blocks: a tile's blocks over several CTAs
 ]
 
 
