@@ -4,12 +4,9 @@
 // the max over each 128-key block in registers, one float per (row, block) to
 // memory (and with sums, the sum of exp(s - max) over the block's visible keys).
 //
-// A tile is 128 flattened (token, head) rows of one batch row, as on SM90
-// (TileGeometry), so that each ki block loaded serves every index head of
-// 128 / Hi tokens. A CTA takes the blocks of one chunk (kChunkBlocks
-// consecutive blocks) of a tile: every (row, block) result stands alone, so a
-// tile's causal run of blocks splits over CTAs with no combine, and the
-// longest runs (last tokens) no longer set the kernel's length. Four warps of
+// One CTA per tile of 128 flattened (token, head) rows of one batch row,
+// heaviest tiles (last tokens) first, as on SM90 (TileGeometry), so that each
+// ki block loaded serves every index head of 128 / Hi tokens. Four warps of
 // 32 rows each; a warp's rows see the whole 128-key block, so a row's max is
 // a reduction over the four lanes of a quad (block_rowmax, shared with SM90:
 // an mma.sync accumulator holds a row's columns in one quad, as wgmma's does).
@@ -17,9 +14,9 @@
 // product against 16; Q (32 KiB at Di 128) stays in shared memory and is read
 // again per block, a quarter of ki's reads.
 //
-// ki blocks stream through two shared stages by cp.async: block c + 1 is
-// issued once every warp is past block c - 1 (one barrier per block), so it
-// loads during block c's products and epilogue. Keys at or past
+// ki blocks stream through two shared stages by cp.async: block c + 2 is
+// issued as soon as every warp's products of block c are done, so it loads
+// during block c's epilogue and block c + 1's products. Keys at or past
 // min(kv_len, Sk) and rows past Sq * Hi are zero-filled, not read; blocks past
 // the tile's last local block are skipped (and written -inf for block_scores).
 #include <climits>
@@ -54,8 +51,6 @@ struct ScoresTraits {
   static constexpr int kWarps = 4;   // 32 rows each
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kStages = 2;
-  // Blocks per CTA at most (4K keys): the grid's unit of work.
-  static constexpr int kChunkBlocks = 32;
 
   using MmaAtom = std::conditional_t<std::is_same_v<Element, cutlass::bfloat16_t>,
                                      SM80_16x8x16_F32BF16BF16F32_TN, SM80_16x8x16_F32F16F16F32_TN>;
@@ -87,7 +82,6 @@ struct Params {
   float* scores;  // [B, Sq, Hi, NB]
   float* sums;    // same shape, or null: no sums
   int64_t batch, rows, keys, hi, NB, tiles;
-  int64_t chunks;  // per tile: ceil(NB / kChunkBlocks), of which a tile uses the first few
   float scale;
   bool fill_future;  // write -inf to the blocks past the tile's last local block
 };
@@ -135,25 +129,22 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
   auto& ss = *reinterpret_cast<typename Traits::SharedStorage*>(smem_raw);
   const int tid = threadIdx.x;
 
-  // First chunks first, heaviest tiles (the last rows see the most blocks)
-  // first within them; chunks past a tile's last block exit at once.
+  // Heaviest tiles (the last rows see the most blocks) are handed out first.
   const int64_t b = blockIdx.x % p.batch;
-  const int64_t j = blockIdx.x / p.batch;
-  const int64_t tile = p.tiles - 1 - j % p.tiles;
-  const int64_t chunk = j / p.tiles;
+  const int64_t tile = p.tiles - 1 - blockIdx.x / p.batch;
   const int64_t row0 = tile * Traits::kRows;
   const int64_t kv_len = p.kv_lengths[b];
   const TileGeometry geo(row0, p.rows, p.hi, p.q_lengths[b], kv_len, Traits::kRows);
-  const int64_t first = chunk * Traits::kChunkBlocks;
-  const int64_t end = geo.blocks < first + Traits::kChunkBlocks ? geo.blocks
-                                                                : first + Traits::kChunkBlocks;
+  const int64_t blocks = geo.blocks;
   const int64_t key_limit = kv_len < p.keys ? kv_len : p.keys;
 
-  if (first < end) {
+  if (blocks > 0) {
     load_q<Traits>(ss, p, b, row0);
-    load_block<Traits>(ss, p, b, first, key_limit, 0);
+    load_block<Traits>(ss, p, b, 0, key_limit, 0);
+    cp_async_commit();
+    if (blocks > 1) load_block<Traits>(ss, p, b, 1, key_limit, 1);
+    cp_async_commit();
   }
-  cp_async_commit();
 
   typename Traits::TiledMma mma;
   auto thr = mma.get_thread_slice(tid);
@@ -188,12 +179,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
 
   const float abs_scale = fabsf(p.scale);
   const bool negate = p.scale < 0;
-  for (int64_t c = first; c < end; ++c) {
-    const int stage = static_cast<int>((c - first) % Traits::kStages);
-    cp_async_wait<0>();  // block c (and Q) landed
-    __syncthreads();     // and every warp is done with block c - 1: refill its stage
-    if (c + 1 < end) load_block<Traits>(ss, p, b, c + 1, key_limit, (stage + 1) % Traits::kStages);
-    cp_async_commit();
+  for (int64_t c = 0; c < blocks; ++c) {
+    const int stage = static_cast<int>(c % Traits::kStages);
+    cp_async_wait<1>();  // block c (and Q) landed: only block c + 1 may be pending
+    __syncthreads();
     clear(acc);
     CUTE_UNROLL
     for (int kd = 0; kd < size<2>(tSrK); ++kd) {
@@ -201,6 +190,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
       copy(copy_k, tSsK(_, _, kd, stage), tSrK_view(_, _, kd));
       cute::gemm(mma, tSrQ(_, _, kd), tSrK(_, _, kd), acc);
     }
+    __syncthreads();  // every warp has read the stage: refill it with block c + 2
+    if (c + 2 < blocks) load_block<Traits>(ss, p, b, c + 2, key_limit, stage);
+    cp_async_commit();
     const bool masked = geo.needs_mask(c);
     if (negate) {
       sm90::block_rowmax<kWithSums, true>(acc_rc, coord_rc, rows, c, masked, abs_scale, p.NB,
@@ -211,12 +203,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
     }
   }
 
-  if (p.fill_future && chunk == 0 && geo.blocks < p.NB) {
-    // -inf past the tile's last local block (by the tile's first chunk): one
-    // row at a time, consecutive blocks across the threads (coalesced).
+  if (p.fill_future && blocks < p.NB) {
+    // -inf past the tile's last local block: one row at a time, consecutive
+    // blocks across the threads (coalesced).
     for (int r = 0; r < Traits::kRows && geo.row_exists(r); ++r) {
       float* out = p.scores + (out_base + r) * p.NB;
-      for (int64_t c = geo.blocks + tid; c < p.NB; c += Traits::kThreads) out[c] = -INFINITY;
+      for (int64_t c = blocks + tid; c < p.NB; c += Traits::kThreads) out[c] = -INFINITY;
     }
   }
 #endif
@@ -238,7 +230,6 @@ template <class Element, int kDi>
 cudaError_t launch(const Problem& pr, cudaStream_t stream) {
   using Traits = ScoresTraits<Element, kDi>;
   const int64_t rows = pr.Sq * pr.Hi;
-  const int64_t NB = (pr.Sk + kBlockKeys - 1) / kBlockKeys;
   const Params<Traits> p{static_cast<const Element*>(pr.qi),
                          static_cast<const Element*>(pr.ki),
                          pr.q_lengths,
@@ -249,12 +240,11 @@ cudaError_t launch(const Problem& pr, cudaStream_t stream) {
                          rows,
                          pr.Sk,
                          pr.Hi,
-                         NB,
+                         (pr.Sk + kBlockKeys - 1) / kBlockKeys,
                          (rows + Traits::kRows - 1) / Traits::kRows,
-                         (NB + Traits::kChunkBlocks - 1) / Traits::kChunkBlocks,
                          pr.scale,
                          pr.fill_future};
-  const int64_t grid = p.tiles * p.chunks * pr.B;
+  const int64_t grid = p.tiles * pr.B;
   if (grid > INT_MAX) return cudaErrorInvalidValue;
   auto kernel = pr.sums ? block_scores_kernel<Traits, true> : block_scores_kernel<Traits, false>;
   cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
