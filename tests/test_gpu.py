@@ -97,7 +97,7 @@ INDEXER_CASES = [
     (2, 300, 300, 3, 64, jnp.bfloat16, [300, 257], [300, 299], 2),
     (2, 1, 5000, 4, 128, jnp.float16, [1, 1], [5000, 2], 16),
     (1, 2500, 2500, 2, 128, jnp.float16, None, None, 1),
-    (1, 3000, 9000, 2, 128, jnp.bfloat16, [2999], [8800], 16),  # 71 blocks: a tile's blocks over several CTAs
+    (1, 3000, 9000, 2, 128, jnp.bfloat16, [2999], [8800], 16),  # 71 blocks
 ]
 
 
