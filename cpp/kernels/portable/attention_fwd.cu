@@ -7,16 +7,19 @@
 // Query-outer, as the SM90 forward (sparse_attention_fwd.cu): a CTA takes one
 // tile of 128 (token, head) rows, `tokens` consecutive query tokens times the
 // G query heads of one KV group, and walks the union of its tokens' selected
-// blocks. Eight warps of 16 rows each (at G = 16: one token per warp). The
+// blocks. Four warps of 32 rows each (at G = 16: two tokens per warp), two
+// CTAs per SM: 32 rows per warp halve the shared-memory reads per MMA that
+// 16 rows need, which bound the kernel there. The
 // union's blocks stream through shared memory in pieces of 64 keys (K and V,
 // two stages, cp.async, every thread loading a share); a warp skips the
 // pieces of blocks none of its tokens selected, so that the tensor work is
 // that of the selected blocks (at G = 16 exactly), whatever the union.
 //
-// Per warp and piece: S = Q K^T (16 x 64, Q held in registers), the masks
+// Per warp and piece: S = Q K^T (32 x 64, Q read from shared memory: 64
+// more registers per thread would not fit beside O), the masks
 // and online softmax of the SM90 kernels (OnlineSoftmax, TileRows: an
 // mma.sync m16n8 accumulator holds the rows and columns that a warp's part
-// of a 64-row wgmma accumulator does), O += P V (16 x 128, P from
+// of a 64-row wgmma accumulator does), O += P V (32 x 128, P from
 // registers, V through ldmatrix.trans).
 //
 // Only valid ids enter the union (TileUnion); keys at or past min(kv_len, Sk)
@@ -55,9 +58,11 @@ struct FwdTraits {
   static constexpr int kD = kD_;  // head dim: 128, or 64 (dense)
   static constexpr int kKeys = 128;   // keys per block (spec §2)
   static constexpr int kPiece = 64;   // keys per shared-memory stage
+  static constexpr int kPiecesPerBlock = kKeys / kPiece;
   static constexpr int kStages = 2;
-  static constexpr int kWarps = 8;
-  static constexpr int kRows = 16 * kWarps;
+  static constexpr int kWarps = 4;
+  static constexpr int kWarpRows = 32;
+  static constexpr int kRows = kWarpRows * kWarps;
   static constexpr int kThreads = 32 * kWarps;
   // For make_sparse_shape and TileUnion: tokens * topk <= 128, tokens <= 64.
   static constexpr int kMaxCandidates = 128;
@@ -65,9 +70,12 @@ struct FwdTraits {
 
   using MmaAtom = std::conditional_t<std::is_same_v<Element, cutlass::bfloat16_t>,
                                      SM80_16x8x16_F32BF16BF16F32_TN, SM80_16x8x16_F32F16F16F32_TN>;
-  // Warp w: rows 16 w .. 16 w + 15; N in 16s so that one ldmatrix.x4 feeds two atoms.
-  using TiledMma = decltype(make_tiled_mma(MmaAtom{}, Layout<Shape<Int<kWarps>, _1, _1>>{},
-                                           Tile<Int<kRows>, _16, _16>{}));
+  // Warp w: rows 32 w .. 32 w + 31 (the M permutation puts the warp's two
+  // 16-row atoms next to each other, as TileRows expects); N in 16s so that
+  // one ldmatrix.x4 feeds two atoms.
+  using TiledMma = decltype(make_tiled_mma(
+      MmaAtom{}, Layout<Shape<Int<kWarps>, _1, _1>>{},
+      Tile<Layout<Shape<_16, Int<kWarps>, _2>, Stride<_1, Int<kWarpRows>, _16>>, _16, _16>{}));
   // 128-byte rows, 16-byte chunks swizzled within 8-row atoms: conflict-free
   // cp.async stores and ldmatrix loads.
   using SmemAtom = decltype(composition(Swizzle<3, 3, 3>{},
@@ -181,7 +189,7 @@ __device__ void load_piece(typename Traits::SharedStorage& ss, const FwdParams<T
 }
 
 template <class Traits, bool kDense>
-__global__ void __launch_bounds__(Traits::kThreads, 1)
+__global__ void __launch_bounds__(Traits::kThreads, 2)
     attention_fwd_kernel(const __grid_constant__ FwdParams<Traits> p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Element = typename Traits::Element;
@@ -204,22 +212,29 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     if (lane == 0) ss.union_count = u.count;
   }
   __syncthreads();
-  const int pieces = 2 * ss.union_count;
+  constexpr int kPer = Traits::kPiecesPerBlock;
+  const int pieces = kPer * ss.union_count;
   auto piece_key0 = [&](int piece) {
-    const int64_t block = kDense ? piece / 2 : ss.union_block[piece / 2];
-    return block * Traits::kKeys + (piece % 2) * Traits::kPiece;
+    const int64_t block = kDense ? piece / kPer : ss.union_block[piece / kPer];
+    return block * Traits::kKeys + (piece % kPer) * Traits::kPiece;
   };
   if (pieces > 0) load_piece<Traits>(ss, p, tile, piece_key0(0), key_limit, 0);
   cp_async_commit();
 
-  // This warp's rows hold tokens first .. last of the tile (sparse: as bits;
-  // dense: all blocks, if it holds a row).
+  // The tile tokens with a row among rows row0 .. row0 + 15 (one MMA atom), as
+  // bits (dense: all blocks, if it holds a row). A warp's two atoms (rows
+  // 32 w .. 32 w + 15 and the next 16) each skip the blocks none of their
+  // tokens selected: at G = 16 an atom is one token, so that the tensor work
+  // stays that of the selected blocks.
   const int group = static_cast<int>(s.group);
-  const int first = 16 * warp / group;
-  const int last = std::min((16 * warp + 15) / group, s.tokens - 1);
-  const uint64_t own = first > last ? 0
-                       : kDense    ? ~uint64_t{0}
-                                   : (~uint64_t{0} >> (63 - (last - first))) << first;
+  auto atom_tokens = [&](int row0) -> uint64_t {
+    const int first = row0 / group;
+    const int last = std::min((row0 + 15) / group, s.tokens - 1);
+    if (first > last) return 0;
+    return kDense ? ~uint64_t{0} : (~uint64_t{0} >> (63 - (last - first))) << first;
+  };
+  const uint64_t own[2] = {atom_tokens(Traits::kWarpRows * warp),
+                           atom_tokens(Traits::kWarpRows * warp + 16)};
 
   typename Traits::TiledMma mma;
   auto thr = mma.get_thread_slice(tid);
@@ -228,13 +243,15 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   Tensor sVt = make_tensor(make_smem_ptr(ss.v), typename Traits::SmemLayoutVt{});
   using TileS = Shape<Int<Traits::kRows>, Int<Traits::kPiece>>;
   using TileO = Shape<Int<Traits::kRows>, Int<Traits::kD>>;
-  Tensor tSrQ = thr.partition_fragment_A(sQ);                 // (MMA, 1, D / 16)
+  Tensor tSrQ = thr.partition_fragment_A(sQ);                 // (MMA, 2, D / 16)
   Tensor tSrK = thr.partition_fragment_B(sK(_, _, 0));        // (MMA, keys / 16, D / 16)
   Tensor tOrVt = thr.partition_fragment_B(sVt(_, _, 0));      // (MMA, D / 16, keys / 16)
   Tensor accS = partition_fragment_C(mma, TileS{});
   Tensor accO = partition_fragment_C(mma, TileO{});
   Tensor tOrP = make_tensor<Element>(partition_shape_A(mma, TileS{}));
   Tensor accS_rc = make_tensor(accS.data(), rowcol_layout(accS.layout()));
+  Tensor accS_op = make_tensor(accS.data(), acc_operand_layout(accS.layout()));
+  static_assert(decltype(size<1>(accS))::value == 2, "two 16-row atoms per warp");
   Tensor accO_rc = make_tensor(accO.data(), rowcol_layout(accO.layout()));
 
   auto copy_q = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, Element>{}, mma);
@@ -243,13 +260,16 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   auto thr_q = copy_q.get_thread_slice(tid);
   auto thr_k = copy_k.get_thread_slice(tid);
   auto thr_v = copy_v.get_thread_slice(tid);
+  Tensor tSsQ = thr_q.partition_S(sQ);    // (CPY, 2, D / 16)
+  Tensor tSrQ_view = thr_q.retile_D(tSrQ);
   Tensor tSsK = thr_k.partition_S(sK);    // (CPY, keys / 16, D / 16, stage)
   Tensor tSrK_view = thr_k.retile_D(tSrK);
   Tensor tOsVt = thr_v.partition_S(sVt);  // (CPY, D / 16, keys / 16, stage)
   Tensor tOrVt_view = thr_v.retile_D(tOrVt);
 
   constexpr int kRowsPerThread = decltype(size<0>(accS_rc))::value;
-  std::conditional_t<kDense, AllRows<kRowsPerThread>, TileRows<kRowsPerThread>> rows(tid);
+  std::conditional_t<kDense, AllRows<kRowsPerThread>, TileRows<kRowsPerThread>> rows(
+      tid, Traits::kWarpRows);
   if constexpr (kDense) {
     rows.start(s, tile, q_len, kv_len, p.causal);
   } else {
@@ -264,11 +284,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   }
   clear(accO);
 
-  // Q into registers once (it waits for the first commit group: Q).
-  cp_async_wait<1>();
-  __syncthreads();
-  copy(copy_q, thr_q.partition_S(sQ), thr_q.retile_D(tSrQ));
-
   for (int piece = 0; piece < pieces; ++piece) {
     const int stage = piece % Traits::kStages;
     if (piece + 1 < pieces) {
@@ -277,21 +292,38 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
-    const uint64_t tokens = kDense ? ~uint64_t{0} : ss.union_tokens[piece / 2];
-    if ((tokens & own) != 0) {  // uniform over the warp
+    const uint64_t tokens = kDense ? ~uint64_t{0} : ss.union_tokens[piece / kPer];
+    const bool active[2] = {(tokens & own[0]) != 0, (tokens & own[1]) != 0};  // warp-uniform
+    if (active[0] || active[1]) {
       clear(accS);
       CUTE_UNROLL
       for (int kd = 0; kd < size<2>(tSrK); ++kd) {
+        copy(copy_q, tSsQ(_, _, kd), tSrQ_view(_, _, kd));
         copy(copy_k, tSsK(_, _, kd, stage), tSrK_view(_, _, kd));
-        cute::gemm(mma, tSrQ(_, _, kd), tSrK(_, _, kd), accS);
+        CUTE_UNROLL
+        for (int m = 0; m < 2; ++m) {
+          if (!active[m]) continue;
+          CUTE_UNROLL
+          for (int n = 0; n < size<1>(tSrK); ++n) {
+            cute::gemm(mma, tSrQ(_, m, kd), tSrK(_, n, kd), accS(_, m, n));
+          }
+        }
       }
+      // An inactive atom's rows are not members: masked, their P is zero.
       softmax.apply(accS_rc, rows, piece_key0(piece), Traits::kPiece, tokens);
       softmax.rescale_output(accO_rc);
-      sm90::acc_to_operand(accS, tOrP);
+      sm90::acc_to_operand(accS_op, tOrP);
       CUTE_UNROLL
       for (int kk = 0; kk < size<2>(tOrVt); ++kk) {
         copy(copy_v, tOsVt(_, _, kk, stage), tOrVt_view(_, _, kk));
-        cute::gemm(mma, tOrP(_, _, kk), tOrVt(_, _, kk), accO);
+        CUTE_UNROLL
+        for (int m = 0; m < 2; ++m) {
+          if (!active[m]) continue;
+          CUTE_UNROLL
+          for (int n = 0; n < size<1>(tOrVt); ++n) {
+            cute::gemm(mma, tOrP(_, m, kk), tOrVt(_, n, kk), accO(_, m, n));
+          }
+        }
       }
     }
     __syncthreads();  // the stage is refilled by the next piece but one

@@ -48,8 +48,9 @@ struct TileRows {
   int64_t out_row[kRowsPerThread];   // row of q / out viewed as [B * Sq * Hq, D]
   int64_t first_position, kv_len;
 
-  __device__ explicit TileRows(int tid)
-      : row_base(16 * (tid / 32) + (tid % 32) / 4), col_base(2 * (tid % 4)) {}
+  // Warp w holds rows warp_rows * w .. warp_rows * (w + 1) - 1, 8 apart per thread.
+  __device__ explicit TileRows(int tid, int warp_rows = 16)
+      : row_base(warp_rows * (tid / 32) + (tid % 32) / 4), col_base(2 * (tid % 4)) {}
 
   __device__ int column(int j) const { return 8 * (j / 2) + col_base + j % 2; }
 
