@@ -191,6 +191,11 @@ cudaError_t sparse_attention_fwd(DType dtype, const SparseAttentionArgs& a, void
 // instructions only; kernel_family.h says when it serves).
 cudaError_t portable_sparse_attention_fwd(DType dtype, const SparseAttentionArgs& a, void* out,
                                           float* lse, cudaStream_t stream);
+// The same forward from the Blackwell family (kernels/sm100/: tcgen05 MMA,
+// sm_100a code only; cudaErrorNoKernelImageForDevice on any card other than
+// compute capability 10.0).
+cudaError_t sm100_sparse_attention_fwd(DType dtype, const SparseAttentionArgs& a, void* out,
+                                       float* lse, cudaStream_t stream);
 
 // Backward workspace, in elements, for the problem `a` (host function; the
 // FFI layer asks XLA for these buffers as extra results).
@@ -297,6 +302,10 @@ cudaError_t dense_attention_fwd(DType dtype, const DenseAttentionArgs& a, void* 
 // The same forward from the portable family (kernels/portable/; G <= 128).
 cudaError_t portable_dense_attention_fwd(DType dtype, const DenseAttentionArgs& a, void* out,
                                          float* lse, cudaStream_t stream);
+// The same forward from the Blackwell family (kernels/sm100/; D = 128,
+// G <= 128; compute capability 10.0 only, as sm100_sparse_attention_fwd).
+cudaError_t sm100_dense_attention_fwd(DType dtype, const DenseAttentionArgs& a, void* out,
+                                      float* lse, cudaStream_t stream);
 
 // Whether the SM90 dense backward takes these inputs: bf16/fp16, D = 128,
 // Hq / Hkv <= 64, 0 < Sk <= 2^31 - 257, Sq < 2^31, B * Hkv * ceil(Sk / 128) < 2^31.
