@@ -11,46 +11,48 @@
 // holds it in the 128 lanes of tensor memory: thread t owns row t (warp w may
 // only touch lanes 32 w .. 32 w + 31, which are its threads' rows). Tensor
 // memory columns 0 .. 127: S (fp32, 128 rows x 128 keys); 128 .. 255: O
-// (fp32, 128 rows x 128 dims). Per block of the walk, in order:
+// (fp32, 128 rows x 128 dims). Per block i of the walk, in order:
 //
-//   loads:   every thread cp.asyncs its share of the next block's K and V
-//            into the other stage (two stages), Q once at the start;
-//   S:       warp 0 issues S = Q K^T (tcgen05.mma, A and B from shared
+//   S:       warp 0 issues S = Q K_i^T (tcgen05.mma, A and B from shared
 //            memory, 8 steps of k = 16), tcgen05.commit -> s_full;
+//   loads:   once O += P_{i-1} V_{i-1} is done, every thread cp.asyncs its
+//            share of block i + 1's K and V into the other stage (two
+//            stages; Q once at the start);
 //   softmax: each thread tcgen05.lds its row of S (128 registers), applies
-//            the masks and the online softmax (OnlineSoftmax with one lane per
-//            row), rescales its row of O in tensor memory (ld, multiply, st)
-//            when its warp's max moved, and writes its row of P (bf16/fp16)
-//            to shared memory;
-//   O:       warp 0 issues O += P V (tcgen05.mma, P and V from shared
+//            the masks and the online softmax (OnlineSoftmax, one lane per
+//            row), writes its row of P (bf16/fp16) to shared memory and
+//            rescales its row of O in tensor memory (ld, multiply, st) when
+//            its warp's max moved;
+//   O:       warp 0 issues O += P V_i (tcgen05.mma, P and V from shared
 //            memory), tcgen05.commit -> o_done.
 //
 // Simple rather than fast: the tensor cores wait while the softmax runs (no
-// second S buffer, no separate correction warps); the K/V loads of the next
-// block overlap the whole step. All rows take part in every MMA; rows whose
-// token did not select a block get P = 0 for it (masked to -inf).
+// second S buffer, no separate correction warps); S_i runs right after
+// O += P_{i-1} V_{i-1}, and the loads of block i + 1 overlap the softmax and
+// O of block i. All rows take part in every MMA; rows whose token did not
+// select a block get P = 0 for it (masked to -inf).
 //
 // Synchronisation (generation i = the i-th block of the walk):
 //   s_full (mbarrier, 1 arrival: tcgen05.commit after S_i): S_i is in tensor
-//     memory and K_i has been read. Phase parity i & 1.
+//     memory. Phase parity i & 1.
 //   o_done (mbarrier, 1 arrival: tcgen05.commit after O += P_i V_i): O holds
-//     block i, and P and V_i in shared memory have been read (the commit
-//     tracks every earlier tcgen05.mma of warp 0). Phase parity i & 1.
-//   __syncthreads A (before S_i): the cp.asyncs of Q and K_i, V_i have landed
-//     (cp.async.wait_group, then fence.proxy.async so that the tensor cores,
-//     the async proxy, see these generic-proxy writes); the threads' last
-//     tcgen05.ld of S_{i-1} is done (tcgen05.wait::ld before the barrier B of
-//     step i - 1 already), so S may be overwritten.
-//   __syncthreads B (before O += P_i V_i): P_i is in shared memory (fence.proxy.
-//     async), the rescale of O is in tensor memory (tcgen05.wait::st) and every
+//     block i, and P and K_i, V_i in shared memory have been read (a commit
+//     tracks every earlier tcgen05.mma of the thread, S_i's too). Parity i & 1.
+//   __syncthreads A (before S_i): Q and block i have landed (cp.async.wait_
+//     group 0, then fence.proxy.async so that the tensor cores, the async
+//     proxy, see these generic-proxy writes). Every tcgen05.ld of S_{i-1}
+//     completed before barrier B of block i - 1, so S may be overwritten.
+//   __syncthreads B (before O += P_i V_i): P_i is in shared memory (fence.
+//     proxy.async), O's rescale is in tensor memory (tcgen05.wait::st), every
 //     tcgen05.ld of S_i is complete; tcgen05.fence::before_thread_sync before
-//     it, tcgen05.fence::after_thread_sync after it in warp 0, so that the
-//     MMA is ordered after those tensor-memory accesses.
-//   Waiting on s_full / o_done is followed by tcgen05.fence::after_thread_sync
-//   before tensor memory is read.
-//   Stage reuse: block i + 1 goes into stage (i + 1) % 2, last read by S_{i-1}
-//   and O += P_{i-1} V_{i-1}; its loads are issued only after o_done of
-//   i - 1 (which covers both).
+//     it and tcgen05.fence::after_thread_sync after it in warp 0 order the
+//     MMA after those tensor-memory accesses.
+//   A wait on s_full / o_done is followed by tcgen05.fence::after_thread_sync
+//   before tensor memory is touched. No thread can be a phase ahead of
+//   another: O += P_i V_i is issued only after barrier B of block i, which
+//   every thread reaches after its wait for o_done of block i - 1.
+//   Stage reuse: block i + 1 goes into stage (i + 1) % 2, last read by
+//   S_{i-1} and O += P_{i-1} V_{i-1}; its loads start after o_done of i - 1.
 //
 // Only valid ids enter the union (TileUnion); keys at or past min(kv_len, Sk)
 // are zero-filled, not read, so that no padding value (NaN, say) reaches
@@ -293,19 +295,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
   for (int i = 0; i < blocks; ++i) {
     const int stage = i % Traits::kStages;
-    if (i > 0) {
-      // O += P_{i-1} V_{i-1} is done: stage (i + 1) % 2 and P are free, O is
-      // stable for the rescale below.
-      cutlass::arch::ClusterBarrier::wait(&ss.o_done, static_cast<uint32_t>((i - 1) & 1));
-      tmem_fence_after_sync();
-    }
-    if (i + 1 < blocks) {
-      portable::load_piece<Traits>(ss, p, tile, block_at(i + 1) * Traits::kKeys, key_limit,
-                                   (i + 1) % Traits::kStages);
-    }
-    portable::cp_async_commit();
-    // Barrier A: Q and block i have landed, for the async proxy.
-    portable::cp_async_wait<1>();
+    // Barrier A: Q and block i have landed (the only cp.asyncs in flight),
+    // for the async proxy.
+    portable::cp_async_wait<0>();
     cutlass::arch::fence_view_async_shared();
     __syncthreads();
     if (warp == 0) {
@@ -317,6 +309,17 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         cute::gemm(mma_s, tSrQ(_, _, k), tSrK(_, _, k), tStS);
       }
       cutlass::arch::umma_arrive(&ss.s_full);
+    }
+    if (i > 0) {
+      // O += P_{i-1} V_{i-1} is done (the tensor cores run S_i after it):
+      // stage (i + 1) % 2 and P are free, O is stable for the rescale below.
+      cutlass::arch::ClusterBarrier::wait(&ss.o_done, static_cast<uint32_t>((i - 1) & 1));
+      tmem_fence_after_sync();
+    }
+    if (i + 1 < blocks) {
+      portable::load_piece<Traits>(ss, p, tile, block_at(i + 1) * Traits::kKeys, key_limit,
+                                   (i + 1) % Traits::kStages);
+      portable::cp_async_commit();
     }
     cutlass::arch::ClusterBarrier::wait(&ss.s_full, static_cast<uint32_t>(i & 1));
     tmem_fence_after_sync();
