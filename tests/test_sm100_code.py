@@ -60,3 +60,16 @@ def test_blackwell_forward_is_sm100a_tcgen05_code():
         assert re.search(r"\bLDTM\.x32\b", code), name   # tcgen05.ld of S and O
         assert re.search(r"\bSTTM\.x32\b", code), name   # tcgen05.st: O's rescale
         assert re.search(r"\bUTCATOMSWS\b", code), name  # tcgen05.alloc / dealloc
+
+
+def test_blackwell_block_scores_are_sm100a_tcgen05_code():
+    sass = _sm100a_sass()
+    kernels = {name: code for name, code in sass.items() if "block_scores_kernel" in name
+               and "sm100" in name}
+    # With and without sums, bf16 and fp16, Di 64 and 128.
+    assert len(kernels) == 8, sorted(sass)
+    for name, code in kernels.items():
+        assert len(re.findall(r"\bUTCHMMA\b", code)) >= 4, name  # Di / 16 steps of k = 16
+        assert re.search(r"\bUTCBAR\b", code), name
+        assert re.search(r"\bLDTM\.x32\b", code), name
+        assert re.search(r"\bUTCATOMSWS\b", code), name

@@ -52,6 +52,18 @@ cudaError_t indexer_scores(DType dtype, const void* qi, const void* ki,
                            int64_t Sk, int64_t Hi, int64_t Di, float scale,
                            cudaStream_t stream);
 
+// block_scores and indexer_scores from the Blackwell family (kernels/sm100/:
+// tcgen05 MMA, sm_100a code only; cudaErrorNoKernelImageForDevice on any card
+// other than compute capability 10.0). Same contracts.
+cudaError_t sm100_block_scores(DType dtype, const void* qi, const void* ki,
+                               const int32_t* q_lengths, const int32_t* kv_lengths, float* scores,
+                               int64_t B, int64_t Sq, int64_t Sk, int64_t Hi, int64_t Di,
+                               float scale, cudaStream_t stream);
+cudaError_t sm100_indexer_scores(DType dtype, const void* qi, const void* ki,
+                                 const int32_t* q_lengths, const int32_t* kv_lengths,
+                                 float* scores, float* sums, int64_t B, int64_t Sq, int64_t Sk,
+                                 int64_t Hi, int64_t Di, float scale, cudaStream_t stream);
+
 // The selection step of the indexer: exactly topk_select (same ids in the
 // same slots, topk in [1, 64]), one warp per row instead of one CTA, which is
 // faster for rows of up to kWarpSelectMaxBlocks blocks, whose scores it holds

@@ -65,7 +65,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <cute/arch/copy_sm100.hpp>
 #include <cute/arch/tmem_allocator_sm100.hpp>
 #include <cute/atom/mma_traits_sm100.hpp>
 #include <cute/tensor.hpp>
@@ -78,6 +77,7 @@
 #include "kernels/portable/mma_sync.hpp"
 #include "kernels/sm90/online_softmax.hpp"
 #include "kernels/sm90/sparse_tile_producer.hpp"
+#include "kernels/sm100/tensor_memory.hpp"
 
 namespace jax_msa::sm100 {
 namespace {
@@ -152,46 +152,6 @@ struct LaneRow : TileRows<1> {
   }
   __device__ int column(int j) const { return j; }
 };
-
-__device__ __forceinline__ void tmem_fence_before_sync() {
-  asm volatile("tcgen05.fence::before_thread_sync;\n" ::: "memory");
-}
-__device__ __forceinline__ void tmem_fence_after_sync() {
-  asm volatile("tcgen05.fence::after_thread_sync;\n" ::: "memory");
-}
-
-// tcgen05.ld of 32 consecutive columns of this thread's lane (32 x 32-bit).
-template <size_t... I>
-__device__ __forceinline__ void tmem_load_32(uint32_t addr, uint32_t* dst,
-                                             std::index_sequence<I...>) {
-  SM100_TMEM_LOAD_32dp32b32x::copy(addr, dst[I]...);
-}
-template <size_t... I>
-__device__ __forceinline__ void tmem_store_32(uint32_t addr, const uint32_t* src,
-                                              std::index_sequence<I...>) {
-  SM100_TMEM_STORE_32dp32b32x::copy(src[I]..., addr);
-}
-
-// Waits for this thread's tcgen05.lds; each register of `regs` then passes
-// through an empty asm ordered after the wait, so that no use of a loaded
-// value is scheduled before it.
-template <int N>
-__device__ __forceinline__ void tmem_wait_loads(uint32_t (&regs)[N]) {
-  cutlass::arch::fence_view_async_tmem_load();
-  CUTE_UNROLL
-  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(regs[i])::"memory");
-}
-
-// Columns col .. col + N - 1 of this thread's lane into regs (N % 32 == 0),
-// complete on return.
-template <int N>
-__device__ __forceinline__ void tmem_load_row(uint32_t lane_addr, int col, uint32_t (&regs)[N]) {
-  CUTE_UNROLL
-  for (int c = 0; c < N / 32; ++c) {
-    tmem_load_32(lane_addr + col + 32 * c, regs + 32 * c, std::make_index_sequence<32>{});
-  }
-  tmem_wait_loads(regs);
-}
 
 // Eight 16-bit values as 16 bytes (`to` 16-byte aligned).
 template <class Element>
@@ -279,7 +239,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   tOtO.data() = tmem + Traits::kColumnsO;
 
   // This thread's lane (row tid) of tensor memory: bits 31..16 of the address.
-  const uint32_t lane_addr = tmem + (static_cast<uint32_t>(32 * warp) << 16);
+  const uint32_t lane_addr = tmem_lane_addr(tmem);
   using Rows = std::conditional_t<kDense, AllRows<LaneRow>, LaneRow>;
   Rows rows(tid);
   if constexpr (kDense) {
@@ -353,7 +313,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         tmem_load_row(lane_addr, Traits::kColumnsO + 32 * c, o);
         CUTE_UNROLL
         for (int j = 0; j < 32; ++j) o[j] = __float_as_uint(__uint_as_float(o[j]) * softmax.correction[0]);
-        tmem_store_32(lane_addr + Traits::kColumnsO + 32 * c, o, std::make_index_sequence<32>{});
+        tmem_store_32(lane_addr + Traits::kColumnsO + 32 * c, o);
       }
       cutlass::arch::fence_view_async_tmem_store();
     }
@@ -417,17 +377,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     allocator.free(tmem, Traits::kTmemColumns);
   }
 #endif
-}
-
-// The SM100 kernels exist as sm_100a code only: elsewhere the launch would
-// find this file's empty sm_90a kernel (or none at all).
-cudaError_t check_device() {
-  int device = 0, major = 0, minor = 0;
-  cudaError_t st = cudaGetDevice(&device);
-  if (st == cudaSuccess) st = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (st == cudaSuccess) st = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
-  if (st != cudaSuccess) return st;
-  return major == 10 && minor == 0 ? cudaSuccess : cudaErrorNoKernelImageForDevice;
 }
 
 template <class Traits, bool kDense>
