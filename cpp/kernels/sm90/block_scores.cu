@@ -216,9 +216,15 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   }
 
   if (p.fill_future && blocks < p.NB) {
-    // -inf past the tile's last local block: the rows of this warpgroup.
-    fill_unseen_blocks(p.scores, out_base, geo, (warpgroup - 1) * 64, 64, blocks, p.NB, tid % 128,
-                       128);
+    // -inf past the tile's last local block: rows of this warpgroup, one row
+    // at a time, consecutive blocks across the threads (coalesced).
+    const int wg_tid = tid % 128;
+    const int first_row = (warpgroup - 1) * 64;
+    for (int r = first_row; r < first_row + 64; ++r) {
+      if (!geo.row_exists(r)) break;
+      float* out = p.scores + (out_base + r) * p.NB;
+      for (int64_t c = blocks + wg_tid; c < p.NB; c += 128) out[c] = -INFINITY;
+    }
   }
 #endif
 }
