@@ -132,21 +132,26 @@ def cuda_kernels_missing(targets: Sequence[str] = ()) -> str | None:
     """Why the CUDA kernels of `targets` cannot serve on this process's CUDA devices; None when they can.
 
     A device runs the build's native (Hopper) family where the build has code
-    for its architecture (and the family did not fail its self-check), the
-    Blackwell family's targets on compute capability 10.0 once its self-check
-    passed, and targets of the portable family wherever it is sm_80 or later.
+    for its architecture (and the family did not fail its self-check), and
+    targets of the portable family wherever it is sm_80 or later; on compute
+    capability 10.0 the Blackwell family serves those of them it has, once
+    its self-check (run here on first use) passed.
     `targets` empty: the native family only. With no CUDA device in sight
     (lowering ahead of time, or on a CPU-only host) the kernels are taken to
     serve: they are lowered for the build's architectures (with
     JAX_MSA_KERNELS=portable, for the portable family).
     """
     portable = bool(targets) and set(targets) <= portable_targets()
-    blackwell = bool(targets) and set(targets) <= blackwell_targets()
     if portable_forced() and not portable:
         return "JAX_MSA_KERNELS=portable (no portable-family kernel)"
-    missing = [c for c in cuda_device_capabilities()
-               # Blackwell first: asking runs its self-check before any of its kernels can.
-               if not ((blackwell and blackwell_serves(c)) or _native_runs(c) or (portable and _portable_runs(c)))]
+    missing = []
+    for c in cuda_device_capabilities():
+        # Every Blackwell target is also portable: the Blackwell family only
+        # decides which kernel runs, but asking runs its self-check first.
+        if set(targets) & blackwell_targets():
+            blackwell_serves(c)
+        if not (_native_runs(c) or (portable and _portable_runs(c))):
+            missing.append(c)
     if not missing:
         return None
     if native_check() == "failed" and family_request() != "native":

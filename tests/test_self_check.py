@@ -171,3 +171,8 @@ def _wrong_value_gpu(results, family):
     if family == "native":
         results[0] = results[0] + 1.0
     return results
+
+
+@pytest.mark.skipif(not _ffi.built_with_cuda(), reason="needs a build with the CUDA kernels")
+def test_every_blackwell_target_has_a_portable_kernel_to_check_against():
+    assert _ffi.blackwell_targets() and _ffi.blackwell_targets() <= _ffi.portable_targets()

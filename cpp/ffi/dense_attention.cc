@@ -80,9 +80,11 @@ ffi::Error DenseAttentionFwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::Any
         "jax_msa: the CUDA dense-attention forward takes bfloat16/float16 inputs with head dim "
         "128 or 64, 0 < Sk < 2^31 - 256 and ceil(Sq / 128) * B * Hq < 2^31");
   }
-  const auto forward = cuda::kernel_family() == cuda::KernelFamily::kPortable
-                           ? cuda::portable_dense_attention_fwd
-                           : cuda::dense_attention_fwd;
+  // The Blackwell forward has head dim 128 only.
+  const auto forward = cuda::by_family(
+      cuda::dense_attention_fwd,
+      args.D == 128 ? cuda::sm100_dense_attention_fwd : cuda::portable_dense_attention_fwd,
+      cuda::portable_dense_attention_fwd);
   return CudaStatus("dot_product_attention_fwd",
                     forward(dtype, args, out->untyped_data(), DataOf<float>(lse), stream));
 }
@@ -176,6 +178,7 @@ void AddDenseAttentionTargets(TargetTable& table) {
 #ifdef JAX_MSA_WITH_CUDA
   table.cuda.emplace_back("jax_msa_dot_product_attention_fwd", kDenseAttentionFwdCuda);
   table.portable.emplace_back("jax_msa_dot_product_attention_fwd");
+  table.blackwell.emplace_back("jax_msa_dot_product_attention_fwd");
   table.cuda.emplace_back("jax_msa_dot_product_attention_bwd_cuda", kDenseAttentionBwdCuda);
 #endif
 }

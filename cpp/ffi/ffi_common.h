@@ -35,7 +35,8 @@ struct TargetTable {
   // portable family, or code with no Hopper instruction, built as sm_80 PTX).
   std::vector<std::string> portable;
   // CUDA targets with a Blackwell-family kernel (sm100/, sm_100a), which serves
-  // on compute capability 10.0 once the self-check has passed.
+  // on compute capability 10.0 once the self-check has passed; each is also a
+  // portable target (the family the self-check compares with).
   std::vector<std::string> blackwell;
 };
 

@@ -159,9 +159,8 @@ ffi::Error BlockScoresCuda(cudaStream_t stream, ffi::AnyBuffer qi, ffi::AnyBuffe
       e.failure()) {
     return e;
   }
-  const auto scores_kernel = cuda::kernel_family() == cuda::KernelFamily::kPortable
-                                 ? cuda::portable_block_scores
-                                 : cuda::block_scores;
+  const auto scores_kernel = cuda::by_family(cuda::block_scores, cuda::sm100_block_scores,
+                                             cuda::portable_block_scores);
   cudaError_t status = scores_kernel(
       dtype, qi.untyped_data(), ki.untyped_data(), DataOf<int32_t>(q_lengths),
       DataOf<int32_t>(kv_lengths), DataOf<float>(scores), s.B, s.Sq, s.Sk, s.Hi, s.Di, scale,
@@ -196,9 +195,8 @@ ffi::Error IndexerScoresCuda(cudaStream_t stream, ffi::AnyBuffer qi, ffi::AnyBuf
     if (auto e = CheckShape(**result, {s.B, s.Sq, s.Hi, NB}, "sums"); e.failure()) return e;
     sums = DataOf<float>(*result);
   }
-  const auto scores_kernel = cuda::kernel_family() == cuda::KernelFamily::kPortable
-                                 ? cuda::portable_indexer_scores
-                                 : cuda::indexer_scores;
+  const auto scores_kernel = cuda::by_family(cuda::indexer_scores, cuda::sm100_indexer_scores,
+                                             cuda::portable_indexer_scores);
   cudaError_t status = scores_kernel(
       dtype, qi.untyped_data(), ki.untyped_data(), DataOf<int32_t>(q_lengths),
       DataOf<int32_t>(kv_lengths), DataOf<float>(scores), sums, s.B, s.Sq, s.Sk, s.Hi, s.Di,
@@ -336,8 +334,10 @@ void AddIndexerTargets(TargetTable& table) {
   table.portable.emplace_back("jax_msa_topk_select");
   table.cuda.emplace_back("jax_msa_block_scores", kBlockScoresCuda);
   table.portable.emplace_back("jax_msa_block_scores");
+  table.blackwell.emplace_back("jax_msa_block_scores");
   table.cuda.emplace_back("jax_msa_indexer_scores", kIndexerScoresCuda);
   table.portable.emplace_back("jax_msa_indexer_scores");
+  table.blackwell.emplace_back("jax_msa_indexer_scores");
   table.cuda.emplace_back("jax_msa_indexer_select", kIndexerSelectCuda);
   table.portable.emplace_back("jax_msa_indexer_select");
   table.cuda.emplace_back("jax_msa_selected_lse", kSelectedLseCuda);

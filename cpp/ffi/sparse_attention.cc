@@ -106,9 +106,9 @@ ffi::Error SparseAttentionFwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::An
       e.failure()) {
     return e;
   }
-  const auto forward = cuda::kernel_family() == cuda::KernelFamily::kPortable
-                           ? cuda::portable_sparse_attention_fwd
-                           : cuda::sparse_attention_fwd;
+  const auto forward = cuda::by_family(cuda::sparse_attention_fwd,
+                                       cuda::sm100_sparse_attention_fwd,
+                                       cuda::portable_sparse_attention_fwd);
   return CudaStatus("sparse_attention_fwd",
                     forward(dtype, args, out->untyped_data(), DataOf<float>(lse), stream));
 }
@@ -276,6 +276,7 @@ void AddSparseAttentionTargets(TargetTable& table) {
 #ifdef JAX_MSA_WITH_CUDA
   table.cuda.emplace_back("jax_msa_sparse_attention_fwd_query", kSparseAttentionFwdCuda);
   table.portable.emplace_back("jax_msa_sparse_attention_fwd_query");
+  table.blackwell.emplace_back("jax_msa_sparse_attention_fwd_query");
   table.cuda.emplace_back("jax_msa_sparse_attention_fwd_by_block", kSparseAttentionFwdByBlockCuda);
   table.cuda.emplace_back("jax_msa_sparse_attention_fwd_auto", kSparseAttentionFwdAutoCuda);
   table.cuda.emplace_back("jax_msa_sparse_attention_bwd_cuda", kSparseAttentionBwdCuda);

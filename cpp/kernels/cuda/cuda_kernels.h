@@ -65,6 +65,17 @@ cudaError_t portable_indexer_scores(DType dtype, const void* qi, const void* ki,
                                     float* scores, float* sums, int64_t B, int64_t Sq,
                                     int64_t Sk, int64_t Hi, int64_t Di, float scale,
                                     cudaStream_t stream);
+// block_scores and indexer_scores from the Blackwell family (kernels/sm100/:
+// tcgen05 MMA, sm_100a code only; cudaErrorNoKernelImageForDevice on any card
+// other than compute capability 10.0). Same contracts.
+cudaError_t sm100_block_scores(DType dtype, const void* qi, const void* ki,
+                               const int32_t* q_lengths, const int32_t* kv_lengths, float* scores,
+                               int64_t B, int64_t Sq, int64_t Sk, int64_t Hi, int64_t Di,
+                               float scale, cudaStream_t stream);
+cudaError_t sm100_indexer_scores(DType dtype, const void* qi, const void* ki,
+                                 const int32_t* q_lengths, const int32_t* kv_lengths,
+                                 float* scores, float* sums, int64_t B, int64_t Sq, int64_t Sk,
+                                 int64_t Hi, int64_t Di, float scale, cudaStream_t stream);
 
 // The selection step of the indexer: exactly topk_select (same ids in the
 // same slots, topk in [1, 64]), one warp per row instead of one CTA, which is
@@ -205,6 +216,11 @@ cudaError_t sparse_attention_fwd(DType dtype, const SparseAttentionArgs& a, void
 // instructions only; kernel_family.h says when it serves).
 cudaError_t portable_sparse_attention_fwd(DType dtype, const SparseAttentionArgs& a, void* out,
                                           float* lse, cudaStream_t stream);
+// The same forward from the Blackwell family (kernels/sm100/: tcgen05 MMA,
+// sm_100a code only; cudaErrorNoKernelImageForDevice on any card other than
+// compute capability 10.0).
+cudaError_t sm100_sparse_attention_fwd(DType dtype, const SparseAttentionArgs& a, void* out,
+                                       float* lse, cudaStream_t stream);
 
 // Backward workspace, in elements, for the problem `a` (host function; the
 // FFI layer asks XLA for these buffers as extra results).
@@ -311,6 +327,10 @@ cudaError_t dense_attention_fwd(DType dtype, const DenseAttentionArgs& a, void* 
 // The same forward from the portable family (kernels/portable/; G <= 128).
 cudaError_t portable_dense_attention_fwd(DType dtype, const DenseAttentionArgs& a, void* out,
                                          float* lse, cudaStream_t stream);
+// The same forward from the Blackwell family (kernels/sm100/; D = 128,
+// G <= 128; compute capability 10.0 only, as sm100_sparse_attention_fwd).
+cudaError_t sm100_dense_attention_fwd(DType dtype, const DenseAttentionArgs& a, void* out,
+                                      float* lse, cudaStream_t stream);
 
 // Whether the SM90 dense backward takes these inputs: bf16/fp16, D = 128,
 // Hq / Hkv <= 64, 0 < Sk <= 2^31 - 257, Sq < 2^31, B * Hkv * ceil(Sk / 128) < 2^31.

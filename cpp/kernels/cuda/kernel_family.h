@@ -49,4 +49,15 @@ inline KernelFamily kernel_family() {
   return native;
 }
 
+// One op's kernels, one per family: the serving family's (the FFI handlers'
+// dispatch).
+template <class Kernel>
+Kernel by_family(Kernel hopper, Kernel blackwell, Kernel portable) {
+  switch (kernel_family()) {
+    case KernelFamily::kHopper: return hopper;
+    case KernelFamily::kBlackwell: return blackwell;
+    default: return portable;
+  }
+}
+
 }  // namespace jax_msa::cuda

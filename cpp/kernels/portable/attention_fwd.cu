@@ -36,6 +36,7 @@
 #include <cutlass/numeric_types.h>
 
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/portable/attention_tile.hpp"
 #include "kernels/portable/mma_sync.hpp"
 #include "kernels/sm90/online_softmax.hpp"
 #include "kernels/sm90/rowmax_epilogue.hpp"
@@ -45,7 +46,6 @@ namespace jax_msa::portable {
 namespace {
 
 using namespace cute;
-using sm90::cp_async_16;
 using sm90::OnlineSoftmax;
 using sm90::SparseShape;
 using sm90::SparseTile;
@@ -98,95 +98,6 @@ struct FwdTraits {
   };
   static constexpr int kSmemBytes = sizeof(SharedStorage);
 };
-
-template <class Traits>
-struct FwdParams {
-  SparseShape shape;  // dense: ids null, topk 0, tokens = 128 / G
-  bool causal;        // dense only (the sparse forward is causal by its ids)
-  const typename Traits::Element* q;
-  const typename Traits::Element* k;
-  const typename Traits::Element* v;
-  typename Traits::Element* out;
-  float* lse;
-  float scale_log2;  // scale * log2(e)
-};
-
-// The dense forward's rows: TileRows where every row takes every block;
-// a padded row (token >= q_len) masks itself out (last_key -1).
-template <int kRowsPerThread>
-struct AllRows : TileRows<kRowsPerThread> {
-  using TileRows<kRowsPerThread>::TileRows;
-  __device__ bool member(int, uint64_t) const { return true; }
-
-  __device__ void start(const SparseShape& s, const SparseTile& tile, int64_t q_len,
-                        int64_t kv_len_, bool causal) {
-    TileRows<kRowsPerThread>::start(s, tile, q_len, kv_len_);
-    const bool padded = tile.token0 + s.tokens > q_len;
-    // partial() compares with the smallest position: -1 keeps every block masked.
-    if (padded) this->first_position = -1;
-    else if (!causal) this->first_position = INT64_MAX / 2;
-    CUTE_UNROLL
-    for (int r = 0; r < kRowsPerThread; ++r) {
-      if (this->token_of[r] < 0) continue;
-      if (tile.token0 + this->token_of[r] >= q_len) this->last_key[r] = -1;
-      else if (!causal) this->last_key[r] = static_cast<int>(kv_len_ - 1);
-    }
-  }
-};
-
-// Blocks 0 .. n - 1 that a dense tile walks: up to the last block any of its
-// valid rows sees.
-__device__ inline int dense_tile_blocks(const SparseShape& s, const SparseTile& tile,
-                                        int64_t q_len, int64_t kv_len, bool causal) {
-  const int64_t last_token = std::min(tile.token0 + s.tokens, q_len) - 1;
-  if (last_token < tile.token0 || kv_len <= 0) return 0;
-  const int64_t all = (kv_len + 127) / 128;
-  return static_cast<int>(causal ? std::min(all, (kv_len - q_len + last_token) / 128 + 1) : all);
-}
-
-// The tile's Q rows into shared memory (all threads): row r = token
-// token0 + r / G, head g G + r % G; rows of tokens past min(q_len, Sq) are zeros.
-template <class Traits>
-__device__ void load_q(typename Traits::SharedStorage& ss, const FwdParams<Traits>& p,
-                       const SparseTile& tile, int64_t q_len) {
-  const SparseShape& s = p.shape;
-  Tensor sQ = make_tensor(make_smem_ptr(ss.q), typename Traits::SmemLayoutQ{});
-  constexpr int kChunks = Traits::kD / 8;  // 16-byte chunks per row
-  const int group = static_cast<int>(s.group);
-  const int rows_valid = group * static_cast<int>(std::clamp<int64_t>(
-                                     std::min(q_len, s.Sq) - tile.token0, 0, s.tokens));
-  const int chunk = threadIdx.x % kChunks;
-  CUTE_UNROLL
-  for (int i = 0; i < Traits::kRows * kChunks / Traits::kThreads; ++i) {
-    const int r = threadIdx.x / kChunks + i * (Traits::kThreads / kChunks);
-    const int64_t token = tile.token0 + r / group;
-    const int64_t head = tile.g * group + r % group;
-    const bool valid = r < rows_valid;
-    const auto* src = valid ? p.q + ((tile.b * s.Sq + token) * s.Hq + head) * Traits::kD + 8 * chunk
-                            : p.q;
-    cp_async_16(&sQ(r, 8 * chunk), src, valid);
-  }
-}
-
-// Keys key0 .. key0 + kPiece - 1 of K and V (kv head g of row b) into stage
-// `stage` (all threads); keys at or past `limit` (min(kv_len, Sk)) are zeros.
-template <class Traits>
-__device__ void load_piece(typename Traits::SharedStorage& ss, const FwdParams<Traits>& p,
-                           const SparseTile& tile, int64_t key0, int64_t limit, int stage) {
-  const SparseShape& s = p.shape;
-  Tensor sK = make_tensor(make_smem_ptr(ss.k), typename Traits::SmemLayoutKV{});
-  Tensor sV = make_tensor(make_smem_ptr(ss.v), typename Traits::SmemLayoutKV{});
-  constexpr int kChunks = Traits::kD / 8;
-  const int chunk = threadIdx.x % kChunks;
-  CUTE_UNROLL
-  for (int i = 0; i < Traits::kPiece * kChunks / Traits::kThreads; ++i) {
-    const int key = threadIdx.x / kChunks + i * (Traits::kThreads / kChunks);
-    const bool valid = key0 + key < limit;
-    const int64_t at = ((tile.b * s.Sk + key0 + key) * s.Hkv + tile.g) * Traits::kD + 8 * chunk;
-    cp_async_16(&sK(key, 8 * chunk, stage), valid ? p.k + at : p.k, valid);
-    cp_async_16(&sV(key, 8 * chunk, stage), valid ? p.v + at : p.v, valid);
-  }
-}
 
 template <class Traits, bool kDense>
 __global__ void __launch_bounds__(Traits::kThreads, 2)
@@ -268,8 +179,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
   Tensor tOrVt_view = thr_v.retile_D(tOrVt);
 
   constexpr int kRowsPerThread = decltype(size<0>(accS_rc))::value;
-  std::conditional_t<kDense, AllRows<kRowsPerThread>, TileRows<kRowsPerThread>> rows(
-      tid, Traits::kWarpRows);
+  using Rows = TileRows<kRowsPerThread>;
+  std::conditional_t<kDense, AllRows<Rows>, Rows> rows(tid, Traits::kWarpRows);
   if constexpr (kDense) {
     rows.start(s, tile, q_len, kv_len, p.causal);
   } else {
@@ -345,21 +256,6 @@ cudaError_t launch(const FwdParams<Traits>& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// Args: cuda::SparseAttentionArgs or cuda::DenseAttentionArgs (q, k, v, scale).
-template <class Traits, class Args>
-FwdParams<Traits> make_params(const SparseShape& shape, bool causal, const Args& a, void* out,
-                              float* lse) {
-  using Element = typename Traits::Element;
-  return {shape,
-          causal,
-          static_cast<const Element*>(a.q),
-          static_cast<const Element*>(a.k),
-          static_cast<const Element*>(a.v),
-          static_cast<Element*>(out),
-          lse,
-          a.scale * 1.4426950408889634f};
-}
-
 template <class Element>
 cudaError_t launch_sparse(const cuda::SparseAttentionArgs& a, void* out, float* lse,
                           cudaStream_t stream) {
@@ -368,17 +264,12 @@ cudaError_t launch_sparse(const cuda::SparseAttentionArgs& a, void* out, float* 
       make_params<Traits>(sm90::make_sparse_shape<Traits>(a), true, a, out, lse), stream);
 }
 
-// Dense tiles: 128 / G tokens times the G heads of a KV group (G <= 128).
 template <class Element, int kD>
 cudaError_t launch_dense(const cuda::DenseAttentionArgs& a, void* out, float* lse,
                          cudaStream_t stream) {
   using Traits = FwdTraits<Element, kD>;
-  const int64_t group = a.Hq / a.Hkv;
-  const int tokens = static_cast<int>(Traits::kRows / group);
-  const int64_t chunks = (a.Sq + tokens - 1) / tokens;
-  const SparseShape shape{nullptr, a.q_lengths, a.kv_lengths, a.B, a.Sq, a.Sk, a.Hq, a.Hkv, 0,
-                          group, tokens, chunks, a.B * a.Hkv * chunks};
-  return launch<Traits, true>(make_params<Traits>(shape, a.causal, a, out, lse), stream);
+  return launch<Traits, true>(
+      make_params<Traits>(dense_shape<Traits>(a), a.causal, a, out, lse), stream);
 }
 
 }  // namespace

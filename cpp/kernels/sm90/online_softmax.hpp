@@ -10,7 +10,9 @@
 // first. O is rescaled only when the max of some row of the warp moved, which
 // after the first blocks is rare. kLog2Gain: P is scaled by 2^kLog2Gain (an
 // e4m3 P keeps its small values normal); O / l is unchanged by it and lse()
-// takes it out.
+// takes it out. kRowLanes: the lanes that share a row, 4 in an mma
+// accumulator (a quad), 1 where a thread holds whole rows (a row of tensor
+// memory, sm100/attention_fwd.cu; store() is for quads only).
 #pragma once
 
 #include <cfloat>
@@ -25,8 +27,9 @@
 
 namespace jax_msa::sm90 {
 
-template <int kRowsPerThread, int kLog2Gain = 0>
+template <int kRowsPerThread, int kLog2Gain = 0, int kRowLanes = 4>
 struct OnlineSoftmax {
+  static_assert(kRowLanes == 4 || kRowLanes == 1, "a row in a quad or in one thread");
   float factor[kRowsPerThread];   // S -> log2-domain logits, > 0
   float row_max[kRowsPerThread];  // running max of (+-) S
   float row_sum[kRowsPerThread];  // running sum of P
@@ -78,7 +81,7 @@ struct OnlineSoftmax {
         CUTE_UNROLL
         for (int j = 0; j < size<1>(s); ++j) m = fmaxf(m, s(r, j));
       }
-      m = quad_max(m);
+      if constexpr (kRowLanes == 4) m = quad_max(m);
       moved = moved || m != row_max[r];
       const float base = m == -INFINITY ? 0.0f : m * factor[r] - kLog2Gain;
       correction[r] = fast_exp2(row_max[r] * factor[r] - kLog2Gain - base);
@@ -118,6 +121,7 @@ struct OnlineSoftmax {
   template <int kD, class Element, class AccRC, class Rows>
   __device__ void store(const AccRC& o, const Rows& rows, Element* out, float* lse_out,
                         int tid) const {
+    static_assert(kRowLanes == 4, "the layout of an mma accumulator");
     cutlass::NumericArrayConverter<Element, float, 2> to_pair;
     CUTE_UNROLL
     for (int r = 0; r < kRowsPerThread; ++r) {

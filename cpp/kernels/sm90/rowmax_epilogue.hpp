@@ -74,13 +74,17 @@ __device__ inline float quad_sum(float v) {
 // and with kWithSums sums[same] = sum of exp(scale * acc - that max).
 // kNegate: scale < 0 (the max of scale*x is then |scale| * max(-x)).
 // acc_rc / coord_rc: the accumulator and its (row, col) coordinates in rowcol view.
-template <bool kWithSums, bool kNegate, class AccRC, class CoordRC, int kRowsPerThread>
+// kRowLanes: the lanes that share a row, 4 (a quad of an mma accumulator) or
+// 1 (a thread holds whole rows: a row of tensor memory, sm100/block_scores.cu).
+template <bool kWithSums, bool kNegate, int kRowLanes = 4, class AccRC, class CoordRC,
+          int kRowsPerThread>
 __device__ void block_rowmax(const AccRC& acc_rc, const CoordRC& coord_rc,
                              const RowState<kRowsPerThread>& rows, int64_t c, bool masked,
                              float abs_scale, int64_t NB, float* __restrict__ scores,
                              float* __restrict__ sums) {
+  static_assert(kRowLanes == 4 || kRowLanes == 1, "a row in a quad or in one thread");
   constexpr float kLog2e = 1.4426950408889634f;
-  const bool writer = (threadIdx.x % 4) == 0;
+  const bool writer = kRowLanes == 1 || (threadIdx.x % 4) == 0;
   CUTE_UNROLL
   for (int r = 0; r < size<0>(acc_rc); ++r) {
     // Keys of block c visible to this row: columns [0, limit].
@@ -101,7 +105,7 @@ __device__ void block_rowmax(const AccRC& acc_rc, const CoordRC& coord_rc,
       }
     }
     float m = fmaxf(fmaxf(part[0], part[1]), fmaxf(part[2], part[3]));
-    m = quad_max(m);
+    if constexpr (kRowLanes == 4) m = quad_max(m);
     const float best = abs_scale * m;
     float total = 0.0f;
     if constexpr (kWithSums) {
@@ -115,13 +119,27 @@ __device__ void block_rowmax(const AccRC& acc_rc, const CoordRC& coord_rc,
           total += (!masked || get<1>(coord_rc(r, j)) <= limit) ? e : 0.0f;
         }
       }
-      total = quad_sum(total);
+      if constexpr (kRowLanes == 4) total = quad_sum(total);
     }
     if (writer && rows.out_row[r] >= 0) {
       const int64_t at = rows.out_row[r] * NB + c;
       scores[at] = best;
       if constexpr (kWithSums) sums[at] = total;
     }
+  }
+}
+
+// -inf to scores[row, c] for the blocks c in [blocks, NB) that no row of the
+// tile sees, rows first_row .. first_row + count - 1 of the tile (those that
+// exist): one row at a time, consecutive blocks across the `threads` callers
+// (coalesced); `tid` in [0, threads).
+__device__ inline void fill_unseen_blocks(float* scores, int64_t out_base, const TileGeometry& geo,
+                                          int first_row, int count, int64_t blocks, int64_t NB,
+                                          int tid, int threads) {
+  for (int r = first_row; r < first_row + count; ++r) {
+    if (!geo.row_exists(r)) break;
+    float* out = scores + (out_base + r) * NB;
+    for (int64_t c = blocks + tid; c < NB; c += threads) out[c] = -INFINITY;
   }
 }
 

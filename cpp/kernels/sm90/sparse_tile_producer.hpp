@@ -42,6 +42,7 @@ struct SparseShape {
 // where they sit in the causal picture of the current tile.
 template <int kRowsPerThread>
 struct TileRows {
+  static constexpr int kRowsHeld = kRowsPerThread;
   int row_base, col_base;
   int token_of[kRowsPerThread];      // token index in the tile; -1: no such row
   int last_key[kRowsPerThread];      // last key the row may see: min(position, kv_len - 1)
