@@ -298,6 +298,22 @@ cudaError_t dense_attention_fwd(DType dtype, const DenseAttentionArgs& a, void* 
 cudaError_t portable_dense_attention_fwd(DType dtype, const DenseAttentionArgs& a, void* out,
                                          float* lse, cudaStream_t stream);
 
+// The dK / dV of the sparse (backward step 2, without dq) and dense
+// backwards from the portable family: dk, dv [B, Sk, Hkv, D] (dtype of k),
+// summed over the query heads of each group, zero for keys no query attends;
+// deterministic. lse [B, Sq, Hq] is the forward's, dout [B, Sq, Hq, D] in q's
+// dtype, delta [B, Sq, Hq] = rowsum(dout * out) - dlse (0 for padded rows);
+// the sparse one walks `index` from sparse_attention_bwd_prepare. Same
+// argument limits as the SM90 backwards. Asynchronous, no workspace.
+cudaError_t portable_sparse_attention_bwd_dkdv(DType dtype, const SparseAttentionArgs& a,
+                                               const float* lse, const void* dout,
+                                               const float* delta, const int32_t* index,
+                                               void* dk, void* dv, cudaStream_t stream);
+cudaError_t portable_dense_attention_bwd_dkdv(DType dtype, const DenseAttentionArgs& a,
+                                              const float* lse, const void* dout,
+                                              const float* delta, void* dk, void* dv,
+                                              cudaStream_t stream);
+
 // Whether the SM90 dense backward takes these inputs: bf16/fp16, D = 128,
 // Hq / Hkv <= 64, 0 < Sk <= 2^31 - 257, Sq < 2^31, B * Hkv * ceil(Sk / 128) < 2^31.
 bool dense_attention_bwd_args_valid(DType dtype, const DenseAttentionArgs& a);
