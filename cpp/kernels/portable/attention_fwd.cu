@@ -33,6 +33,7 @@
 #include <cutlass/numeric_types.h>
 
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/portable/attention_tile.hpp"
 #include "kernels/portable/mma_sync.hpp"
 #include "kernels/sm90/online_softmax.hpp"
 #include "kernels/sm90/rowmax_epilogue.hpp"
@@ -42,50 +43,21 @@ namespace jax_msa::portable {
 namespace {
 
 using namespace cute;
-using sm90::cp_async_16;
 using sm90::OnlineSoftmax;
 using sm90::SparseShape;
 using sm90::SparseTile;
 using sm90::TileRows;
 using sm90::TileUnion;
 
-template <class Element_, int kD_ = 128>
-struct FwdTraits {
-  using Element = Element_;
-  static constexpr int kD = kD_;  // head dim: 128, or 64 (dense)
-  static constexpr int kKeys = 128;   // keys per block (spec §2)
-  static constexpr int kPiece = 64;   // keys per shared-memory stage
-  static constexpr int kStages = 2;
-  static constexpr int kWarps = 8;
-  static constexpr int kRows = 16 * kWarps;
-  static constexpr int kThreads = 32 * kWarps;
-  // For make_sparse_shape and TileUnion: tokens * topk <= 128, tokens <= 64.
-  static constexpr int kMaxCandidates = 128;
-  static constexpr int kMaxTokens = 64;
-
-  using MmaAtom = std::conditional_t<std::is_same_v<Element, cutlass::bfloat16_t>,
-                                     SM80_16x8x16_F32BF16BF16F32_TN, SM80_16x8x16_F32F16F16F32_TN>;
-  // Warp w: rows 16 w .. 16 w + 15; N in 16s so that one ldmatrix.x4 feeds two atoms.
-  using TiledMma = decltype(make_tiled_mma(MmaAtom{}, Layout<Shape<Int<kWarps>, _1, _1>>{},
-                                           Tile<Int<kRows>, _16, _16>{}));
-  // 128-byte rows, 16-byte chunks swizzled within 8-row atoms: conflict-free
-  // cp.async stores and ldmatrix loads.
-  using SmemAtom = decltype(composition(Swizzle<3, 3, 3>{},
-                                        Layout<Shape<_8, _64>, Stride<_64, _1>>{}));
-  using SmemLayoutQ = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kRows>, Int<kD>>{}));
-  using SmemLayoutKV =
-      decltype(tile_to_shape(SmemAtom{}, Shape<Int<kPiece>, Int<kD>, Int<kStages>>{}));
-  // V seen as dims x keys x stage: the B operand of P V.
-  using SmemLayoutVt = decltype(composition(
-      SmemLayoutKV{}, make_layout(Shape<Int<kD>, Int<kPiece>, Int<kStages>>{},
-                                  Stride<Int<kPiece>, _1, Int<kPiece * kD>>{})));
-
+template <class Element, int kD = 128>
+struct FwdTraits : TileTraits<Element, kD> {
+  using Base = TileTraits<Element, kD>;
   struct SharedStorage {
-    alignas(128) Element q[cosize_v<SmemLayoutQ>];
-    alignas(128) Element k[cosize_v<SmemLayoutKV>];
-    alignas(128) Element v[cosize_v<SmemLayoutKV>];
-    uint64_t union_tokens[kMaxCandidates];
-    int32_t union_block[kMaxCandidates];
+    alignas(128) Element q[cosize_v<typename Base::SmemLayoutQ>];
+    alignas(128) Element k[cosize_v<typename Base::SmemLayoutKV>];
+    alignas(128) Element v[cosize_v<typename Base::SmemLayoutKV>];
+    uint64_t union_tokens[Base::kMaxCandidates];
+    int32_t union_block[Base::kMaxCandidates];
     int32_t union_count;
   };
   static constexpr int kSmemBytes = sizeof(SharedStorage);
@@ -93,92 +65,10 @@ struct FwdTraits {
 
 template <class Traits>
 struct FwdParams {
-  SparseShape shape;  // dense: ids null, topk 0, tokens = 128 / G
-  bool causal;        // dense only (the sparse forward is causal by its ids)
-  const typename Traits::Element* q;
-  const typename Traits::Element* k;
-  const typename Traits::Element* v;
+  TileInputs<Traits> in;
   typename Traits::Element* out;
   float* lse;
-  float scale_log2;  // scale * log2(e)
 };
-
-// The dense forward's rows: TileRows where every row takes every block;
-// a padded row (token >= q_len) masks itself out (last_key -1).
-template <int kRowsPerThread>
-struct AllRows : TileRows<kRowsPerThread> {
-  using TileRows<kRowsPerThread>::TileRows;
-  __device__ bool member(int, uint64_t) const { return true; }
-
-  __device__ void start(const SparseShape& s, const SparseTile& tile, int64_t q_len,
-                        int64_t kv_len_, bool causal) {
-    TileRows<kRowsPerThread>::start(s, tile, q_len, kv_len_);
-    const bool padded = tile.token0 + s.tokens > q_len;
-    // partial() compares with the smallest position: -1 keeps every block masked.
-    if (padded) this->first_position = -1;
-    else if (!causal) this->first_position = INT64_MAX / 2;
-    CUTE_UNROLL
-    for (int r = 0; r < kRowsPerThread; ++r) {
-      if (this->token_of[r] < 0) continue;
-      if (tile.token0 + this->token_of[r] >= q_len) this->last_key[r] = -1;
-      else if (!causal) this->last_key[r] = static_cast<int>(kv_len_ - 1);
-    }
-  }
-};
-
-// Blocks 0 .. n - 1 that a dense tile walks: up to the last block any of its
-// valid rows sees.
-__device__ inline int dense_tile_blocks(const SparseShape& s, const SparseTile& tile,
-                                        int64_t q_len, int64_t kv_len, bool causal) {
-  const int64_t last_token = std::min(tile.token0 + s.tokens, q_len) - 1;
-  if (last_token < tile.token0 || kv_len <= 0) return 0;
-  const int64_t all = (kv_len + 127) / 128;
-  return static_cast<int>(causal ? std::min(all, (kv_len - q_len + last_token) / 128 + 1) : all);
-}
-
-// The tile's Q rows into shared memory (all threads): row r = token
-// token0 + r / G, head g G + r % G; rows of tokens past min(q_len, Sq) are zeros.
-template <class Traits>
-__device__ void load_q(typename Traits::SharedStorage& ss, const FwdParams<Traits>& p,
-                       const SparseTile& tile, int64_t q_len) {
-  const SparseShape& s = p.shape;
-  Tensor sQ = make_tensor(make_smem_ptr(ss.q), typename Traits::SmemLayoutQ{});
-  constexpr int kChunks = Traits::kD / 8;  // 16-byte chunks per row
-  const int group = static_cast<int>(s.group);
-  const int rows_valid = group * static_cast<int>(std::clamp<int64_t>(
-                                     std::min(q_len, s.Sq) - tile.token0, 0, s.tokens));
-  const int chunk = threadIdx.x % kChunks;
-  CUTE_UNROLL
-  for (int i = 0; i < Traits::kRows * kChunks / Traits::kThreads; ++i) {
-    const int r = threadIdx.x / kChunks + i * (Traits::kThreads / kChunks);
-    const int64_t token = tile.token0 + r / group;
-    const int64_t head = tile.g * group + r % group;
-    const bool valid = r < rows_valid;
-    const auto* src = valid ? p.q + ((tile.b * s.Sq + token) * s.Hq + head) * Traits::kD + 8 * chunk
-                            : p.q;
-    cp_async_16(&sQ(r, 8 * chunk), src, valid);
-  }
-}
-
-// Keys key0 .. key0 + kPiece - 1 of K and V (kv head g of row b) into stage
-// `stage` (all threads); keys at or past `limit` (min(kv_len, Sk)) are zeros.
-template <class Traits>
-__device__ void load_piece(typename Traits::SharedStorage& ss, const FwdParams<Traits>& p,
-                           const SparseTile& tile, int64_t key0, int64_t limit, int stage) {
-  const SparseShape& s = p.shape;
-  Tensor sK = make_tensor(make_smem_ptr(ss.k), typename Traits::SmemLayoutKV{});
-  Tensor sV = make_tensor(make_smem_ptr(ss.v), typename Traits::SmemLayoutKV{});
-  constexpr int kChunks = Traits::kD / 8;
-  const int chunk = threadIdx.x % kChunks;
-  CUTE_UNROLL
-  for (int i = 0; i < Traits::kPiece * kChunks / Traits::kThreads; ++i) {
-    const int key = threadIdx.x / kChunks + i * (Traits::kThreads / kChunks);
-    const bool valid = key0 + key < limit;
-    const int64_t at = ((tile.b * s.Sk + key0 + key) * s.Hkv + tile.g) * Traits::kD + 8 * chunk;
-    cp_async_16(&sK(key, 8 * chunk, stage), valid ? p.k + at : p.k, valid);
-    cp_async_16(&sV(key, 8 * chunk, stage), valid ? p.v + at : p.v, valid);
-  }
-}
 
 template <class Traits, bool kDense>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
@@ -187,17 +77,17 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   using Element = typename Traits::Element;
   extern __shared__ char smem_raw[];
   auto& ss = *reinterpret_cast<typename Traits::SharedStorage*>(smem_raw);
-  const SparseShape& s = p.shape;
+  const SparseShape& s = p.in.shape;
   const SparseTile tile(blockIdx.x, s.B, s.Hkv, s.chunks, s.tokens);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int64_t q_len = s.q_lengths[tile.b];
   const int64_t kv_len = s.kv_lengths[tile.b];
   const int64_t key_limit = std::min(kv_len, s.Sk);
 
-  load_q<Traits>(ss, p, tile, q_len);
+  load_rows<Traits>(ss.q, p.in.q, s, tile, q_len);
   cp_async_commit();
   if constexpr (kDense) {
-    if (tid == 0) ss.union_count = dense_tile_blocks(s, tile, q_len, kv_len, p.causal);
+    if (tid == 0) ss.union_count = dense_tile_blocks(s, tile, q_len, kv_len, p.in.causal);
   } else if (warp == 0) {
     const TileUnion<Traits> u(s, tile, q_len, kv_len, lane);
     u.store(ss.union_block, ss.union_tokens, lane);
@@ -209,17 +99,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     const int64_t block = kDense ? piece / 2 : ss.union_block[piece / 2];
     return block * Traits::kKeys + (piece % 2) * Traits::kPiece;
   };
-  if (pieces > 0) load_piece<Traits>(ss, p, tile, piece_key0(0), key_limit, 0);
+  if (pieces > 0) load_piece<Traits>(ss.k, ss.v, p.in, tile, piece_key0(0), key_limit, 0);
   cp_async_commit();
 
-  // This warp's rows hold tokens first .. last of the tile (sparse: as bits;
-  // dense: all blocks, if it holds a row).
-  const int group = static_cast<int>(s.group);
-  const int first = 16 * warp / group;
-  const int last = std::min((16 * warp + 15) / group, s.tokens - 1);
-  const uint64_t own = first > last ? 0
-                       : kDense    ? ~uint64_t{0}
-                                   : (~uint64_t{0} >> (63 - (last - first))) << first;
+  const uint64_t own = warp_tokens<kDense>(warp, s);
 
   typename Traits::TiledMma mma;
   auto thr = mma.get_thread_slice(tid);
@@ -251,7 +134,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   constexpr int kRowsPerThread = decltype(size<0>(accS_rc))::value;
   std::conditional_t<kDense, AllRows<kRowsPerThread>, TileRows<kRowsPerThread>> rows(tid);
   if constexpr (kDense) {
-    rows.start(s, tile, q_len, kv_len, p.causal);
+    rows.start(s, tile, q_len, kv_len, p.in.causal);
   } else {
     rows.start(s, tile, q_len, kv_len);
   }
@@ -259,7 +142,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   {
     float factors[kRowsPerThread];
     CUTE_UNROLL
-    for (int r = 0; r < kRowsPerThread; ++r) factors[r] = p.scale_log2;
+    for (int r = 0; r < kRowsPerThread; ++r) factors[r] = p.in.scale_log2;
     softmax.start(factors);
   }
   clear(accO);
@@ -272,7 +155,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   for (int piece = 0; piece < pieces; ++piece) {
     const int stage = piece % Traits::kStages;
     if (piece + 1 < pieces) {
-      load_piece<Traits>(ss, p, tile, piece_key0(piece + 1), key_limit, (piece + 1) % Traits::kStages);
+      load_piece<Traits>(ss.k, ss.v, p.in, tile, piece_key0(piece + 1), key_limit,
+                         (piece + 1) % Traits::kStages);
     }
     cp_async_commit();
     cp_async_wait<1>();
@@ -304,36 +188,16 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
 template <class Traits, bool kDense>
 cudaError_t launch(const FwdParams<Traits>& p, cudaStream_t stream) {
-  auto kernel = attention_fwd_kernel<Traits, kDense>;
-  cudaError_t st = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        Traits::kSmemBytes);
-  if (st != cudaSuccess) return st;
-  if (p.shape.tiles > INT32_MAX) return cudaErrorInvalidValue;
-  kernel<<<static_cast<unsigned>(p.shape.tiles), Traits::kThreads, Traits::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
-}
-
-// Args: cuda::SparseAttentionArgs or cuda::DenseAttentionArgs (q, k, v, scale).
-template <class Traits, class Args>
-FwdParams<Traits> make_params(const SparseShape& shape, bool causal, const Args& a, void* out,
-                              float* lse) {
-  using Element = typename Traits::Element;
-  return {shape,
-          causal,
-          static_cast<const Element*>(a.q),
-          static_cast<const Element*>(a.k),
-          static_cast<const Element*>(a.v),
-          static_cast<Element*>(out),
-          lse,
-          a.scale * 1.4426950408889634f};
+  return launch_tiles<Traits>(attention_fwd_kernel<Traits, kDense>, p, p.in.shape.tiles, stream);
 }
 
 template <class Element>
 cudaError_t launch_sparse(const cuda::SparseAttentionArgs& a, void* out, float* lse,
                           cudaStream_t stream) {
   using Traits = FwdTraits<Element>;
-  return launch<Traits, false>(
-      make_params<Traits>(sm90::make_sparse_shape<Traits>(a), true, a, out, lse), stream);
+  const FwdParams<Traits> p{make_inputs<Traits>(sm90::make_sparse_shape<Traits>(a), true, a),
+                            static_cast<Element*>(out), lse};
+  return launch<Traits, false>(p, stream);
 }
 
 // Dense tiles: 128 / G tokens times the G heads of a KV group (G <= 128).
@@ -341,12 +205,9 @@ template <class Element, int kD>
 cudaError_t launch_dense(const cuda::DenseAttentionArgs& a, void* out, float* lse,
                          cudaStream_t stream) {
   using Traits = FwdTraits<Element, kD>;
-  const int64_t group = a.Hq / a.Hkv;
-  const int tokens = static_cast<int>(Traits::kRows / group);
-  const int64_t chunks = (a.Sq + tokens - 1) / tokens;
-  const SparseShape shape{nullptr, a.q_lengths, a.kv_lengths, a.B, a.Sq, a.Sk, a.Hq, a.Hkv, 0,
-                          group, tokens, chunks, a.B * a.Hkv * chunks};
-  return launch<Traits, true>(make_params<Traits>(shape, a.causal, a, out, lse), stream);
+  const FwdParams<Traits> p{make_inputs<Traits>(dense_shape<Traits>(a), a.causal, a),
+                            static_cast<Element*>(out), lse};
+  return launch<Traits, true>(p, stream);
 }
 
 }  // namespace
