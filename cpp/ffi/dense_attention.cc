@@ -126,8 +126,9 @@ ffi::Error DenseAttentionBwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::Any
       e.failure()) {
     return e;
   }
-  if (cuda::kernel_family() == cuda::KernelFamily::kPortable) {
-    // delta, then the portable dq and dk / dv (dq_accum unused).
+  if (cuda::kernel_family() != cuda::KernelFamily::kHopper) {
+    // The portable family (the Blackwell one has no backward): delta, then
+    // its dq and dk / dv (dq_accum unused).
     if (auto e = CudaStatus("dot_product_attention_bwd (delta)",
                             cuda::attention_bwd_delta(dtype, args, out.untyped_data(),
                                                       dout.untyped_data(), DataOf<float>(dlse),

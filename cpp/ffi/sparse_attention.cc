@@ -191,9 +191,10 @@ ffi::Error SparseAttentionBwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::An
       e.failure()) {
     return e;
   }
-  // The portable family: dq query-outer, dk / dv over the index, both
-  // deterministic (dq_accum and partial unused).
-  if (cuda::kernel_family() == cuda::KernelFamily::kPortable) {
+  // Off Hopper (the Blackwell family has no backward): the portable family,
+  // dq query-outer, dk / dv over the index, both deterministic (dq_accum and
+  // partial unused).
+  if (cuda::kernel_family() != cuda::KernelFamily::kHopper) {
     if (auto e = CudaStatus("sparse_attention_bwd (dq)",
                             cuda::portable_sparse_attention_bwd_dq(
                                 dtype, args, DataOf<float>(lse), dout.untyped_data(),
