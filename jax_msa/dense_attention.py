@@ -53,7 +53,7 @@ _fwd_p = define_primitive("dot_product_attention_fwd", abstract_eval=forward_abs
 
 
 def _cuda_bwd_takes(q, k, v, *rest, implementation, **params) -> bool:
-    """Whether the SM90 backward serves these inputs (cuda::dense_attention_bwd_args_valid)."""
+    """Whether the CUDA backward (either family) serves these inputs (cuda::dense_attention_bwd_args_valid)."""
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     return (q.dtype in (jnp.bfloat16, jnp.float16) and d == 128 and hq // hkv <= 64
@@ -85,7 +85,8 @@ _bwd_p = define_primitive("dot_product_attention_bwd", abstract_eval=backward_ab
                           sharding="bqhd,bkgd,bkgd,bqhd,bqh,bqhd,bqh,b,b->bqhd,bkgd,bkgd",
                           kernel_takes={"cuda": _cuda_bwd_takes},
                           kernel_lowering={"cuda": _bwd_on_cuda}
-                          if _ffi.has_kernel("jax_msa_dot_product_attention_bwd_cuda", "cuda") else None)
+                          if _ffi.has_kernel("jax_msa_dot_product_attention_bwd_cuda", "cuda") else None,
+                          portable_cuda_targets=("jax_msa_dot_product_attention_bwd_cuda",))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))

@@ -95,7 +95,8 @@ _fwd_p = define_primitive("sparse_attention_fwd", abstract_eval=forward_abstract
 # and the KV-outer dK/dV kernel, which also computes dQ (float32 atomic sums
 # into the dq_accum workspace, [B, Sq, Hq, D]) unless the device picks the
 # query-outer dQ kernel from the ids (the index workspace ends with the cost
-# sums), or always with `deterministic` (dq_accum then has 0 elements). Its
+# sums), or always with `deterministic` (dq_accum then has 0 elements; the
+# portable family: its dQ and dK / dV kernels, always deterministic). Its
 # four workspaces are extra (discarded) results so that the handler allocates
 # nothing. A hidden primitive, bound only inside the lowering of _bwd_p.
 def _bwd_cuda_abstract(q, k, v, ids, *rest, scale, deterministic):
@@ -111,7 +112,9 @@ _bwd_cuda_p = define_primitive("sparse_attention_bwd_cuda", abstract_eval=_bwd_c
 
 
 def _bwd_on_cuda(*args, scale, deterministic, implementation):
-    return _bwd_cuda_p.bind(*args, scale=scale, deterministic=bool(deterministic),
+    # The portable family's backward is always deterministic: no dq_accum workspace.
+    deterministic = bool(deterministic) or _ffi.portable_family_serves()
+    return _bwd_cuda_p.bind(*args, scale=scale, deterministic=deterministic,
                             implementation=implementation)[:3]
 
 
@@ -120,7 +123,8 @@ _bwd_p = define_primitive("sparse_attention_bwd", abstract_eval=backward_abstrac
                           sharding="bqhd,bkgd,bkgd,bqgt,bqhd,bqh,bqhd,bqh,b,b->bqhd,bkgd,bkgd",
                           kernel_takes={"cuda": _cuda_kernel_takes},
                           kernel_lowering={"cuda": _bwd_on_cuda}
-                          if _ffi.has_kernel("jax_msa_sparse_attention_bwd_cuda", "cuda") else None)
+                          if _ffi.has_kernel("jax_msa_sparse_attention_bwd_cuda", "cuda") else None,
+                          portable_cuda_targets=("jax_msa_sparse_attention_bwd_cuda",))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))

@@ -16,3 +16,11 @@ def _default_device_cpu(request):
         return
     with jax.default_device(jax.devices("cpu")[0]):
         yield
+
+
+@pytest.fixture(params=["native", "portable"])
+def kernel_family(request, monkeypatch):
+    """Runs a GPU test once per CUDA kernel family: the device's own (Hopper on
+    sm_90) and the portable one (JAX_MSA_KERNELS=portable, kernel_family.h)."""
+    monkeypatch.setenv("JAX_MSA_KERNELS", request.param)
+    return request.param

@@ -194,6 +194,7 @@ def _check_grads(got, want, a, dtype, rtol=3e-2):
             assert not np.any(g[b, (ql if name == "q" else kl)[b]:]), (name, b)
 
 
+@pytest.mark.usefixtures("kernel_family")
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{s[0]}x{s[1]}x{s[2]}_{s[3]}-{s[4]}_{s[5]}" for s in SHAPES])
@@ -202,6 +203,7 @@ def test_backward_matches_reference(shape, causal, dtype):
     _check_grads(*_grads(a, causal), a, dtype)
 
 
+@pytest.mark.usefixtures("kernel_family")
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("shape", [(1, 4096, 4096, 16, 1, "full"), (2, 1500, 2900, 8, 2, "random"),
                                    (1, 2048, 2048, 2, 2, "full"), (1, 700, 700, 64, 1, "full")])
@@ -212,12 +214,14 @@ def test_backward_long_and_wide_groups(shape, causal):
     _check_grads(*_grads(a, causal), a, jnp.bfloat16)
 
 
+@pytest.mark.usefixtures("kernel_family")
 def test_backward_negative_scale():
     a = _inputs((1, 900, 900, 8, 2, "random"), jnp.float16)
     for causal in (True, False):
         _check_grads(*_grads(a, causal, scale=-0.05), a, jnp.float16)
 
 
+@pytest.mark.usefixtures("kernel_family")
 def test_backward_dk_dv_deterministic():
     """dk / dv: fixed summation order (dq's float32 atomic sums may vary)."""
     a = _inputs((1, 3000, 3000, 16, 1, "full"), jnp.bfloat16)
@@ -230,6 +234,7 @@ def test_backward_dk_dv_deterministic():
     assert rel_err(first[0], second[0]) <= 1e-2
 
 
+@pytest.mark.usefixtures("kernel_family")
 def test_backward_head_dim_64_falls_back():
     """D = 64: the kernel forward, the reference backward ("auto")."""
     a = _inputs((2, 333, 555, 8, 2, "random"), jnp.bfloat16, d=64)

@@ -89,8 +89,8 @@ ffi::Error DenseAttentionFwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::Any
                     forward(dtype, args, out->untyped_data(), DataOf<float>(lse), stream));
 }
 
-// The SM90 backward (cuda::dense_attention_bwd_args_valid; the Python
-// lowering sends other cases to the reference): dq, dk, dv and the four
+// The CUDA backward, Hopper or portable family (cuda::dense_attention_bwd_args_valid;
+// the Python lowering sends other cases to the reference): dq, dk, dv and the four
 // workspaces of cuda::dense_attention_bwd_workspace as extra results, so that
 // the handler allocates nothing.
 ffi::Error DenseAttentionBwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
@@ -127,6 +127,28 @@ ffi::Error DenseAttentionBwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::Any
   if (auto e = CheckBwdWorkspaces(*delta, *index, *partial, *dq_accum, need, need.dq_accum_floats);
       e.failure()) {
     return e;
+  }
+  if (cuda::kernel_family() != cuda::KernelFamily::kHopper) {
+    // The portable family (the Blackwell one has no backward): delta, then
+    // its dq and dk / dv (dq_accum unused).
+    if (auto e = CudaStatus("dot_product_attention_bwd (delta)",
+                            cuda::attention_bwd_delta(dtype, args, out.untyped_data(),
+                                                      dout.untyped_data(), DataOf<float>(dlse),
+                                                      DataOf<float>(delta), stream));
+        e.failure()) {
+      return e;
+    }
+    if (auto e = CudaStatus("dot_product_attention_bwd (dq)",
+                            cuda::portable_dense_attention_bwd_dq(
+                                dtype, args, DataOf<float>(lse), dout.untyped_data(),
+                                DataOf<float>(delta), dq->untyped_data(), stream));
+        e.failure()) {
+      return e;
+    }
+    return CudaStatus("dot_product_attention_bwd (dk, dv)",
+                      cuda::portable_dense_attention_bwd_dkdv(
+                          dtype, args, DataOf<float>(lse), dout.untyped_data(),
+                          DataOf<float>(delta), dk->untyped_data(), dv->untyped_data(), stream));
   }
   const cuda::DenseBwdWorkspacePtrs ws{DataOf<float>(delta), DataOf<float>(dq_accum)};
   return CudaStatus("dot_product_attention_bwd",
@@ -180,6 +202,7 @@ void AddDenseAttentionTargets(TargetTable& table) {
   table.portable.emplace_back("jax_msa_dot_product_attention_fwd");
   table.blackwell.emplace_back("jax_msa_dot_product_attention_fwd");
   table.cuda.emplace_back("jax_msa_dot_product_attention_bwd_cuda", kDenseAttentionBwdCuda);
+  table.portable.emplace_back("jax_msa_dot_product_attention_bwd_cuda");
 #endif
 }
 

@@ -153,7 +153,8 @@ ffi::Error SparseAttentionFwdByBlockCuda(cudaStream_t stream, ffi::AnyBuffer q, 
 // reproducible on a device), always with `deterministic` (dq_accum is then
 // empty), and by default only where the device picks them from the ids
 // (small tile unions: window-like ids); otherwise dK / dV with dQ fused
-// (float32 atomic sums into the dq_accum workspace).
+// (float32 atomic sums into the dq_accum workspace). Where the portable
+// family serves: the same prepare, then its dQ and dK / dV kernels.
 ffi::Error SparseAttentionBwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
                                   ffi::AnyBuffer v, ffi::AnyBuffer ids, ffi::AnyBuffer out,
                                   ffi::AnyBuffer lse, ffi::AnyBuffer dout, ffi::AnyBuffer dlse,
@@ -189,6 +190,23 @@ ffi::Error SparseAttentionBwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::An
                               stream));
       e.failure()) {
     return e;
+  }
+  // Off Hopper (the Blackwell family has no backward): the portable family,
+  // dq query-outer, dk / dv over the index, both deterministic (dq_accum and
+  // partial unused).
+  if (cuda::kernel_family() != cuda::KernelFamily::kHopper) {
+    if (auto e = CudaStatus("sparse_attention_bwd (dq)",
+                            cuda::portable_sparse_attention_bwd_dq(
+                                dtype, args, DataOf<float>(lse), dout.untyped_data(),
+                                DataOf<float>(delta), dq->untyped_data(), stream));
+        e.failure()) {
+      return e;
+    }
+    return CudaStatus("sparse_attention_bwd (dk, dv)",
+                      cuda::portable_sparse_attention_bwd_dkdv(
+                          dtype, args, DataOf<float>(lse), dout.untyped_data(),
+                          DataOf<float>(delta), DataOf<int32_t>(index), dk->untyped_data(),
+                          dv->untyped_data(), stream));
   }
   // The device's choice between the two dQ (none without blocks to visit).
   cuda::ScheduleCosts* costs = nullptr;
@@ -280,6 +298,7 @@ void AddSparseAttentionTargets(TargetTable& table) {
   table.cuda.emplace_back("jax_msa_sparse_attention_fwd_by_block", kSparseAttentionFwdByBlockCuda);
   table.cuda.emplace_back("jax_msa_sparse_attention_fwd_auto", kSparseAttentionFwdAutoCuda);
   table.cuda.emplace_back("jax_msa_sparse_attention_bwd_cuda", kSparseAttentionBwdCuda);
+  table.portable.emplace_back("jax_msa_sparse_attention_bwd_cuda");
 #endif
 }
 

@@ -235,6 +235,11 @@ struct KvOuterBwdWorkspace {
 };
 KvOuterBwdWorkspace sparse_attention_bwd_workspace(const SparseAttentionArgs& a);
 
+// Whether the sparse backward (both families) takes these inputs:
+// sparse_attention_args_valid plus the block index's limits (Sk, B, Hkv <=
+// INT_MAX and the index's chunk and bucket counts).
+bool sparse_attention_bwd_args_valid(DType dtype, const SparseAttentionArgs& a);
+
 // Backward step 1: delta [B, Sq, Hq] = sum_d dout * out - dlse (0 for padded
 // rows) and the block -> queries index (for each (b, kv head, block) the
 // queries that selected the block, in increasing order).
@@ -262,6 +267,14 @@ cudaError_t sparse_attention_bwd_dkdv(DType dtype, const SparseAttentionArgs& a,
 cudaError_t sparse_attention_bwd_dq(DType dtype, const SparseAttentionArgs& a, const float* lse,
                                     const void* dout, const float* delta, void* dq,
                                     cudaStream_t stream, const ScheduleCosts* costs = nullptr);
+
+// Backward step 3 from the portable family (kernels/portable/; step 1,
+// sparse_attention_bwd_prepare, serves both families, and step 2 is
+// portable_sparse_attention_bwd_dkdv below): dq [B, Sq, Hq, D] (dtype of q),
+// query-outer, deterministic.
+cudaError_t portable_sparse_attention_bwd_dq(DType dtype, const SparseAttentionArgs& a,
+                                             const float* lse, const void* dout,
+                                             const float* delta, void* dq, cudaStream_t stream);
 
 // ---- Block-sparse attention forward, KV-outer ("by block") -----------------
 // The forward of sparse_attention_fwd (same arguments, same results up to
@@ -332,6 +345,22 @@ cudaError_t portable_dense_attention_fwd(DType dtype, const DenseAttentionArgs& 
 cudaError_t sm100_dense_attention_fwd(DType dtype, const DenseAttentionArgs& a, void* out,
                                       float* lse, cudaStream_t stream);
 
+// The dK / dV of the sparse (backward step 2, without dq) and dense
+// backwards from the portable family: dk, dv [B, Sk, Hkv, D] (dtype of k),
+// summed over the query heads of each group, zero for keys no query attends;
+// deterministic. lse [B, Sq, Hq] is the forward's, dout [B, Sq, Hq, D] in q's
+// dtype, delta [B, Sq, Hq] = rowsum(dout * out) - dlse (0 for padded rows);
+// the sparse one walks `index` from sparse_attention_bwd_prepare. Same
+// argument limits as the SM90 backwards. Asynchronous, no workspace.
+cudaError_t portable_sparse_attention_bwd_dkdv(DType dtype, const SparseAttentionArgs& a,
+                                               const float* lse, const void* dout,
+                                               const float* delta, const int32_t* index,
+                                               void* dk, void* dv, cudaStream_t stream);
+cudaError_t portable_dense_attention_bwd_dkdv(DType dtype, const DenseAttentionArgs& a,
+                                              const float* lse, const void* dout,
+                                              const float* delta, void* dk, void* dv,
+                                              cudaStream_t stream);
+
 // Whether the SM90 dense backward takes these inputs: bf16/fp16, D = 128,
 // Hq / Hkv <= 64, 0 < Sk <= 2^31 - 257, Sq < 2^31, B * Hkv * ceil(Sk / 128) < 2^31.
 bool dense_attention_bwd_args_valid(DType dtype, const DenseAttentionArgs& a);
@@ -356,5 +385,18 @@ cudaError_t dense_attention_bwd(DType dtype, const DenseAttentionArgs& a, const 
                                 const float* lse, const void* dout, const float* dlse,
                                 const DenseBwdWorkspacePtrs& ws, void* dq, void* dk, void* dv,
                                 cudaStream_t stream);
+
+// Step 1 of both dense backwards: delta [B, Sq, Hq] = rowsum(dout * out) - dlse
+// (dlse may be null: zero), 0 for padded rows; D = 128.
+cudaError_t attention_bwd_delta(DType dtype, const DenseAttentionArgs& a, const void* out,
+                                const void* dout, const float* dlse, float* delta,
+                                cudaStream_t stream);
+
+// The dense backward's dq from the portable family (kernels/portable/; the
+// inputs of dense_attention_bwd_args_valid), after attention_bwd_delta:
+// query-outer, deterministic (dk, dv: portable_dense_attention_bwd_dkdv).
+cudaError_t portable_dense_attention_bwd_dq(DType dtype, const DenseAttentionArgs& a,
+                                            const float* lse, const void* dout,
+                                            const float* delta, void* dq, cudaStream_t stream);
 
 }  // namespace jax_msa::cuda

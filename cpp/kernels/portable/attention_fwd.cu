@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
   const int64_t kv_len = s.kv_lengths[tile.b];
   const int64_t key_limit = std::min(kv_len, s.Sk);
 
-  load_q<Traits>(ss, p, tile, q_len);
+  load_rows<Traits>(ss.q, p.q, p.shape, tile, q_len);
   cp_async_commit();
   if constexpr (kDense) {
     if (tid == 0) ss.union_count = dense_tile_blocks(s, tile, q_len, kv_len, p.causal);
@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
     const int64_t block = kDense ? piece / kPer : ss.union_block[piece / kPer];
     return block * Traits::kKeys + (piece % kPer) * Traits::kPiece;
   };
-  if (pieces > 0) load_piece<Traits>(ss, p, tile, piece_key0(0), key_limit, 0);
+  if (pieces > 0) load_piece<Traits>(ss.k, ss.v, p, tile, piece_key0(0), key_limit, 0);
   cp_async_commit();
 
   // The tile tokens with a row among rows row0 .. row0 + 15 (one MMA atom), as
@@ -198,7 +198,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
   for (int piece = 0; piece < pieces; ++piece) {
     const int stage = piece % Traits::kStages;
     if (piece + 1 < pieces) {
-      load_piece<Traits>(ss, p, tile, piece_key0(piece + 1), key_limit, (piece + 1) % Traits::kStages);
+      load_piece<Traits>(ss.k, ss.v, p, tile, piece_key0(piece + 1), key_limit,
+                         (piece + 1) % Traits::kStages);
     }
     cp_async_commit();
     cp_async_wait<1>();

@@ -1,7 +1,8 @@
-// What the forwards that load a query-outer tile by cp.async share (the
-// portable family's attention_fwd.cu, the Blackwell family's
-// sm100/attention_fwd.cu): the parameters, the dense forward's rows and
-// blocks, the cp.async loads of a tile's Q rows and of a piece of K and V.
+// What the kernels that load a query-outer tile by cp.async share (the
+// portable family's attention_fwd.cu and attention_dq.cu, the Blackwell
+// family's sm100/attention_fwd.cu): the forward's parameters, the dense
+// rows and blocks, the cp.async loads of a tile's rows (Q, dO) and of a piece
+// of K and V.
 //
 // Traits give Element, kD, kRows, kThreads, kKeys, kPiece, SmemLayoutQ
 // (rows x dims) and SmemLayoutKV (keys x dims x stage), and a SharedStorage
@@ -64,14 +65,15 @@ __device__ inline int dense_tile_blocks(const sm90::SparseShape& s, const sm90::
   return static_cast<int>(causal ? std::min(all, (kv_len - q_len + last_token) / 128 + 1) : all);
 }
 
-// The tile's Q rows into shared memory (all threads): row r = token
-// token0 + r / G, head g G + r % G; rows of tokens past min(q_len, Sq) are zeros.
+// The tile's rows of a [B, Sq, Hq, kD] tensor (q, or dout) into shared memory
+// (layout SmemLayoutQ; all threads): row r = token token0 + r / G, head
+// g G + r % G; rows of tokens past min(q_len, Sq) are zeros.
 template <class Traits>
-__device__ void load_q(typename Traits::SharedStorage& ss, const FwdParams<Traits>& p,
-                       const sm90::SparseTile& tile, int64_t q_len) {
+__device__ void load_rows(typename Traits::Element* smem, const typename Traits::Element* src,
+                          const sm90::SparseShape& s, const sm90::SparseTile& tile,
+                          int64_t q_len) {
   using namespace cute;
-  const sm90::SparseShape& s = p.shape;
-  Tensor sQ = make_tensor(make_smem_ptr(ss.q), typename Traits::SmemLayoutQ{});
+  Tensor sQ = make_tensor(make_smem_ptr(smem), typename Traits::SmemLayoutQ{});
   constexpr int kChunks = Traits::kD / 8;  // 16-byte chunks per row
   const int group = static_cast<int>(s.group);
   const int rows_valid = group * static_cast<int>(std::clamp<int64_t>(
@@ -83,21 +85,24 @@ __device__ void load_q(typename Traits::SharedStorage& ss, const FwdParams<Trait
     const int64_t token = tile.token0 + r / group;
     const int64_t head = tile.g * group + r % group;
     const bool valid = r < rows_valid;
-    const auto* src = valid ? p.q + ((tile.b * s.Sq + token) * s.Hq + head) * Traits::kD + 8 * chunk
-                            : p.q;
-    sm90::cp_async_16(&sQ(r, 8 * chunk), src, valid);
+    const auto* row = valid ? src + ((tile.b * s.Sq + token) * s.Hq + head) * Traits::kD + 8 * chunk
+                            : src;
+    sm90::cp_async_16(&sQ(r, 8 * chunk), row, valid);
   }
 }
 
 // Keys key0 .. key0 + kPiece - 1 of K and V (kv head g of row b) into stage
-// `stage` (all threads); keys at or past `limit` (min(kv_len, Sk)) are zeros.
-template <class Traits>
-__device__ void load_piece(typename Traits::SharedStorage& ss, const FwdParams<Traits>& p,
-                           const sm90::SparseTile& tile, int64_t key0, int64_t limit, int stage) {
+// `stage` of k_smem, v_smem (layout SmemLayoutKV; all threads); keys at or
+// past `limit` (min(kv_len, Sk)) are zeros. `in`: the kernel's parameters
+// (shape, k, v).
+template <class Traits, class Inputs>
+__device__ void load_piece(typename Traits::Element* k_smem, typename Traits::Element* v_smem,
+                           const Inputs& in, const sm90::SparseTile& tile, int64_t key0,
+                           int64_t limit, int stage) {
   using namespace cute;
-  const sm90::SparseShape& s = p.shape;
-  Tensor sK = make_tensor(make_smem_ptr(ss.k), typename Traits::SmemLayoutKV{});
-  Tensor sV = make_tensor(make_smem_ptr(ss.v), typename Traits::SmemLayoutKV{});
+  const sm90::SparseShape& s = in.shape;
+  Tensor sK = make_tensor(make_smem_ptr(k_smem), typename Traits::SmemLayoutKV{});
+  Tensor sV = make_tensor(make_smem_ptr(v_smem), typename Traits::SmemLayoutKV{});
   constexpr int kChunks = Traits::kD / 8;
   const int chunk = threadIdx.x % kChunks;
   CUTE_UNROLL
@@ -105,8 +110,8 @@ __device__ void load_piece(typename Traits::SharedStorage& ss, const FwdParams<T
     const int key = threadIdx.x / kChunks + i * (Traits::kThreads / kChunks);
     const bool valid = key0 + key < limit;
     const int64_t at = ((tile.b * s.Sk + key0 + key) * s.Hkv + tile.g) * Traits::kD + 8 * chunk;
-    sm90::cp_async_16(&sK(key, 8 * chunk, stage), valid ? p.k + at : p.k, valid);
-    sm90::cp_async_16(&sV(key, 8 * chunk, stage), valid ? p.v + at : p.v, valid);
+    sm90::cp_async_16(&sK(key, 8 * chunk, stage), valid ? in.k + at : in.k, valid);
+    sm90::cp_async_16(&sV(key, 8 * chunk, stage), valid ? in.v + at : in.v, valid);
   }
 }
 

@@ -119,7 +119,7 @@ struct FwdTraits {
   using MmaO = decltype(make_tiled_mma(SM100_MMA_F16BF16_SS<Element, Element, float, kRows, kD,
                                                             UMMA::Major::K, UMMA::Major::MN>{}));
   // 128-byte rows swizzled in 8-row atoms, the layout the MMA's shared-memory
-  // descriptors name (and what load_q / load_piece write through CuTe).
+  // descriptors name (and what load_rows / load_piece write through CuTe).
   using SmemAtom = decltype(UMMA::Layout_K_SW128_Atom<Element>{});
   using SmemLayoutQ = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kRows>, Int<kD>>{}));
   using SmemLayoutP = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kRows>, Int<kKeys>>{}));
@@ -197,7 +197,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const int64_t kv_len = s.kv_lengths[tile.b];
   const int64_t key_limit = std::min(kv_len, s.Sk);
 
-  portable::load_q<Traits>(ss, p, tile, q_len);
+  portable::load_rows<Traits>(ss.q, p.q, p.shape, tile, q_len);
   portable::cp_async_commit();
   if (warp == 0) {
     // The whole warp: tcgen05.alloc is .sync.aligned. 256 columns; one CTA
@@ -223,7 +223,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const uint32_t tmem = ss.tmem_base;
   const int blocks = ss.union_count;
   auto block_at = [&](int i) -> int64_t { return kDense ? i : ss.union_block[i]; };
-  if (blocks > 0) portable::load_piece<Traits>(ss, p, tile, block_at(0) * Traits::kKeys, key_limit, 0);
+  if (blocks > 0) portable::load_piece<Traits>(ss.k, ss.v, p, tile, block_at(0) * Traits::kKeys, key_limit, 0);
   portable::cp_async_commit();
 
   // The MMAs (issued by warp 0: each tcgen05.mma by one elected lane).
@@ -281,7 +281,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       tmem_fence_after_sync();
     }
     if (i + 1 < blocks) {
-      portable::load_piece<Traits>(ss, p, tile, block_at(i + 1) * Traits::kKeys, key_limit,
+      portable::load_piece<Traits>(ss.k, ss.v, p, tile, block_at(i + 1) * Traits::kKeys, key_limit,
                                    (i + 1) % Traits::kStages);
       portable::cp_async_commit();
     }

@@ -1,7 +1,7 @@
 // Dense flash-attention backward on SM90 (spec §3.6). Per call, all on
 // `stream`:
-//  1. delta [B, Sq, Hq] = rowsum(dout * out) - dlse (the KV-outer backward's
-//     delta_kernel, kv_outer_bwd.hpp);
+//  1. delta [B, Sq, Hq] = rowsum(dout * out) - dlse (attention_bwd_delta,
+//     shared with the portable family: bwd_delta.hpp);
 //  2. dq_accum = 0, then dense_bwd_kernel (dense_attention_bwd_kernel.hpp):
 //     a CTA per (key block (causal: a pair), kv head, batch row) holding K, V in shared
 //     memory, streaming the Q, dO tiles that see the block (TMA), dK, dV
@@ -15,27 +15,6 @@
 
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/sm90/dense_attention_bwd_kernel.hpp"
-#include "kernels/sm90/kv_outer_bwd.hpp"
-
-namespace jax_msa::sm90 {
-namespace {
-
-template <class Element, bool kCausal>
-cudaError_t backward(const cuda::DenseAttentionArgs& a, const void* out, const float* lse,
-                     const void* dout, const float* dlse, const cuda::DenseBwdWorkspacePtrs& ws,
-                     void* dq, void* dk, void* dv, cudaStream_t stream) {
-  // launch_delta takes the sparse arguments; only B, Sq, Hq and q_lengths matter.
-  cuda::SparseAttentionArgs s{};
-  s.q_lengths = a.q_lengths;
-  s.B = a.B, s.Sq = a.Sq, s.Hq = a.Hq;
-  cudaError_t st = sparse_bwd::launch_delta<Element>(s, out, dout, dlse, ws.delta, stream);
-  if (st != cudaSuccess) return st;
-  return dense_bwd::dkdv_dq<Element, kCausal>(a, lse, dout, ws.delta, ws.dq_accum, dq, dk, dv,
-                                              stream);
-}
-
-}  // namespace
-}  // namespace jax_msa::sm90
 
 namespace jax_msa::cuda {
 
@@ -73,14 +52,15 @@ cudaError_t dense_attention_bwd(DType dtype, const DenseAttentionArgs& a, const 
   // The instantiations: {bf16, f16} x {causal, not}.
   using BF16 = cutlass::bfloat16_t;
   using F16 = cutlass::half_t;
-  using Backward = cudaError_t (*)(const DenseAttentionArgs&, const void*, const float*,
-                                   const void*, const float*, const DenseBwdWorkspacePtrs&, void*,
-                                   void*, void*, cudaStream_t);
-  static constexpr Backward kBackward[2][2] = {
-      {sm90::backward<BF16, false>, sm90::backward<BF16, true>},
-      {sm90::backward<F16, false>, sm90::backward<F16, true>}};
-  return kBackward[dtype == DType::kBF16 ? 0 : 1][a.causal ? 1 : 0](a, out, lse, dout, dlse, ws,
-                                                                     dq, dk, dv, stream);
+  using Backward = cudaError_t (*)(const DenseAttentionArgs&, const float*, const void*,
+                                   const float*, float*, void*, void*, void*, cudaStream_t);
+  using sm90::dense_bwd::dkdv_dq;
+  static constexpr Backward kBackward[2][2] = {{dkdv_dq<BF16, false>, dkdv_dq<BF16, true>},
+                                               {dkdv_dq<F16, false>, dkdv_dq<F16, true>}};
+  const cudaError_t st = attention_bwd_delta(dtype, a, out, dout, dlse, ws.delta, stream);
+  if (st != cudaSuccess) return st;
+  return kBackward[dtype == DType::kBF16 ? 0 : 1][a.causal ? 1 : 0](
+      a, lse, dout, ws.delta, ws.dq_accum, dq, dk, dv, stream);
 }
 
 }  // namespace jax_msa::cuda

@@ -1,11 +1,11 @@
 // The KV-outer attention backward on SM90 of the block-sparse backward
-// (sparse_attention_bwd.cu, whose top comment describes the pipeline):
-// delta_kernel, the dK / dV (+ fused dQ) kernel walking a block -> queries
-// index (sparse_block_index.hpp), finish_kernel for buckets split between
-// CTAs, and the dq_accum zero / convert kernels, plus their host launchers.
-// The dense backward (dense_attention_bwd_kernel.hpp) shares the delta,
-// zero and convert kernels and the per-warpgroup pieces (KeyBlockFragments,
-// store_ds_t, issue_dv_dk, store_dkdv).
+// (sparse_attention_bwd.cu, whose top comment describes the pipeline): the
+// dK / dV (+ fused dQ) kernel walking a block -> queries index
+// (sparse_block_index.hpp), finish_kernel for buckets split between CTAs, and
+// the dq_accum zero / convert kernels, plus their host launchers (delta:
+// bwd_delta.hpp). The dense backward (dense_attention_bwd_kernel.hpp) shares
+// the zero and convert kernels and the per-warpgroup pieces
+// (KeyBlockFragments, store_ds_t, issue_dv_dk, store_dkdv).
 #pragma once
 
 #include <algorithm>
@@ -22,6 +22,7 @@
 
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/cuda/multiprocessors.h"
+#include "kernels/sm90/bwd_delta.hpp"
 #include "kernels/sm90/kv_outer_gather.hpp"
 #include "kernels/sm90/rowmax_epilogue.hpp"
 #include "kernels/sm90/sparse_block_index.hpp"
@@ -53,53 +54,9 @@ using kv_outer::row_source;
 using kv_outer::RowGather;
 using kv_outer::tile_share;
 
-constexpr int kHeadDim = 128;       // the only head dim
 constexpr int kMaxCtas = 132;       // dK/dV CTAs at most (one wave on H100 / H200)
 constexpr int kSlotFloats = 2 * kBlock * kHeadDim;  // one partial slot: dK then dV
 constexpr float kLog2e = 1.4426950408889634f;
-
-
-// ---------------------------------------------------------------------------
-// Step 1: delta. 16 lanes per row (8 elements each), 2 rows per warp.
-
-template <class Element>
-__device__ __forceinline__ float dot8(const uint4& x, const uint4& y) {
-  const Element* a = reinterpret_cast<const Element*>(&x);
-  const Element* b = reinterpret_cast<const Element*>(&y);
-  float s = 0.0f;
-  CUTE_UNROLL
-  for (int e = 0; e < 8; ++e) s = fmaf(static_cast<float>(a[e]), static_cast<float>(b[e]), s);
-  return s;
-}
-
-template <class Element>
-__global__ void delta_kernel(const Element* __restrict__ out, const Element* __restrict__ dout,
-                             const float* __restrict__ dlse, const int32_t* __restrict__ q_lengths,
-                             float* __restrict__ delta, int64_t rows, int64_t Sq, int64_t Hq) {
-  const int lane16 = threadIdx.x % 16;
-  const int half = (threadIdx.x / 16) % 2;
-  const int64_t warp = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / 32;
-  const int64_t warps = gridDim.x * int64_t{blockDim.x} / 32;
-  // The loop bound is uniform over the warp (both halves shuffle together).
-  for (int64_t pair = warp; 2 * pair < rows; pair += warps) {
-    const int64_t row = 2 * pair + half;
-    bool valid = row < rows;
-    float s = 0.0f;
-    if (valid) {
-      const int64_t b = row / (Sq * Hq);
-      const int64_t i = (row / Hq) % Sq;
-      valid = i < clamp_len(q_lengths, b, Sq);
-    }
-    if (valid) {
-      const uint4 x = reinterpret_cast<const uint4*>(out + row * kHeadDim)[lane16];
-      const uint4 y = reinterpret_cast<const uint4*>(dout + row * kHeadDim)[lane16];
-      s = dot8<Element>(x, y);
-    }
-    CUTE_UNROLL
-    for (int o = 8; o >= 1; o /= 2) s += __shfl_xor_sync(0xFFFFFFFFu, s, o);
-    if (lane16 == 0 && row < rows) delta[row] = valid ? s - (dlse ? dlse[row] : 0.0f) : 0.0f;
-  }
-}
 
 
 // ---------------------------------------------------------------------------
@@ -752,25 +709,12 @@ __global__ void __launch_bounds__(256) dq_convert_kernel(const float* __restrict
 
 
 // ---------------------------------------------------------------------------
-// Host side: launchers (launch_delta also serves the dense backward).
+// Host side: launchers.
 
 // CTAs of the dK/dV kernel: one wave (at most kMaxCtas), fewer for tiny problems.
 inline int dkdv_ctas(const Geometry& geo) {
   const int64_t n = std::min<int64_t>(kMaxCtas, geo.tiles_bound);
   return static_cast<int>(std::min<int64_t>(n, cuda::multiprocessor_count(kMaxCtas)));
-}
-
-// Step 1, delta [B, Sq, Hq] (delta_kernel).
-template <class Element>
-cudaError_t launch_delta(const cuda::SparseAttentionArgs& a, const void* out, const void* dout,
-                         const float* dlse, float* delta, cudaStream_t stream) {
-  const int64_t rows = a.B * a.Sq * a.Hq;
-  if (rows == 0) return cudaSuccess;
-  const int64_t grid = std::min<int64_t>((rows * 16 + 255) / 256, 132 * 16);
-  delta_kernel<Element><<<static_cast<unsigned>(grid), 256, 0, stream>>>(
-      static_cast<const Element*>(out), static_cast<const Element*>(dout), dlse, a.q_lengths,
-      delta, rows, a.Sq, a.Hq);
-  return cudaGetLastError();
 }
 
 // dK / dV (and with dq_accum the fused dQ) over the block index, then the

@@ -8,7 +8,8 @@
 // most of its work on indexer-like ids. Only dq's summation order varies in
 // the fused path; dK / dV stay deterministic.
 //
-// sparse_attention_bwd_prepare (all on `stream`, no host sync):
+// sparse_attention_bwd_prepare (sparse_attention_bwd_prepare.cu, shared with
+// the portable family; all on `stream`, no host sync):
 //  1. delta [B, Sq, Hq] = sum_d dout * out - dlse (0 for padded rows);
 //  2. the index (block_index::build_block_index, sparse_block_index.cu,
 //     shared with the by-block forward): a stable counting sort of the
@@ -51,37 +52,6 @@
 // clock drops to ~1.76 GHz under this load), prepare 0.38 ms.
 #include "kernels/sm90/kv_outer_bwd.hpp"
 
-namespace jax_msa::sm90 {
-namespace sparse_bwd {
-
-// ---------------------------------------------------------------------------
-// Host side.
-
-bool args_ok(DType dtype, const cuda::SparseAttentionArgs& a) {
-  if (dtype != DType::kBF16 && dtype != DType::kF16) return false;
-  if (a.D != kHeadDim || a.Hkv < 1 || a.Hq < a.Hkv || a.Hq % a.Hkv != 0) return false;
-  if (a.Hq / a.Hkv > kTileRows || a.topk < 1 || a.topk > 64) return false;
-  if (a.B < 0 || a.Sq < 0 || a.Sk < 0) return false;
-  // TMA takes 32-bit extents; grids take 31-bit y / x extents.
-  if (a.Sk > INT_MAX || a.Hkv > INT_MAX || a.B > INT_MAX) return false;
-  const Geometry geo(a);
-  if (geo.nchunks > INT_MAX || geo.nbkt > INT_MAX || a.B * a.Hkv > 65535) return false;
-  return true;
-}
-
-template <class Element>
-cudaError_t prepare(const cuda::SparseAttentionArgs& a, const void* out, const void* dout,
-                    const float* dlse, float* delta, int32_t* index, cudaStream_t stream) {
-  const Geometry geo(a);
-  cudaError_t st = launch_delta<Element>(a, out, dout, dlse, delta, stream);
-  if (st != cudaSuccess) return st;
-  if (geo.nbkt == 0) return cudaSuccess;
-  return block_index::build_block_index(a, geo, index, nullptr, stream);
-}
-
-}  // namespace sparse_bwd
-}  // namespace jax_msa::sm90
-
 namespace jax_msa::cuda {
 
 KvOuterBwdWorkspace sparse_attention_bwd_workspace(const SparseAttentionArgs& a) {
@@ -97,23 +67,11 @@ KvOuterBwdWorkspace sparse_attention_bwd_workspace(const SparseAttentionArgs& a)
   return ws;
 }
 
-cudaError_t sparse_attention_bwd_prepare(DType dtype, const SparseAttentionArgs& a,
-                                         const void* out, const void* dout, const float* dlse,
-                                         float* delta, int32_t* index, cudaStream_t stream) {
-  if (!sm90::sparse_bwd::args_ok(dtype, a)) return cudaErrorInvalidValue;
-  if (reinterpret_cast<uintptr_t>(index) % 8 != 0) return cudaErrorInvalidValue;
-  return dtype == DType::kBF16
-             ? sm90::sparse_bwd::prepare<cutlass::bfloat16_t>(a, out, dout, dlse, delta, index,
-                                                              stream)
-             : sm90::sparse_bwd::prepare<cutlass::half_t>(a, out, dout, dlse, delta, index,
-                                                          stream);
-}
-
 cudaError_t sparse_attention_bwd_dkdv(DType dtype, const SparseAttentionArgs& a, const float* lse,
                                       const void* dout, const float* delta, const int32_t* index,
                                       float* partial, float* dq_accum, void* dq, void* dk,
                                       void* dv, cudaStream_t stream, const ScheduleCosts* costs) {
-  if (!sm90::sparse_bwd::args_ok(dtype, a)) return cudaErrorInvalidValue;
+  if (!sparse_attention_bwd_args_valid(dtype, a)) return cudaErrorInvalidValue;
   if (reinterpret_cast<uintptr_t>(index) % 8 != 0) return cudaErrorInvalidValue;
   if (dq_accum != nullptr && (reinterpret_cast<uintptr_t>(dq_accum) % 16 != 0 ||
                               reinterpret_cast<uintptr_t>(dq) % 16 != 0)) {
