@@ -180,37 +180,48 @@ __device__ BlockWork block_work(const DkdvParams<Element>& p) {
   return w;
 }
 
-// Tile `tile`'s rows into stage `stage` (all threads): row n = token of slot
-// n / G, head g G + n % G; Q and dO by 16-byte chunks, lse and delta by
-// cp.async, the token by a store. Rows without a valid token are zeros.
+// Four threads per tile row: thread t copies row t / 4, 16-byte chunks
+// t % 4, t % 4 + 4, ... of it.
+template <class Traits>
+constexpr int kThreadsPerRow = Traits::kThreads / Traits::kRows;
+
+// The token of this thread's row of tile `tile` (row n = token of slot n / G,
+// head g G + n % G), -1 for none. Sparse: read from the bucket a tile before
+// its rows are copied, so that the read's latency hides behind a tile's products.
 template <class Traits, bool kDense>
+__device__ int64_t row_token(const DkdvParams<typename Traits::Element>& p, const BlockWork& w,
+                             int64_t tile) {
+  const int slot = static_cast<int>(threadIdx.x / kThreadsPerRow<Traits> / p.shape.G);
+  const int64_t e = tile * p.shape.tpt + slot;  // entry (sparse) / token offset (dense)
+  if (tile >= w.tiles || slot >= p.shape.tpt || e >= w.count) return -1;
+  return kDense ? w.first_token + e : w.entries[e];
+}
+
+// This thread's share of a tile's rows (its row's token: row_token) into
+// stage `stage`: Q and dO by 16-byte chunks, lse and delta by cp.async, the
+// token by a store. A row without a valid token is zeros.
+template <class Traits>
 __device__ void load_rows(typename Traits::SharedStorage& ss,
                           const DkdvParams<typename Traits::Element>& p, const BlockWork& w,
-                          int64_t tile, int stage) {
+                          int64_t token, int stage) {
   const DkdvShape& s = p.shape;
   Tensor sQ = make_tensor(make_smem_ptr(ss.q), typename Traits::SmemLayoutQ{});
   Tensor sO = make_tensor(make_smem_ptr(ss.dout), typename Traits::SmemLayoutQ{});
-  constexpr int kChunks = Traits::kD / 8;
-  constexpr int kRowStep = Traits::kThreads / kChunks;
-  const int chunk = threadIdx.x % kChunks;
-  const int G = static_cast<int>(s.G);
+  constexpr int kPer = kThreadsPerRow<Traits>;
+  const int n = threadIdx.x / kPer;
+  const int part = threadIdx.x % kPer;
+  const bool valid = token >= 0 && token < w.q_len;
+  const int64_t qrow = (w.b * s.Sq + (valid ? token : 0)) * s.Hq + w.g * s.G + n % s.G;
   CUTE_UNROLL
-  for (int i = 0; i < Traits::kRows / kRowStep; ++i) {
-    const int n = static_cast<int>(threadIdx.x) / kChunks + i * kRowStep;
-    const int slot = n / G;
-    const int64_t e = tile * s.tpt + slot;  // entry (sparse) / token offset (dense)
-    int64_t token = -1;
-    if (slot < s.tpt && e < w.count) token = kDense ? w.first_token + e : w.entries[e];
-    const bool valid = token >= 0 && token < w.q_len;
-    const int64_t qrow = (w.b * s.Sq + (valid ? token : 0)) * s.Hq + w.g * G + n % G;
-    const int col = 8 * chunk;
+  for (int j = 0; j < Traits::kD / 8 / kPer; ++j) {
+    const int col = 8 * (part + kPer * j);
     cp_async_16z(&sQ(n, col, stage), valid ? p.q + qrow * Traits::kD + col : p.q, valid);
     cp_async_16z(&sO(n, col, stage), valid ? p.dout + qrow * Traits::kD + col : p.dout, valid);
-    if (chunk == 0) {
-      cp_async_4z(&ss.lse[stage][n], valid ? p.lse + qrow : p.lse, valid);
-      cp_async_4z(&ss.delta[stage][n], valid ? p.delta + qrow : p.delta, valid);
-      ss.token[stage][n] = valid ? static_cast<int32_t>(token) : kNoRow;
-    }
+  }
+  if (part == 0) {
+    cp_async_4z(&ss.lse[stage][n], valid ? p.lse + qrow : p.lse, valid);
+    cp_async_4z(&ss.delta[stage][n], valid ? p.delta + qrow : p.delta, valid);
+    ss.token[stage][n] = valid ? static_cast<int32_t>(token) : kNoRow;
   }
 }
 
@@ -252,8 +263,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
   if (w.tiles > 0) load_kv<Traits>(ss, p, w, kv_len);
   cp_async_commit();
+  int64_t token = row_token<Traits, kDense>(p, w, 0);  // of the next tile to copy
   for (int i = 0; i < kStages - 1; ++i) {
-    if (i < w.tiles) load_rows<Traits, kDense>(ss, p, w, i, i);
+    if (i < w.tiles) load_rows<Traits>(ss, p, w, token, i);
+    token = row_token<Traits, kDense>(p, w, i + 1);
     cp_async_commit();
   }
 
@@ -323,9 +336,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   for (int64_t tile = 0; tile < w.tiles; ++tile) {
     const int stage = static_cast<int>(tile % kStages);
     if (tile + kStages - 1 < w.tiles) {
-      load_rows<Traits, kDense>(ss, p, w, tile + kStages - 1,
-                                static_cast<int>((tile + kStages - 1) % kStages));
+      load_rows<Traits>(ss, p, w, token, static_cast<int>((tile + kStages - 1) % kStages));
     }
+    token = row_token<Traits, kDense>(p, w, tile + kStages);
     cp_async_commit();
     cp_async_wait<kStages - 1>();
     __syncthreads();
