@@ -278,8 +278,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   Tensor sO = make_tensor(make_smem_ptr(ss.dout), typename Traits::SmemLayoutQ{});
   Tensor sQt = make_tensor(make_smem_ptr(ss.q), typename Traits::SmemLayoutQt{});
   Tensor sOt = make_tensor(make_smem_ptr(ss.dout), typename Traits::SmemLayoutQt{});
-  using TileS = Shape<Int<Traits::kKeys>, Int<kStep>>;            // keys x rows
-  using TileKV = Shape<Int<Traits::kKeys>, Int<Traits::kD>>;      // keys x dims
+  using TileS = Shape<Int<Traits::kKeys>, Int<kStep>>;        // keys x rows
+  using TileKV = Shape<Int<Traits::kKeys>, Int<Traits::kD>>;  // keys x dims
   using TileStep = Shape<Int<kStep>, Int<Traits::kD>>;        // rows x dims
   using TileStepT = Shape<Int<Traits::kD>, Int<kStep>>;       // dims x rows
 
