@@ -14,8 +14,8 @@
 // shared memory is short), so that the next tile loads while this one
 // computes. Eight warps; warp w owns keys [16w, 16w + 16) of the block and
 // holds their dK and dV (16 x 128 fp32 each) in registers over all tiles. Per
-// tile, in two halves of 32 rows (so that S^T and dP^T fit beside dK and dV
-// in the registers):
+// tile, in steps of 32 rows (16 with one stage), so that S^T and dP^T fit
+// beside dK and dV in the registers:
 //   S^T  = K_w Q^T, dP^T = V_w dO^T        (16 x 32 x 128, ldmatrix operands)
 //   P^T  = exp2(S^T * scale * log2e - lse * log2e), masked
 //   dS^T = P^T (dP^T - delta)
@@ -67,7 +67,8 @@ struct DkdvTraits {
   static constexpr int kD = 128;     // head dim (the only one)
   static constexpr int kKeys = sm90::block_index::kBlock;      // 128
   static constexpr int kRows = sm90::block_index::kTileRows;   // 64 (token, head) rows per tile
-  static constexpr int kHalf = 32;   // rows per product step
+  // Rows per product step: 32, or 16 with one stage (32 spills a few bytes there).
+  static constexpr int kStep = kStages_ == 1 ? 16 : 32;
   static constexpr int kStages = kStages_;
   static constexpr int kWarps = kKeys / 16;
   static constexpr int kThreads = 32 * kWarps;
@@ -179,37 +180,48 @@ __device__ BlockWork block_work(const DkdvParams<Element>& p) {
   return w;
 }
 
-// Tile `tile`'s rows into stage `stage` (all threads): row n = token of slot
-// n / G, head g G + n % G; Q and dO by 16-byte chunks, lse and delta by
-// cp.async, the token by a store. Rows without a valid token are zeros.
+// Four threads per tile row: thread t copies row t / 4, 16-byte chunks
+// t % 4, t % 4 + 4, ... of it.
+template <class Traits>
+constexpr int kThreadsPerRow = Traits::kThreads / Traits::kRows;
+
+// The token of this thread's row of tile `tile` (row n = token of slot n / G,
+// head g G + n % G), -1 for none. Sparse: read from the bucket a tile before
+// its rows are copied, so that the read's latency hides behind a tile's products.
 template <class Traits, bool kDense>
+__device__ int64_t row_token(const DkdvParams<typename Traits::Element>& p, const BlockWork& w,
+                             int64_t tile) {
+  const int slot = static_cast<int>(threadIdx.x / kThreadsPerRow<Traits> / p.shape.G);
+  const int64_t e = tile * p.shape.tpt + slot;  // entry (sparse) / token offset (dense)
+  if (tile >= w.tiles || slot >= p.shape.tpt || e >= w.count) return -1;
+  return kDense ? w.first_token + e : w.entries[e];
+}
+
+// This thread's share of a tile's rows (its row's token: row_token) into
+// stage `stage`: Q and dO by 16-byte chunks, lse and delta by cp.async, the
+// token by a store. A row without a valid token is zeros.
+template <class Traits>
 __device__ void load_rows(typename Traits::SharedStorage& ss,
                           const DkdvParams<typename Traits::Element>& p, const BlockWork& w,
-                          int64_t tile, int stage) {
+                          int64_t token, int stage) {
   const DkdvShape& s = p.shape;
   Tensor sQ = make_tensor(make_smem_ptr(ss.q), typename Traits::SmemLayoutQ{});
   Tensor sO = make_tensor(make_smem_ptr(ss.dout), typename Traits::SmemLayoutQ{});
-  constexpr int kChunks = Traits::kD / 8;
-  constexpr int kRowStep = Traits::kThreads / kChunks;
-  const int chunk = threadIdx.x % kChunks;
-  const int G = static_cast<int>(s.G);
+  constexpr int kPer = kThreadsPerRow<Traits>;
+  const int n = threadIdx.x / kPer;
+  const int part = threadIdx.x % kPer;
+  const bool valid = token >= 0 && token < w.q_len;
+  const int64_t qrow = (w.b * s.Sq + (valid ? token : 0)) * s.Hq + w.g * s.G + n % s.G;
   CUTE_UNROLL
-  for (int i = 0; i < Traits::kRows / kRowStep; ++i) {
-    const int n = static_cast<int>(threadIdx.x) / kChunks + i * kRowStep;
-    const int slot = n / G;
-    const int64_t e = tile * s.tpt + slot;  // entry (sparse) / token offset (dense)
-    int64_t token = -1;
-    if (slot < s.tpt && e < w.count) token = kDense ? w.first_token + e : w.entries[e];
-    const bool valid = token >= 0 && token < w.q_len;
-    const int64_t qrow = (w.b * s.Sq + (valid ? token : 0)) * s.Hq + w.g * G + n % G;
-    const int col = 8 * chunk;
+  for (int j = 0; j < Traits::kD / 8 / kPer; ++j) {
+    const int col = 8 * (part + kPer * j);
     cp_async_16z(&sQ(n, col, stage), valid ? p.q + qrow * Traits::kD + col : p.q, valid);
     cp_async_16z(&sO(n, col, stage), valid ? p.dout + qrow * Traits::kD + col : p.dout, valid);
-    if (chunk == 0) {
-      cp_async_4z(&ss.lse[stage][n], valid ? p.lse + qrow : p.lse, valid);
-      cp_async_4z(&ss.delta[stage][n], valid ? p.delta + qrow : p.delta, valid);
-      ss.token[stage][n] = valid ? static_cast<int32_t>(token) : kNoRow;
-    }
+  }
+  if (part == 0) {
+    cp_async_4z(&ss.lse[stage][n], valid ? p.lse + qrow : p.lse, valid);
+    cp_async_4z(&ss.delta[stage][n], valid ? p.delta + qrow : p.delta, valid);
+    ss.token[stage][n] = valid ? static_cast<int32_t>(token) : kNoRow;
   }
 }
 
@@ -240,7 +252,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Element = typename Traits::Element;
   constexpr int kStages = Traits::kStages;
-  constexpr int kHalf = Traits::kHalf;
+  constexpr int kStep = Traits::kStep;
   extern __shared__ char smem_raw[];
   auto& ss = *reinterpret_cast<typename Traits::SharedStorage*>(smem_raw);
   const DkdvShape& s = p.shape;
@@ -249,9 +261,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const BlockWork w = block_work<kDense>(p);
   const int64_t q_len = w.q_len, kv_len = w.kv_len;
 
-  load_kv<Traits>(ss, p, w, kv_len);
+  if (w.tiles > 0) load_kv<Traits>(ss, p, w, kv_len);
+  cp_async_commit();
+  int64_t token = row_token<Traits, kDense>(p, w, 0);  // of the next tile to copy
   for (int i = 0; i < kStages - 1; ++i) {
-    if (i < w.tiles) load_rows<Traits, kDense>(ss, p, w, i, i);
+    if (i < w.tiles) load_rows<Traits>(ss, p, w, token, i);
+    token = row_token<Traits, kDense>(p, w, i + 1);
     cp_async_commit();
   }
 
@@ -263,10 +278,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   Tensor sO = make_tensor(make_smem_ptr(ss.dout), typename Traits::SmemLayoutQ{});
   Tensor sQt = make_tensor(make_smem_ptr(ss.q), typename Traits::SmemLayoutQt{});
   Tensor sOt = make_tensor(make_smem_ptr(ss.dout), typename Traits::SmemLayoutQt{});
-  using TileS = Shape<Int<Traits::kKeys>, Int<kHalf>>;            // keys x rows
-  using TileKV = Shape<Int<Traits::kKeys>, Int<Traits::kD>>;      // keys x dims
-  using TileRowsHalf = Shape<Int<kHalf>, Int<Traits::kD>>;        // rows x dims
-  using TileRowsHalfT = Shape<Int<Traits::kD>, Int<kHalf>>;       // dims x rows
+  using TileS = Shape<Int<Traits::kKeys>, Int<kStep>>;        // keys x rows
+  using TileKV = Shape<Int<Traits::kKeys>, Int<Traits::kD>>;  // keys x dims
+  using TileStep = Shape<Int<kStep>, Int<Traits::kD>>;        // rows x dims
+  using TileStepT = Shape<Int<Traits::kD>, Int<kStep>>;       // dims x rows
 
   auto copy_a = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, Element>{}, mma);
   auto copy_b = make_tiled_copy_B(Copy_Atom<SM75_U32x4_LDSM_N, Element>{}, mma);
@@ -281,11 +296,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   Tensor tSsV = thr_a.partition_S(sV);
   Tensor tSrK_view = thr_a.retile_D(tSrK);
   Tensor tSrV_view = thr_a.retile_D(tSrV);
-  Tensor tSrQ = thr.partition_fragment_B(local_tile(sQ(_, _, 0), TileRowsHalf{}, make_coord(0, 0)));
+  Tensor tSrQ = thr.partition_fragment_B(local_tile(sQ(_, _, 0), TileStep{}, make_coord(0, 0)));
   Tensor tSrO = make_fragment_like(tSrQ);
   Tensor tSrQ_view = thr_b.retile_D(tSrQ);
   Tensor tSrO_view = thr_b.retile_D(tSrO);
-  Tensor tKrQt = thr.partition_fragment_B(local_tile(sQt(_, _, 0), TileRowsHalfT{}, make_coord(0, 0)));
+  Tensor tKrQt = thr.partition_fragment_B(local_tile(sQt(_, _, 0), TileStepT{}, make_coord(0, 0)));
   Tensor tKrOt = make_fragment_like(tKrQt);
   Tensor tKrQt_view = thr_bt.retile_D(tKrQt);
   Tensor tKrOt_view = thr_bt.retile_D(tKrOt);
@@ -301,7 +316,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   Tensor cS = thr.partition_C(make_identity_tensor(TileS{}));
   Tensor cS_rc = make_tensor(cS.data(), rowcol_layout(cS.layout()));
   constexpr int kKeyRows = decltype(size<0>(accS_rc))::value;  // 2
-  constexpr int kCols = decltype(size<1>(accS_rc))::value;     // kHalf / 4
+  constexpr int kCols = decltype(size<1>(accS_rc))::value;     // kStep / 4
 
   // Key j of this thread's row r is visible to query token i iff
   // key_rel[r] <= i: j - (kv_len - q_len) (causal; the sparse pairs are
@@ -321,16 +336,17 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   for (int64_t tile = 0; tile < w.tiles; ++tile) {
     const int stage = static_cast<int>(tile % kStages);
     if (tile + kStages - 1 < w.tiles) {
-      load_rows<Traits, kDense>(ss, p, w, tile + kStages - 1,
-                                static_cast<int>((tile + kStages - 1) % kStages));
+      load_rows<Traits>(ss, p, w, token, static_cast<int>((tile + kStages - 1) % kStages));
     }
+    token = row_token<Traits, kDense>(p, w, tile + kStages);
     cp_async_commit();
     cp_async_wait<kStages - 1>();
     __syncthreads();
-    CUTE_UNROLL
-    for (int h = 0; h < Traits::kRows / kHalf; ++h) {
-      Tensor sQh = local_tile(sQ(_, _, stage), TileRowsHalf{}, make_coord(h, 0));
-      Tensor sOh = local_tile(sO(_, _, stage), TileRowsHalf{}, make_coord(h, 0));
+    // Rolled: unrolled, the steps' operands overlap and spill on sm_90a.
+#pragma unroll 1
+    for (int h = 0; h < Traits::kRows / kStep; ++h) {
+      Tensor sQh = local_tile(sQ(_, _, stage), TileStep{}, make_coord(h, 0));
+      Tensor sOh = local_tile(sO(_, _, stage), TileStep{}, make_coord(h, 0));
       Tensor tSsQ = thr_b.partition_S(sQh);
       Tensor tSsO = thr_b.partition_S(sOh);
       // S^T = K Q^T, dP^T = V dO^T.
@@ -345,10 +361,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         copy(copy_b, tSsO(_, _, kd), tSrO_view(_, _, kd));
         cute::gemm(mma, tSrV(_, _, kd), tSrO(_, _, kd), accP);
       }
-      // P^T and dS^T, masked: column n is row h * kHalf + n of the tile.
+      // P^T and dS^T, masked: column n is row h * kStep + n of the tile.
       CUTE_UNROLL
       for (int jc = 0; jc < kCols; ++jc) {
-        const int n = h * kHalf + get<1>(cS_rc(0, jc));
+        const int n = h * kStep + get<1>(cS_rc(0, jc));
         const int32_t token = ss.token[stage][n];
         const float lse = ss.lse[stage][n];
         const float dlt = ss.delta[stage][n];
@@ -364,8 +380,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       sm90::acc_to_operand(accS, rP);
       sm90::acc_to_operand(accP, rdS);
       // dV += P^T dO, dK += dS^T Q.
-      Tensor tKsQt = thr_bt.partition_S(local_tile(sQt(_, _, stage), TileRowsHalfT{}, make_coord(0, h)));
-      Tensor tKsOt = thr_bt.partition_S(local_tile(sOt(_, _, stage), TileRowsHalfT{}, make_coord(0, h)));
+      Tensor tKsQt = thr_bt.partition_S(local_tile(sQt(_, _, stage), TileStepT{}, make_coord(0, h)));
+      Tensor tKsOt = thr_bt.partition_S(local_tile(sOt(_, _, stage), TileStepT{}, make_coord(0, h)));
       CUTE_UNROLL
       for (int kk = 0; kk < size<2>(rP); ++kk) {
         copy(copy_bt, tKsOt(_, _, kk), tKrOt_view(_, _, kk));
@@ -376,7 +392,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     }
     __syncthreads();  // the stage is refilled by the tile after next
   }
-  cp_async_wait<0>();  // (no tile: the K / V copies)
 
   // dk = scale * accK, dv = accV, keys below Sk.
   Tensor cKV = thr.partition_C(make_identity_tensor(TileKV{}));
