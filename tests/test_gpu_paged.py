@@ -218,6 +218,17 @@ def test_decode_steps_in_scan(cache_dtype):
 # kv_length (helpers.to_pages), so a kernel that reads one gives NaN.
 
 D = 128
+
+
+@pytest.fixture(params=["native", "portable"])
+def family(request, monkeypatch):
+    """Each paged-attention test runs on both kernel families: the device's own
+    (Hopper on sm_90) and the portable one (JAX_MSA_KERNELS=portable; read by
+    the FFI handler at every call, and inherited by child processes)."""
+    monkeypatch.setenv("JAX_MSA_KERNELS", request.param)
+    return request.param
+
+
 # (out relative error, lse absolute error) by cache. 16-bit caches: spec §4's
 # 2e-2 and 2e-3. e4m3 caches: the kernel rounds q to e4m3 too (~3% relative
 # error of out), spec §4's 6e-2; its lse error is that of one logit where a
@@ -337,6 +348,7 @@ ATTENTION_CASES = [
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
 @pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, E4M3], ids=["bf16", "e4m3"])
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: c[0])
+@pytest.mark.usefixtures("family")
 def test_paged_attention_kernel(case, cache_dtype, sparse):
     name, kv, ql, nq, hq, hkv, max_pages, holes, topk, kw = case
     p = _attention_problem(50 + ATTENTION_CASES.index(case), kv, ql, nq, hq, hkv, max_pages, cache_dtype,
@@ -346,6 +358,7 @@ def test_paged_attention_kernel(case, cache_dtype, sparse):
 
 @pytest.mark.parametrize("cache_dtype, sparse", [(jnp.bfloat16, False), (E4M3, False), (E4M3, True)],
                          ids=["dense-bf16", "dense-e4m3", "sparse-e4m3"])
+@pytest.mark.usefixtures("family")
 def test_paged_attention_long_context(cache_dtype, sparse):
     """kv 50000 (391 pages): dense work long enough to split the keys across
     CTAs (split-KV and its combine); sparse ids spread over the whole context."""
@@ -356,6 +369,7 @@ def test_paged_attention_long_context(cache_dtype, sparse):
 
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
 @pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, E4M3], ids=["bf16", "e4m3"])
+@pytest.mark.usefixtures("family")
 def test_paged_attention_hostile_tables(cache_dtype, sparse):
     """Holes at the first and at the local page, entries -2**31, 2**31 - 1,
     num_pages; two logical pages on one physical page; a request whose only
@@ -375,6 +389,7 @@ def test_paged_attention_hostile_tables(cache_dtype, sparse):
     assert np.all(out[3] == 0) and np.all(np.isneginf(lse[3]))
 
 
+@pytest.mark.usefixtures("family")
 def test_paged_attention_duplicate_ids():
     """Duplicate ids are a caller error (spec §3.4): the result of those rows
     is undefined, but finite (nothing out of bounds is read), and the rows
@@ -401,6 +416,7 @@ def test_paged_attention_duplicate_ids():
 
 
 @pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, E4M3], ids=["bf16", "e4m3"])
+@pytest.mark.usefixtures("family")
 def test_paged_attention_equals_contiguous(cache_dtype):
     """The kernel over a shuffled paged cache equals dense attention
     (jax_msa.dot_product_attention, reference) over the same keys laid out
@@ -429,6 +445,7 @@ def test_paged_attention_equals_contiguous(cache_dtype):
     _assert_close(out, lse, want_out, want_lse, cache_dtype, "sparse over every page")
 
 
+@pytest.mark.usefixtures("family")
 def test_paged_attention_in_scan():
     """Three decode steps of 2 tokens in jit(lax.scan), kv_lengths growing
     (each crossing a page boundary in one request), dense and sparse: the same
@@ -464,6 +481,7 @@ def test_paged_attention_in_scan():
 
 
 @pytest.mark.parametrize("cache", ["16-bit", "e4m3"])
+@pytest.mark.usefixtures("family")
 def test_paged_attention_bf16_and_float16_queries(cache):
     """The same problem with bfloat16 and float16 queries (16-bit caches: of
     the queries' dtype; e4m3: one cache for both): each matches the
@@ -523,6 +541,7 @@ def _custom_calls_in_command_buffers(dump) -> int:
     return count
 
 
+@pytest.mark.usefixtures("family")
 def test_paged_attention_in_command_buffers(tmp_path):
     """The CUDA handlers are registered command-buffer compatible: with custom
     calls allowed into CUDA graphs, XLA records dense and sparse paged attention
