@@ -10,6 +10,7 @@ from jax_msa import reference
 from jax_msa._ffi import built_with_cuda
 from jax_msa._partitioning import ShardingWarning
 from jax_msa._primitives import NoKernelError
+from jax_msa._self_check import SelfCheckWarning, self_check
 from jax_msa.dense_attention import dot_product_attention
 from jax_msa.indexer import block_scores, indexer, topk_select
 from jax_msa.indexer_loss import indexer_kl_loss
@@ -36,6 +37,8 @@ __all__ = [
     "paged_attention",
     "paged_indexer",
     "reference",
+    "self_check",
+    "SelfCheckWarning",
     "sparse_attention",
     "topk_select",
 ]

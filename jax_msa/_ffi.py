@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Sequence
 
@@ -80,13 +79,42 @@ def portable_targets() -> frozenset[str]:
     return frozenset(str(t) for t in _jax_msa.portable_cuda_targets())
 
 
+def blackwell_targets() -> frozenset[str]:
+    """The CUDA targets with a Blackwell-family kernel (sm_100a; it serves once its self-check passed)."""
+    return frozenset(str(t) for t in _jax_msa.blackwell_cuda_targets())
+
+
+def family_request() -> str:
+    """The kernel family asked for: "by_device", "native" or "portable" (JAX_MSA_KERNELS, or the self-check's own)."""
+    return str(_jax_msa.family_request())
+
+
 def portable_forced() -> bool:
     """Whether JAX_MSA_KERNELS=portable asks for the portable family on every GPU (tests run it on Hopper)."""
-    return os.environ.get("JAX_MSA_KERNELS", "native") == "portable"
+    return family_request() == "portable"
+
+
+def native_check() -> str:
+    """The native family's self-check: "unchecked", "passed" or "failed" (jax_msa/_self_check.py)."""
+    return str(_jax_msa.native_check())
 
 
 def _native_runs(capability: str) -> bool:
-    return not portable_forced() and any(runs_on(a, capability) for a in cuda_architectures())
+    """Whether the build's native (Hopper) family serves on `capability`."""
+    if portable_forced() or (native_check() == "failed" and family_request() != "native"):
+        return False
+    return any(runs_on(a, capability) for a in cuda_architectures())
+
+
+def blackwell_serves(capability: str) -> bool:
+    """Whether the Blackwell family serves on `capability`: sm_100a code, run only after its self-check passed
+    (which this call runs on first use) or with JAX_MSA_KERNELS=native."""
+    if capability != "10.0" or not blackwell_targets() or portable_forced():
+        return False
+    if family_request() == "native":
+        return True
+    from jax_msa import _self_check  # it runs the ops, which import this module
+    return _self_check.ensure_checked()
 
 
 def _portable_runs(capability: str) -> bool:
@@ -94,7 +122,9 @@ def _portable_runs(capability: str) -> bool:
 
 
 def portable_family_serves() -> bool:
-    """Whether the portable family serves on some CUDA device of this process (or is forced)."""
+    """Whether the Hopper family does not serve on some CUDA device of this process (or JAX_MSA_KERNELS=portable):
+    the portable family serves there, and the Blackwell family where it has a kernel (same coverage: the
+    query-outer sparse forward, the dense forward with G <= 128)."""
     return portable_forced() or any(not _native_runs(c) for c in cuda_device_capabilities())
 
 
@@ -102,18 +132,25 @@ def cuda_kernels_missing(targets: Sequence[str] = ()) -> str | None:
     """Why the CUDA kernels of `targets` cannot serve on this process's CUDA devices; None when they can.
 
     A device runs the build's native (Hopper) family where the build has code
-    for its architecture, and targets of the portable family wherever it is
-    sm_80 or later. `targets` empty: the native family only. With no CUDA
-    device in sight (lowering ahead of time, or on a CPU-only host) the
-    kernels are taken to serve: they are lowered for the build's
-    architectures (with JAX_MSA_KERNELS=portable, for the portable family).
+    for its architecture (and the family did not fail its self-check), the
+    Blackwell family's targets on compute capability 10.0 once its self-check
+    passed, and targets of the portable family wherever it is sm_80 or later.
+    `targets` empty: the native family only. With no CUDA device in sight
+    (lowering ahead of time, or on a CPU-only host) the kernels are taken to
+    serve: they are lowered for the build's architectures (with
+    JAX_MSA_KERNELS=portable, for the portable family).
     """
     portable = bool(targets) and set(targets) <= portable_targets()
+    blackwell = bool(targets) and set(targets) <= blackwell_targets()
     if portable_forced() and not portable:
         return "JAX_MSA_KERNELS=portable (no portable-family kernel)"
-    missing = [c for c in cuda_device_capabilities() if not (_native_runs(c) or (portable and _portable_runs(c)))]
+    missing = [c for c in cuda_device_capabilities()
+               # Blackwell first: asking runs its self-check before any of its kernels can.
+               if not ((blackwell and blackwell_serves(c)) or _native_runs(c) or (portable and _portable_runs(c)))]
     if not missing:
         return None
+    if native_check() == "failed" and family_request() != "native":
+        return f"compute capability {', '.join(missing)} (the native family failed its self-check)"
     built = ", ".join(f"sm_{a}" for a in cuda_architectures()) or "no CUDA architecture"
     return f"compute capability {', '.join(missing)} (this build has kernels for {built} only)"
 

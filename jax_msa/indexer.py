@@ -24,7 +24,7 @@ _INDEX_LAYOUT = "qi [B, Sq, Hi, Di], ki [B, Sk, Di]"
 
 
 def _cuda_kernel_takes(qi, *rest, implementation, **params) -> bool:
-    """Whether the CUDA kernels take these inputs (cuda::block_scores_supported)."""
+    """Whether the CUDA kernels (either family) take these inputs (cuda::block_scores_supported)."""
     return qi.dtype in (jnp.bfloat16, jnp.float16) and qi.shape[-1] in (64, 128)
 
 
@@ -138,7 +138,8 @@ _indexer_p = define_primitive(
     "indexer", abstract_eval=_indexer_abstract, reference=_indexer_reference,
     ffi_attributes=("topk", "scale"), sharding="bqhd,bkd,b,b->bqht,bqh",
     kernel_takes={"cuda": _cuda_kernel_takes},
-    kernel_lowering={"cuda": _indexer_cuda} if _ffi.has_kernel("jax_msa_indexer_scores", "cuda") else None)
+    kernel_lowering={"cuda": _indexer_cuda} if _ffi.has_kernel("jax_msa_indexer_scores", "cuda") else None,
+    portable_cuda_targets=("jax_msa_indexer_scores", "jax_msa_indexer_select", "jax_msa_selected_lse"))
 
 
 def _check_index_inputs(qi, ki, q_lengths, kv_lengths):

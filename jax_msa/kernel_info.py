@@ -34,10 +34,18 @@ def _describe(platform: str, targets: tuple[str, ...]) -> str:
     if targets[0] not in serving:
         return f"reference: {_ffi.cuda_kernels_missing((targets[0],))}"
     scope = "" if len(serving) == len(targets) else " (forward; the backward runs the reference)"
+    return f"CUDA kernel, {_family(targets[0])}{scope}"
+
+
+def _family(target: str) -> str:
+    """The kernel family serving CUDA target `target` on this process's devices, and why."""
+    if target in _ffi.blackwell_targets() and any(_ffi.blackwell_serves(c) for c in _ffi.cuda_device_capabilities()):
+        why = "JAX_MSA_KERNELS=native" if _ffi.family_request() == "native" else "self-check passed"
+        return f"Blackwell family (sm_100a, {why})"
     if _ffi.portable_family_serves():
-        return f"CUDA kernel, portable family (sm_80 PTX){scope}"
-    archs = ", ".join(f"sm_{a}" for a in _ffi.cuda_architectures())
-    return f"CUDA kernel for {archs}{scope}"
+        failed = _ffi.native_check() == "failed" and _ffi.family_request() != "native"
+        return "portable family (sm_80 PTX" + ("; the native family failed its self-check)" if failed else ")")
+    return "Hopper family (" + ", ".join(f"sm_{a}" for a in _ffi.cuda_architectures()) + ")"
 
 
 def kernel_info(platform: str | None = None) -> dict[str, str]:
@@ -47,10 +55,12 @@ def kernel_info(platform: str | None = None) -> dict[str, str]:
       platform: ``"cpu"`` or ``"cuda"``; default: JAX's default backend.
 
     Returns:
-      ``{op name: description}``, e.g. ``"CUDA kernel for sm_90a"`` (the
-      Hopper family), ``"CUDA kernel, portable family (sm_80 PTX)"`` (any GPU
-      since sm_80; JAX_MSA_KERNELS=portable forces it), or ``"reference:
-      compute capability 7.5 (this build has kernels for sm_90a only)"``.
+      ``{op name: description}``, e.g. ``"CUDA kernel, Hopper family
+      (sm_90a)"``, ``"CUDA kernel, Blackwell family (sm_100a, self-check
+      passed)"`` (jax_msa.self_check), ``"CUDA kernel, portable family (sm_80
+      PTX)"`` (any GPU since sm_80; JAX_MSA_KERNELS=portable forces it), or
+      ``"reference: compute capability 7.5 (this build has kernels for sm_90a
+      only)"``.
       Where a kernel serves, it may still decline particular inputs (dtypes,
       head dims, sizes: see the README), which then run the reference.
     """

@@ -16,3 +16,12 @@ def _default_device_cpu(request):
         return
     with jax.default_device(jax.devices("cpu")[0]):
         yield
+
+
+@pytest.fixture(params=["native", "portable"])
+def family(request, monkeypatch):
+    """The kernel family a GPU test runs (kernels/cuda/kernel_family.h): the
+    card's own, or the portable one (JAX_MSA_KERNELS=portable, which the FFI
+    handlers read at every call and child processes inherit)."""
+    monkeypatch.setenv("JAX_MSA_KERNELS", request.param)
+    return request.param

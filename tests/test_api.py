@@ -105,7 +105,7 @@ def test_kernel_info_names_every_op_and_its_implementation():
     assert cuda.keys() == cpu.keys()
     assert cuda["indexer_kl_loss"].startswith("reference")
     if _ffi.built_with_cuda():
-        assert cuda["sparse_attention"] == f"CUDA kernel for sm_{_ffi.cuda_architectures()[0]}"
+        assert cuda["sparse_attention"] == f"CUDA kernel, Hopper family (sm_{_ffi.cuda_architectures()[0]})"
     else:
         assert all(desc == "reference: this build has no CUDA kernels" for desc in cuda.values())
 
@@ -114,11 +114,14 @@ def test_kernel_info_names_every_op_and_its_implementation():
                     reason="needs a build with the CUDA kernels (no GPU needed: lowering only)")
 def test_cuda_kernels_give_way_on_a_gpu_of_another_architecture(monkeypatch):
     """On a GPU the build has no code for (an A100 with an sm_90a build), "auto"
-    lowers an op with no portable-family kernel (the indexer) to the reference
-    and "kernel" says why, instead of failing at run time."""
+    lowers an op with no portable-family kernel to the reference and "kernel"
+    says why, instead of failing at run time. The op: the indexer, with its
+    targets taken out of the portable family (whichever ops have portable
+    kernels by now)."""
     rng = np.random.default_rng(6)
     qi, ki = normal(rng, (1, 300, 2, 64), jnp.bfloat16), normal(rng, (1, 300, 64), jnp.bfloat16)
     assert "jax_msa_indexer" in _lower_for_cuda(lambda: jax_msa.indexer(qi, ki, topk=4))
+    monkeypatch.setattr(_ffi, "portable_targets", lambda: frozenset())
     monkeypatch.setattr(_ffi, "cuda_device_capabilities", lambda: ("8.0", "9.0"))
     assert "jax_msa_" not in _lower_for_cuda(lambda: jax_msa.indexer(qi, ki, topk=4))
     with pytest.raises(jax_msa.NoKernelError, match="compute capability 8.0"):
@@ -133,14 +136,13 @@ def test_cuda_kernels_give_way_on_a_gpu_of_another_architecture(monkeypatch):
 def test_portable_family_serves_where_the_native_one_cannot(how, monkeypatch):
     """On an sm_80 GPU (or with JAX_MSA_KERNELS=portable) the ops with a
     portable-family kernel lower to it (the sparse and dense forwards,
-    topk_select, the paged indexer, paged attention), the others to the
-    reference (the backwards, the indexer), and kernel_info says which."""
+    topk_select, block_scores, the indexer, the paged indexer, paged
+    attention), the others to the reference (the backwards), and kernel_info
+    says which."""
     if how == "ampere":
         monkeypatch.setattr(_ffi, "cuda_device_capabilities", lambda: ("8.0",))
-        why = "compute capability 8.0"
     else:
         monkeypatch.setenv("JAX_MSA_KERNELS", "portable")
-        why = "JAX_MSA_KERNELS=portable"
     rng = np.random.default_rng(7)
     q, k = normal(rng, (1, 300, 16, 128), jnp.bfloat16), normal(rng, (1, 300, 1, 128), jnp.bfloat16)
     ids = reference.indexer(normal(rng, (1, 300, 1, 64)), normal(rng, (1, 300, 64)), topk=4)
@@ -154,9 +156,12 @@ def test_portable_family_serves_where_the_native_one_cannot(how, monkeypatch):
     dense = _lower_for_cuda(lambda: jax.grad(dense_loss)(q))
     assert "jax_msa_dot_product_attention_fwd" in dense and "bwd_cuda" not in dense
     qi, ki = normal(rng, (1, 300, 1, 64), jnp.bfloat16), normal(rng, (1, 300, 64), jnp.bfloat16)
-    assert "jax_msa_" not in _lower_for_cuda(lambda: jax_msa.indexer(qi, ki, topk=4))
-    with pytest.raises(jax_msa.NoKernelError, match=why):
-        _lower_for_cuda(lambda: jax_msa.indexer(qi, ki, topk=4, implementation="kernel"))
+    indexer = _lower_for_cuda(lambda: jax_msa.indexer(qi, ki, topk=4, return_lse=True))
+    assert all(f"jax_msa_{t}" in indexer for t in ("indexer_scores", "indexer_select", "selected_lse"))
+    assert "jax_msa_block_scores" in _lower_for_cuda(lambda: jax_msa.block_scores(qi, ki))
+    with pytest.raises(jax_msa.NoKernelError, match="these inputs"):  # float32: no kernel in either family
+        _lower_for_cuda(lambda: jax_msa.indexer(qi.astype(jnp.float32), ki.astype(jnp.float32), topk=4,
+                                                implementation="kernel"))
     # The paged indexer (scores, then the warp-per-row select), e4m3 cache.
     cache = jnp.asarray(normal(rng, (6, 128, 64))).astype(jnp.float8_e4m3fn)
     table, kv = jnp.asarray([[4, 1, 0], [2, 3, 5]], jnp.int32), jnp.asarray([300, 200], jnp.int32)
@@ -169,12 +174,10 @@ def test_portable_family_serves_where_the_native_one_cannot(how, monkeypatch):
                                                                 pages, table, kv))
     assert "jax_msa_paged_attention_cuda" in attention
     info = jax_msa.kernel_info("cuda")
-    assert info["paged_indexer"] == "CUDA kernel, portable family (sm_80 PTX)", info
-    assert info["paged_attention"] == "CUDA kernel, portable family (sm_80 PTX)", info
     partial = "CUDA kernel, portable family (sm_80 PTX) (forward; the backward runs the reference)"
     assert info["sparse_attention"] == partial and info["dot_product_attention"] == partial, info
-    assert info["topk_select"] == "CUDA kernel, portable family (sm_80 PTX)", info
-    assert info["indexer"].startswith(f"reference: {why}"), info
+    for op in ("topk_select", "block_scores", "indexer", "paged_indexer", "paged_attention"):
+        assert info[op] == "CUDA kernel, portable family (sm_80 PTX)", info
 
 
 @pytest.mark.skipif(not _ffi.has_kernel("jax_msa_dot_product_attention_fwd", "cuda"),

@@ -75,10 +75,15 @@ def test_topk_select_cuda_kernel(topk):
 
 
 # --------------------------------------------------------------------------- #
-# The SM90 indexer kernels: block_scores and the fused indexer on CUDA.
+# The indexer kernels: block_scores and the fused indexer on CUDA, from both
+# kernel families (kernel_family.h; the `family` fixture, conftest.py) on
+# this card.
 # --------------------------------------------------------------------------- #
+
+
 # (B, Sq, Sk, Hi, Di, dtype, q_lengths, kv_lengths, topk): unaligned lengths,
-# padded rows, chunked prefill (Sq < Sk), an empty row, decode, Hi 1/2/3/4.
+# padded rows, chunked prefill (Sq < Sk), an empty row, decode, Hi 1/2/3/4,
+# rows of more than 32 blocks.
 INDEXER_CASES = [
     (1, 1000, 1000, 1, 128, jnp.bfloat16, None, None, 16),
     (2, 777, 1500, 2, 64, jnp.float16, [777, 300], [1500, 1000], 16),
@@ -88,6 +93,7 @@ INDEXER_CASES = [
     (2, 300, 300, 3, 64, jnp.bfloat16, [300, 257], [300, 299], 2),
     (2, 1, 5000, 4, 128, jnp.float16, [1, 1], [5000, 2], 16),
     (1, 2500, 2500, 2, 128, jnp.float16, None, None, 1),
+    (1, 3000, 9000, 2, 128, jnp.bfloat16, [2999], [8800], 16),  # 71 blocks
 ]
 
 
@@ -127,7 +133,7 @@ def _lowered_for_gpu(fn, *args):
 
 
 @pytest.mark.parametrize("case", INDEXER_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}h{c[3]}d{c[4]}")
-def test_block_scores_cuda_kernel(case):
+def test_block_scores_cuda_kernel(case, family):
     qi, ki, lengths, _ = _indexer_inputs(case)
     fn = lambda qi, ki: jax_msa.block_scores(qi, ki, implementation="kernel", **lengths)
     assert "jax_msa_block_scores" in _lowered_for_gpu(fn, qi, ki)
@@ -138,7 +144,7 @@ def test_block_scores_cuda_kernel(case):
 
 
 @pytest.mark.parametrize("case", INDEXER_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}h{c[3]}d{c[4]}k{c[8]}")
-def test_indexer_cuda_kernel(case):
+def test_indexer_cuda_kernel(case, family):
     qi, ki, lengths, topk = _indexer_inputs(case)
     fn = lambda qi, ki: jax_msa.indexer(qi, ki, topk=topk, return_lse=True, implementation="kernel", **lengths)
     text = _lowered_for_gpu(fn, qi, ki)
@@ -153,7 +159,7 @@ def test_indexer_cuda_kernel(case):
     np.testing.assert_array_equal(only_ids, ids)
 
 
-def test_indexer_cuda_kernel_negative_scale():
+def test_indexer_cuda_kernel_negative_scale(family):
     qi, ki, lengths, topk = _indexer_inputs(INDEXER_CASES[1])
     fn = lambda qi, ki: jax_msa.block_scores(qi, ki, scale=-0.3, **lengths)
     got, want = _on(GPU, fn, qi, ki), _on(CPU, fn, qi, ki)
@@ -162,7 +168,7 @@ def test_indexer_cuda_kernel_negative_scale():
 
 
 @pytest.mark.parametrize("dtype,di", [(jnp.float32, 128), (jnp.bfloat16, 96)])
-def test_indexer_cuda_falls_back_where_no_kernel(dtype, di):
+def test_indexer_cuda_falls_back_where_no_kernel(dtype, di, family):
     """float32 inputs and head dims other than 64/128 run the reference on CUDA."""
     qi, ki, lengths, topk = _indexer_inputs((2, 700, 700, 2, di, dtype, [700, 500], [700, 650], 4))
     fn = lambda qi, ki: jax_msa.indexer(qi, ki, topk=topk, return_lse=True, **lengths)
@@ -175,7 +181,7 @@ def test_indexer_cuda_falls_back_where_no_kernel(dtype, di):
                                rtol=1e-4, atol=1e-4)
 
 
-def test_indexer_cuda_kernel_under_vmap():
+def test_indexer_cuda_kernel_under_vmap(family):
     qi, ki, lengths, topk = _indexer_inputs((2, 600, 600, 2, 128, jnp.bfloat16, None, None, 4))
     qi, ki = jnp.stack([qi, qi[::-1]]), jnp.stack([ki, ki[::-1]])
     fn = jax.vmap(lambda qi, ki: jax_msa.indexer(qi, ki, topk=topk))

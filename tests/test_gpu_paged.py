@@ -213,20 +213,12 @@ def test_decode_steps_in_scan(cache_dtype):
 
 
 # paged_attention -----------------------------------------------------------------------------------------------------
-# The CUDA kernel (implementation="kernel" on the GPU) against the float32
-# reference on the GPU. Caches hold NaN in every unused slot and past
-# kv_length (helpers.to_pages), so a kernel that reads one gives NaN.
+# The CUDA kernel (implementation="kernel" on the GPU) of both kernel families
+# (the `family` fixture, conftest.py) against the float32 reference on the
+# GPU. Caches hold NaN in every unused slot and past kv_length
+# (helpers.to_pages), so a kernel that reads one gives NaN.
 
 D = 128
-
-
-@pytest.fixture(params=["native", "portable"])
-def family(request, monkeypatch):
-    """Each paged-attention test runs on both kernel families: the device's own
-    (Hopper on sm_90) and the portable one (JAX_MSA_KERNELS=portable; read by
-    the FFI handler at every call, and inherited by child processes)."""
-    monkeypatch.setenv("JAX_MSA_KERNELS", request.param)
-    return request.param
 
 
 # (out relative error, lse absolute error) by cache. 16-bit caches: spec §4's

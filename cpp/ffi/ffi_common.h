@@ -34,6 +34,9 @@ struct TargetTable {
   // CUDA targets whose every kernel also exists for any GPU since sm_80 (the
   // portable family, or code with no Hopper instruction, built as sm_80 PTX).
   std::vector<std::string> portable;
+  // CUDA targets with a Blackwell-family kernel (sm100/, sm_100a), which serves
+  // on compute capability 10.0 once the self-check has passed.
+  std::vector<std::string> blackwell;
 };
 
 void AddIndexerTargets(TargetTable& table);

@@ -5,6 +5,7 @@
 #include "kernels/cpu/cpu_kernels.h"
 #ifdef JAX_MSA_WITH_CUDA
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/kernel_family.h"
 #endif
 
 namespace jax_msa {
@@ -129,7 +130,7 @@ ffi::Error TopkSelectCuda(cudaStream_t stream, ffi::AnyBuffer scores, ffi::AnyBu
   return ffi::Error::Success();
 }
 
-// The CUDA kernels take 16-bit qi/ki with Di 64 or 128; the Python lowering
+// The CUDA kernels (either family) take 16-bit qi/ki with Di 64 or 128; the Python lowering
 // sends every other case to the pure-JAX reference, so this only fires for a
 // direct caller of the target.
 ffi::Error CheckCudaIndexerInputs(DType dtype, const IndexerShape& s) {
@@ -158,7 +159,10 @@ ffi::Error BlockScoresCuda(cudaStream_t stream, ffi::AnyBuffer qi, ffi::AnyBuffe
       e.failure()) {
     return e;
   }
-  cudaError_t status = cuda::block_scores(
+  const auto scores_kernel = cuda::kernel_family() == cuda::KernelFamily::kPortable
+                                 ? cuda::portable_block_scores
+                                 : cuda::block_scores;
+  cudaError_t status = scores_kernel(
       dtype, qi.untyped_data(), ki.untyped_data(), DataOf<int32_t>(q_lengths),
       DataOf<int32_t>(kv_lengths), DataOf<float>(scores), s.B, s.Sq, s.Sk, s.Hi, s.Di, scale,
       stream);
@@ -192,7 +196,10 @@ ffi::Error IndexerScoresCuda(cudaStream_t stream, ffi::AnyBuffer qi, ffi::AnyBuf
     if (auto e = CheckShape(**result, {s.B, s.Sq, s.Hi, NB}, "sums"); e.failure()) return e;
     sums = DataOf<float>(*result);
   }
-  cudaError_t status = cuda::indexer_scores(
+  const auto scores_kernel = cuda::kernel_family() == cuda::KernelFamily::kPortable
+                                 ? cuda::portable_indexer_scores
+                                 : cuda::indexer_scores;
+  cudaError_t status = scores_kernel(
       dtype, qi.untyped_data(), ki.untyped_data(), DataOf<int32_t>(q_lengths),
       DataOf<int32_t>(kv_lengths), DataOf<float>(scores), sums, s.B, s.Sq, s.Sk, s.Hi, s.Di,
       scale, stream);
@@ -328,10 +335,13 @@ void AddIndexerTargets(TargetTable& table) {
   table.cuda.emplace_back("jax_msa_topk_select", kTopkSelectCuda);
   table.portable.emplace_back("jax_msa_topk_select");
   table.cuda.emplace_back("jax_msa_block_scores", kBlockScoresCuda);
+  table.portable.emplace_back("jax_msa_block_scores");
   table.cuda.emplace_back("jax_msa_indexer_scores", kIndexerScoresCuda);
+  table.portable.emplace_back("jax_msa_indexer_scores");
   table.cuda.emplace_back("jax_msa_indexer_select", kIndexerSelectCuda);
   table.portable.emplace_back("jax_msa_indexer_select");
   table.cuda.emplace_back("jax_msa_selected_lse", kSelectedLseCuda);
+  table.portable.emplace_back("jax_msa_selected_lse");
 #endif
 }
 

@@ -1,8 +1,14 @@
 // The nanobind module: exports the FFI targets of every op family, by
 // platform, as capsules for jax.ffi.register_ffi_target.
+#include <optional>
+#include <string>
+
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
 
 #include "ffi/ffi_common.h"
+#include "kernels/family_state.h"
 #ifdef JAX_MSA_WITH_CUDA
 #include "kernels/cuda/cuda_kernels.h"
 #endif
@@ -22,6 +28,24 @@ const jax_msa::TargetTable& Targets() {
     return t;
   }();
   return table;
+}
+
+nb::list Names(const std::vector<std::string>& targets) {
+  nb::list names;
+  for (const auto& name : targets) names.append(nb::str(name.c_str()));
+  return names;
+}
+
+constexpr const char* kRequestNames[] = {"by_device", "native", "portable"};
+constexpr const char* kCheckNames[] = {"unchecked", "passed", "failed"};
+
+// The index of `name` in `names`, or a ValueError.
+template <size_t N>
+int IndexOf(const char* const (&names)[N], const std::string& name) {
+  for (size_t i = 0; i < N; ++i) {
+    if (name == names[i]) return static_cast<int>(i);
+  }
+  throw nb::value_error(("jax_msa: unknown value " + name).c_str());
 }
 
 nb::dict ToDict(const std::vector<std::pair<std::string, XLA_FFI_Handler*>>& targets) {
@@ -55,13 +79,32 @@ NB_MODULE(_jax_msa, m) {
         "Target name -> FFI handler capsule for platform 'cpu'.");
   m.def("cuda_targets", [] { return ToDict(Targets().cuda); },
         "Target name -> FFI handler capsule for platform 'CUDA' (empty without CUDA).");
-  m.def("portable_cuda_targets",
-        [] {
-          nb::list names;
-          for (const auto& name : Targets().portable) names.append(nb::str(name.c_str()));
-          return names;
-        },
+  m.def("portable_cuda_targets", [] { return Names(Targets().portable); },
         "The CUDA targets that also serve on any GPU since sm_80 (the portable family).");
+  m.def("blackwell_cuda_targets", [] { return Names(Targets().blackwell); },
+        "The CUDA targets with a Blackwell-family kernel (sm_100a).");
+  // kernels/family_state.h, for jax_msa/_self_check.py and the lowering's gate.
+  m.def("family_request",
+        [] { return kRequestNames[static_cast<int>(jax_msa::requested_family())]; },
+        "The kernel family asked for: 'by_device', 'native' or 'portable' (the self-check's "
+        "override, else JAX_MSA_KERNELS).");
+  m.def(
+      "set_family_override",
+      [](std::optional<std::string> request) {
+        jax_msa::family_request_override().store(request ? IndexOf(kRequestNames, *request) : -1);
+      },
+      nb::arg("request").none(),
+      "Asks for a family ('by_device', 'native', 'portable') ahead of JAX_MSA_KERNELS; None: "
+      "JAX_MSA_KERNELS decides again.");
+  m.def("native_check",
+        [] { return kCheckNames[jax_msa::native_check_state().load()]; },
+        "The native family's self-check: 'unchecked', 'passed' or 'failed'.");
+  m.def(
+      "set_native_check",
+      [](const std::string& state) {
+        jax_msa::native_check_state().store(IndexOf(kCheckNames, state));
+      },
+      "Records the native family's self-check ('unchecked', 'passed' or 'failed').");
 #ifdef JAX_MSA_WITH_CUDA
   m.attr("with_cuda") = true;
   m.attr("cuda_architectures") = JAX_MSA_CUDA_ARCHITECTURES;  // e.g. "90a" or "90a,100a"

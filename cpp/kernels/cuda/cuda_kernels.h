@@ -27,8 +27,9 @@ cudaError_t topk_select(const float* scores, const int32_t* q_lengths,
                         cudaStream_t stream);
 
 // Whether block_scores / indexer have a kernel for these inputs: the SM90
-// wgmma kernel (sm90/block_scores.cu) takes bfloat16 or float16 qi/ki with
-// Di 64 or 128 (float32 inputs stay on the pure-JAX reference).
+// wgmma kernel (sm90/block_scores.cu) and the portable one
+// (portable/block_scores.cu) take bfloat16 or float16 qi/ki with Di 64 or 128
+// (float32 inputs stay on the pure-JAX reference).
 bool block_scores_supported(DType dtype, int64_t Di);
 
 // Block scores of spec §3.1 (cpu::block_scores): qi [B, Sq, Hi, Di],
@@ -51,6 +52,19 @@ cudaError_t indexer_scores(DType dtype, const void* qi, const void* ki,
                            float* scores, float* sums, int64_t B, int64_t Sq,
                            int64_t Sk, int64_t Hi, int64_t Di, float scale,
                            cudaStream_t stream);
+
+// The same two from the portable family (kernels/portable/block_scores.cu:
+// sm_80 instructions only; kernel_family.h says when it serves).
+cudaError_t portable_block_scores(DType dtype, const void* qi, const void* ki,
+                                  const int32_t* q_lengths, const int32_t* kv_lengths,
+                                  float* scores, int64_t B, int64_t Sq, int64_t Sk,
+                                  int64_t Hi, int64_t Di, float scale,
+                                  cudaStream_t stream);
+cudaError_t portable_indexer_scores(DType dtype, const void* qi, const void* ki,
+                                    const int32_t* q_lengths, const int32_t* kv_lengths,
+                                    float* scores, float* sums, int64_t B, int64_t Sq,
+                                    int64_t Sk, int64_t Hi, int64_t Di, float scale,
+                                    cudaStream_t stream);
 
 // The selection step of the indexer: exactly topk_select (same ids in the
 // same slots, topk in [1, 64]), one warp per row instead of one CTA, which is

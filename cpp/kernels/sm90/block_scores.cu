@@ -18,9 +18,8 @@
 // Indexer on CUDA = three calls whose intermediates are XLA buffers:
 // indexer_scores (block scores without the -inf fill, and with lse the
 // per-block sums of exp(s - max)), indexer_select (indexer_select.cu: the
-// top-k rule, one warp per row), selected_lse (the lse
+// top-k rule, one warp per row), selected_lse (cuda/selected_lse.cu: the lse
 // of the selected blocks from the stored (max, sum) pairs).
-#include <algorithm>
 #include <climits>
 #include <cstdint>
 
@@ -229,36 +228,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 #endif
 }
 
-// lse [rows] of the selected blocks from the per-block (max, sum) pairs.
-__global__ void selected_lse_kernel(const float* __restrict__ best,
-                                    const float* __restrict__ sums,
-                                    const int32_t* __restrict__ ids, float* __restrict__ lse,
-                                    int64_t rows, int64_t NB, int64_t topk) {
-  for (int64_t row = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; row < rows;
-       row += int64_t{gridDim.x} * blockDim.x) {
-    const int32_t* row_ids = ids + row * topk;
-    const float* row_best = best + row * NB;
-    const float* row_sums = sums + row * NB;
-    float m = -INFINITY;
-    for (int64_t k = 0; k < topk; ++k) {
-      const int32_t c = row_ids[k];
-      if (c >= 0 && c < NB) m = fmaxf(m, row_best[c]);
-    }
-    float result = -INFINITY;
-    if (m != -INFINITY) {
-      float total = 0.0f;
-      for (int64_t k = 0; k < topk; ++k) {
-        const int32_t c = row_ids[k];
-        if (c >= 0 && c < NB && row_best[c] != -INFINITY) {
-          total += row_sums[c] * expf(row_best[c] - m);
-        }
-      }
-      result = m + logf(total);
-    }
-    lse[row] = result;
-  }
-}
-
 struct Problem {
   const void* qi;
   const void* ki;
@@ -344,17 +313,6 @@ cudaError_t indexer_scores(DType dtype, const void* qi, const void* ki, const in
   const sm90::Problem pr{qi, ki, q_lengths, kv_lengths, scores, sums, B, Sq, Sk, Hi, scale,
                          /*fill_future=*/false};
   return sm90::run_block_scores(dtype, Di, pr, stream);
-}
-
-cudaError_t selected_lse(const float* scores, const float* sums, const int32_t* ids, float* lse,
-                         int64_t rows, int64_t NB, int64_t topk, cudaStream_t stream) {
-  if (rows < 0 || NB < 0 || topk < 1) return cudaErrorInvalidValue;
-  if (rows == 0) return cudaSuccess;
-  constexpr int kThreads = 256;
-  const int64_t grid = std::min<int64_t>((rows + kThreads - 1) / kThreads, 65535);
-  sm90::selected_lse_kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
-      scores, sums, ids, lse, rows, NB, topk);
-  return cudaGetLastError();
 }
 
 }  // namespace jax_msa::cuda
