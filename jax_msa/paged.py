@@ -46,9 +46,11 @@ def _attention_reference(k_cache, v_cache, k_scale, v_scale, q, page_table, q_le
                                      return_lse=True, out_dtype=out_dtype)
 
 
-# paged_attention on CUDA (sm90/paged_attention.cu): each (request, kv head,
-# query chunk) tile's pages may be split over several CTAs (`splits`, chosen
-# from the static shapes by cuda::paged_attention_splits), whose float32
+# paged_attention on CUDA (sm90/paged_attention.cu; where the portable family
+# serves, portable/paged_attention.cu, with the same splits and workspace):
+# each (request, kv head, query chunk) tile's pages may be split over several
+# CTAs (`splits`, chosen from the static shapes by
+# cuda::paged_attention_splits), whose float32
 # partials an lse-weighted combine merges; the partials live in a workspace
 # that is an extra result of the hidden primitive below, so that the FFI
 # handler allocates nothing.
@@ -93,7 +95,8 @@ _attention_p = define_primitive(
     "paged_attention", abstract_eval=_attention_abstract, reference=_attention_reference,
     ffi_attributes=("scale",), shared_operands=4, kernel_takes={"cuda": _cuda_attention_takes},
     kernel_lowering=({"cuda": _attention_on_cuda}
-                     if _ffi.has_kernel("jax_msa_paged_attention_cuda", "cuda") else None))
+                     if _ffi.has_kernel("jax_msa_paged_attention_cuda", "cuda") else None),
+    portable_cuda_targets=("jax_msa_paged_attention_cuda",))
 
 
 def _indexer_abstract(ki_cache, ki_scale, qi, page_table, q_lengths, kv_lengths, *, topk, scale):

@@ -137,7 +137,7 @@ def test_portable_family_serves_where_the_native_one_cannot(how, monkeypatch):
     """On an sm_80 GPU (or with JAX_MSA_KERNELS=portable) the ops with a
     portable-family kernel lower to it (the sparse and dense attention
     forwards and backwards, topk_select, block_scores, the indexer, the paged
-    indexer), and kernel_info says which."""
+    indexer, paged attention), and kernel_info says which."""
     if how == "ampere":
         monkeypatch.setattr(_ffi, "cuda_device_capabilities", lambda: ("8.0",))
     else:
@@ -168,9 +168,14 @@ def test_portable_family_serves_where_the_native_one_cannot(how, monkeypatch):
     paged = _lower_for_cuda(lambda: jax_msa.paged_indexer(normal(rng, (2, 4, 2, 64), jnp.bfloat16), cache, table,
                                                           kv, topk=2, ki_scale=0.5))
     assert "jax_msa_paged_indexer_scores" in paged and "jax_msa_indexer_select" in paged
+    # Paged attention over bf16 pages [num_pages, Hkv, 128, D].
+    pages = jnp.asarray(normal(rng, (6, 1, 128, 128)), jnp.bfloat16)
+    attention = _lower_for_cuda(lambda: jax_msa.paged_attention(normal(rng, (2, 4, 16, 128), jnp.bfloat16), pages,
+                                                                pages, table, kv))
+    assert "jax_msa_paged_attention_cuda" in attention
     info = jax_msa.kernel_info("cuda")
     for op in ("paged_indexer", "sparse_attention", "dot_product_attention", "topk_select", "block_scores",
-               "indexer"):
+               "indexer", "paged_attention"):
         assert info[op] == "CUDA kernel, portable family (sm_80 PTX)", info
 
 

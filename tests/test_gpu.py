@@ -76,13 +76,9 @@ def test_topk_select_cuda_kernel(topk):
 
 # --------------------------------------------------------------------------- #
 # The indexer kernels: block_scores and the fused indexer on CUDA, from both
-# kernel families (kernel_family.h) on this card.
+# kernel families (kernel_family.h; the `kernel_family` fixture, conftest.py) on
+# this card.
 # --------------------------------------------------------------------------- #
-@pytest.fixture(params=["native", "portable"])
-def family(request, monkeypatch):
-    """The kernel family the test runs: the card's own, or the portable one (forced)."""
-    monkeypatch.setenv("JAX_MSA_KERNELS", request.param)
-    return request.param
 
 
 # (B, Sq, Sk, Hi, Di, dtype, q_lengths, kv_lengths, topk): unaligned lengths,
@@ -137,7 +133,7 @@ def _lowered_for_gpu(fn, *args):
 
 
 @pytest.mark.parametrize("case", INDEXER_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}h{c[3]}d{c[4]}")
-def test_block_scores_cuda_kernel(case, family):
+def test_block_scores_cuda_kernel(case, kernel_family):
     qi, ki, lengths, _ = _indexer_inputs(case)
     fn = lambda qi, ki: jax_msa.block_scores(qi, ki, implementation="kernel", **lengths)
     assert "jax_msa_block_scores" in _lowered_for_gpu(fn, qi, ki)
@@ -148,7 +144,7 @@ def test_block_scores_cuda_kernel(case, family):
 
 
 @pytest.mark.parametrize("case", INDEXER_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}h{c[3]}d{c[4]}k{c[8]}")
-def test_indexer_cuda_kernel(case, family):
+def test_indexer_cuda_kernel(case, kernel_family):
     qi, ki, lengths, topk = _indexer_inputs(case)
     fn = lambda qi, ki: jax_msa.indexer(qi, ki, topk=topk, return_lse=True, implementation="kernel", **lengths)
     text = _lowered_for_gpu(fn, qi, ki)
@@ -163,7 +159,7 @@ def test_indexer_cuda_kernel(case, family):
     np.testing.assert_array_equal(only_ids, ids)
 
 
-def test_indexer_cuda_kernel_negative_scale(family):
+def test_indexer_cuda_kernel_negative_scale(kernel_family):
     qi, ki, lengths, topk = _indexer_inputs(INDEXER_CASES[1])
     fn = lambda qi, ki: jax_msa.block_scores(qi, ki, scale=-0.3, **lengths)
     got, want = _on(GPU, fn, qi, ki), _on(CPU, fn, qi, ki)
@@ -172,7 +168,7 @@ def test_indexer_cuda_kernel_negative_scale(family):
 
 
 @pytest.mark.parametrize("dtype,di", [(jnp.float32, 128), (jnp.bfloat16, 96)])
-def test_indexer_cuda_falls_back_where_no_kernel(dtype, di, family):
+def test_indexer_cuda_falls_back_where_no_kernel(dtype, di, kernel_family):
     """float32 inputs and head dims other than 64/128 run the reference on CUDA."""
     qi, ki, lengths, topk = _indexer_inputs((2, 700, 700, 2, di, dtype, [700, 500], [700, 650], 4))
     fn = lambda qi, ki: jax_msa.indexer(qi, ki, topk=topk, return_lse=True, **lengths)
@@ -185,7 +181,7 @@ def test_indexer_cuda_falls_back_where_no_kernel(dtype, di, family):
                                rtol=1e-4, atol=1e-4)
 
 
-def test_indexer_cuda_kernel_under_vmap(family):
+def test_indexer_cuda_kernel_under_vmap(kernel_family):
     qi, ki, lengths, topk = _indexer_inputs((2, 600, 600, 2, 128, jnp.bfloat16, None, None, 4))
     qi, ki = jnp.stack([qi, qi[::-1]]), jnp.stack([ki, ki[::-1]])
     fn = jax.vmap(lambda qi, ki: jax_msa.indexer(qi, ki, topk=topk))

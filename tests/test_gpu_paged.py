@@ -213,16 +213,20 @@ def test_decode_steps_in_scan(cache_dtype):
 
 
 # paged_attention -----------------------------------------------------------------------------------------------------
-# The CUDA kernel (implementation="kernel" on the GPU) against the float32
-# reference on the GPU. Caches hold NaN in every unused slot and past
-# kv_length (helpers.to_pages), so a kernel that reads one gives NaN.
+# The CUDA kernel (implementation="kernel" on the GPU) of both kernel families
+# (the `kernel_family` fixture, conftest.py) against the float32 reference on the
+# GPU. Caches hold NaN in every unused slot and past kv_length
+# (helpers.to_pages), so a kernel that reads one gives NaN.
 
 D = 128
+
+
 # (out relative error, lse absolute error) by cache. 16-bit caches: spec §4's
-# 2e-2 and 2e-3. e4m3 caches: the kernel rounds q to e4m3 too (~3% relative
-# error of out), spec §4's 6e-2; its lse error is that of one logit where a
-# query sees few keys: the reference fed e4m3-rounded queries misses the exact
-# lse here by up to 0.064 (rows of 1-8 keys), hence 1e-1.
+# 2e-2 and 2e-3. e4m3 caches: the SM90 kernel rounds q to e4m3 too (~3%
+# relative error of out; the portable one rounds q to float16), spec §4's
+# 6e-2; its lse error is that of one logit where a query sees few keys: the
+# reference fed e4m3-rounded queries misses the exact lse here by up to 0.064
+# (rows of 1-8 keys), hence 1e-1.
 ATTENTION_TOLERANCES = {"e4m3": (6e-2, 1e-1), "16-bit": (2e-2, 2e-3)}
 
 
@@ -337,6 +341,7 @@ ATTENTION_CASES = [
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
 @pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, E4M3], ids=["bf16", "e4m3"])
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: c[0])
+@pytest.mark.usefixtures("kernel_family")
 def test_paged_attention_kernel(case, cache_dtype, sparse):
     name, kv, ql, nq, hq, hkv, max_pages, holes, topk, kw = case
     p = _attention_problem(50 + ATTENTION_CASES.index(case), kv, ql, nq, hq, hkv, max_pages, cache_dtype,
@@ -346,6 +351,7 @@ def test_paged_attention_kernel(case, cache_dtype, sparse):
 
 @pytest.mark.parametrize("cache_dtype, sparse", [(jnp.bfloat16, False), (E4M3, False), (E4M3, True)],
                          ids=["dense-bf16", "dense-e4m3", "sparse-e4m3"])
+@pytest.mark.usefixtures("kernel_family")
 def test_paged_attention_long_context(cache_dtype, sparse):
     """kv 50000 (391 pages): dense work long enough to split the keys across
     CTAs (split-KV and its combine); sparse ids spread over the whole context."""
@@ -356,6 +362,7 @@ def test_paged_attention_long_context(cache_dtype, sparse):
 
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
 @pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, E4M3], ids=["bf16", "e4m3"])
+@pytest.mark.usefixtures("kernel_family")
 def test_paged_attention_hostile_tables(cache_dtype, sparse):
     """Holes at the first and at the local page, entries -2**31, 2**31 - 1,
     num_pages; two logical pages on one physical page; a request whose only
@@ -375,6 +382,7 @@ def test_paged_attention_hostile_tables(cache_dtype, sparse):
     assert np.all(out[3] == 0) and np.all(np.isneginf(lse[3]))
 
 
+@pytest.mark.usefixtures("kernel_family")
 def test_paged_attention_duplicate_ids():
     """Duplicate ids are a caller error (spec §3.4): the result of those rows
     is undefined, but finite (nothing out of bounds is read), and the rows
@@ -401,6 +409,7 @@ def test_paged_attention_duplicate_ids():
 
 
 @pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, E4M3], ids=["bf16", "e4m3"])
+@pytest.mark.usefixtures("kernel_family")
 def test_paged_attention_equals_contiguous(cache_dtype):
     """The kernel over a shuffled paged cache equals dense attention
     (jax_msa.dot_product_attention, reference) over the same keys laid out
@@ -429,6 +438,7 @@ def test_paged_attention_equals_contiguous(cache_dtype):
     _assert_close(out, lse, want_out, want_lse, cache_dtype, "sparse over every page")
 
 
+@pytest.mark.usefixtures("kernel_family")
 def test_paged_attention_in_scan():
     """Three decode steps of 2 tokens in jit(lax.scan), kv_lengths growing
     (each crossing a page boundary in one request), dense and sparse: the same
@@ -464,6 +474,7 @@ def test_paged_attention_in_scan():
 
 
 @pytest.mark.parametrize("cache", ["16-bit", "e4m3"])
+@pytest.mark.usefixtures("kernel_family")
 def test_paged_attention_bf16_and_float16_queries(cache):
     """The same problem with bfloat16 and float16 queries (16-bit caches: of
     the queries' dtype; e4m3: one cache for both): each matches the
@@ -523,6 +534,7 @@ def _custom_calls_in_command_buffers(dump) -> int:
     return count
 
 
+@pytest.mark.usefixtures("kernel_family")
 def test_paged_attention_in_command_buffers(tmp_path):
     """The CUDA handlers are registered command-buffer compatible: with custom
     calls allowed into CUDA graphs, XLA records dense and sparse paged attention

@@ -8,6 +8,7 @@
 #include "kernels/cpu/cpu_kernels.h"
 #ifdef JAX_MSA_WITH_CUDA
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/kernel_family.h"
 #endif
 
 namespace jax_msa {
@@ -272,9 +273,11 @@ ffi::Error PagedAttentionCuda(cudaStream_t stream, ffi::AnyBuffer k_cache, ffi::
       e.failure()) {
     return e;
   }
-  cudaError_t status = cuda::paged_attention(a.q_dtype, *cache, a.out_dtype, args,
-                                             DataOf<float>(workspace), out->untyped_data(),
-                                             DataOf<float>(lse), stream);
+  // The Blackwell family has no paged attention: the portable one serves there.
+  const auto attention = cuda::by_family(cuda::paged_attention, cuda::portable_paged_attention,
+                                         cuda::portable_paged_attention);
+  cudaError_t status = attention(a.q_dtype, *cache, a.out_dtype, args, DataOf<float>(workspace),
+                                 out->untyped_data(), DataOf<float>(lse), stream);
   if (status != cudaSuccess) {
     return ffi::Error::Internal(std::string("jax_msa paged_attention: ") +
                                 cudaGetErrorString(status));
@@ -345,6 +348,7 @@ void AddPagedTargets(TargetTable& table) {
 #ifdef JAX_MSA_WITH_CUDA
   table.cuda.emplace_back("jax_msa_paged_attention_cuda", kPagedAttentionCuda);
   table.cuda.emplace_back("jax_msa_paged_indexer_scores", kPagedIndexerScoresCuda);
+  table.portable.emplace_back("jax_msa_paged_attention_cuda");
   table.portable.emplace_back("jax_msa_paged_indexer_scores");
 #endif
 }

@@ -164,6 +164,13 @@ cudaError_t paged_attention(DType q_dtype, CacheType cache, DType out_dtype,
                             const PagedAttentionArgs& a, float* workspace, void* out, float* lse,
                             cudaStream_t stream);
 
+// The same from the portable family (kernels/portable/: mma.sync on any GPU
+// since sm_80; the same cases, splits and workspace; e4m3 pages widened to
+// float16, q rounded to float16 with a power-of-two scale per row).
+cudaError_t portable_paged_attention(DType q_dtype, CacheType cache, DType out_dtype,
+                                     const PagedAttentionArgs& a, float* workspace, void* out,
+                                     float* lse, cudaStream_t stream);
+
 // ---- Block-sparse attention (spec §3.4) on SM90 ----------------------------
 // One problem: q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] (bf16 or fp16),
 // ids [B, Sq, Hkv, topk] int32, lengths [B] int32, scale > 0 or < 0.

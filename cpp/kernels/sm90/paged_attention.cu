@@ -10,7 +10,8 @@
 // nothing outside the caches is read. The list is cut into `splits`
 // contiguous parts, one CTA each (split-KV, for small batches); each CTA
 // writes float32 partials (O / l and lse per row) that paged_combine_kernel
-// merges by lse into out and lse.
+// (paged_split_kv.hpp, shared with the portable family) merges by lse into
+// out and lse.
 //
 // One CTA = 3 warpgroups:
 //   warpgroup 0, warp 0     producer: the page list, K and V pages by TMA;
@@ -42,6 +43,7 @@
 #include "kernels/cuda/multiprocessors.h"
 #include "kernels/sm90/e4m3.hpp"
 #include "kernels/sm90/online_softmax.hpp"
+#include "kernels/sm90/paged_split_kv.hpp"
 #include "kernels/sm90/query_outer_walk.hpp"
 #include "kernels/sm90/rowmax_epilogue.hpp"
 #include "kernels/sm90/sparse_tile_producer.hpp"
@@ -160,22 +162,6 @@ struct PagedParams {
   float scale_log2;  // scale * log2(e)
 };
 
-// Lengths as the kernels clamp them: [0, Q] and [0, max_pages * 128].
-struct RequestLengths {
-  int64_t q_len, kv_len;
-  __device__ RequestLengths(const SparseShape& s, int64_t b, int64_t max_pages) {
-    q_len = std::clamp<int64_t>(s.q_lengths[b], 0, s.Sq);
-    kv_len = std::clamp<int64_t>(s.kv_lengths[b], 0, max_pages * 128);
-  }
-};
-
-// Bit t set for each of the tile's queries t < q_len (those that attend).
-__device__ inline uint64_t valid_tokens(const SparseShape& s, const SparseTile& tile,
-                                        int64_t q_len) {
-  const int64_t n = std::clamp<int64_t>(q_len - tile.token0, 0, s.tokens);
-  return n >= 64 ? ~uint64_t{0} : (uint64_t{1} << n) - 1;
-}
-
 // The producer warp: this CTA's part of the tile's page list, then K_0, K_1,
 // V_0, K_2, V_1, ..., V_last by TMA (the consumers issue S_u with P_{u-1}
 // V_{u-1} and free K_u before V_{u-1}).
@@ -252,11 +238,8 @@ __device__ void produce_pages(typename Traits::SharedStorage& ss, const PagedPar
   if (s.ids == nullptr) {
     // Dense: logical pages [0, n) with n the last valid query's page + 1.
     const uint64_t tokens = valid_tokens(s, tile, len.q_len);
-    const int64_t nv = std::clamp<int64_t>(len.q_len - tile.token0, 0, s.tokens);
-    const int64_t last = len.kv_len - len.q_len + tile.token0 + nv - 1;
-    const int64_t n = nv > 0 && last >= 0 ? last / 128 + 1 : 0;
-    const int64_t per = (n + p.splits - 1) / p.splits;
-    const int64_t lo = std::min(n, split * per), hi = std::min(n, lo + per);
+    const SplitRange part(dense_tile_pages(s, tile, len), p.splits, split);
+    const int64_t lo = part.lo, hi = part.hi;
     // The count first (the consumers need it): 8 table loads in flight per lane.
     int count = 0;
     for (int64_t c0 = lo; c0 < hi; c0 += 8 * 32) {
@@ -292,8 +275,8 @@ __device__ void produce_pages(typename Traits::SharedStorage& ss, const PagedPar
     int total = 0;  // (after all the table loads are in flight)
     CUTE_UNROLL
     for (int i = 0; i < kRegs; ++i) total += __popc(__ballot_sync(kFull, page[i] >= 0));
-    const int per = (total + p.splits - 1) / p.splits;
-    const int lo = std::min(total, split * per), hi = std::min(total, lo + per);
+    const SplitRange part(total, p.splits, split);
+    const int lo = static_cast<int>(part.lo), hi = static_cast<int>(part.hi);
     if (lane == 0) ss.tile_pages = hi - lo;
     ClusterBarrier::arrive(&ss.q_full);
     int at = 0;  // union entries before the current one
@@ -615,58 +598,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 #endif
 }
 
-// One warp per output row: out = sum over splits of exp(lse_s - lse) O_s,
-// lse = ln(sum of exp(lse_s)); 0 and -inf where every split saw nothing.
-template <class Out>
-__global__ void __launch_bounds__(256)
-    paged_combine_kernel(const float* partial_o, const float* partial_lse, int splits,
-                         int64_t rows_total, Out* out, float* lse) {
-  const int64_t row = blockIdx.x * int64_t{8} + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= rows_total) return;
-  float m = -INFINITY;
-  for (int sp = 0; sp < splits; ++sp) m = fmaxf(m, partial_lse[sp * rows_total + row]);
-  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-  float total = 0.0f;
-  if (m > -INFINITY) {
-    for (int sp = 0; sp < splits; ++sp) {
-      const float w = __expf(partial_lse[sp * rows_total + row] - m);
-      if (w == 0.0f) continue;  // also skips the partials of empty splits
-      const float4 o =
-          reinterpret_cast<const float4*>(partial_o + (sp * rows_total + row) * 128)[lane];
-      acc.x += w * o.x, acc.y += w * o.y, acc.z += w * o.z, acc.w += w * o.w;
-      total += w;
-    }
-  }
-  const float inv = total > 0.0f ? 1.0f / total : 0.0f;
-  Out* dst = out + row * 128 + 4 * lane;
-  dst[0] = static_cast<Out>(acc.x * inv);
-  dst[1] = static_cast<Out>(acc.y * inv);
-  dst[2] = static_cast<Out>(acc.z * inv);
-  dst[3] = static_cast<Out>(acc.w * inv);
-  if (lane == 0) lse[row] = total > 0.0f ? m + logf(total) : -INFINITY;
-}
-
-// The tiling of problem `a`: tokens * G <= 128 rows, tokens * topk <= 128
-// union candidates, tokens <= 64.
-SparseShape make_paged_shape(const cuda::PagedAttentionArgs& a) {
-  const int64_t group = a.Hq / a.Hkv;
-  int64_t tokens = std::min<int64_t>(128 / group, 64);
-  if (a.topk > 0) tokens = std::min<int64_t>(tokens, 128 / a.topk);
-  const int64_t chunks = (a.Q + tokens - 1) / tokens;
-  return {a.ids, a.q_lengths, a.kv_lengths, a.B, a.Q, 0, a.Hq, a.Hkv, a.topk, group,
-          static_cast<int>(tokens), chunks, a.B * a.Hkv * chunks};
-}
-
-template <class Out>
-cudaError_t launch_combine(const cuda::PagedAttentionArgs& a, const float* partial_o,
-                           const float* partial_lse, void* out, float* lse, cudaStream_t stream) {
-  const int64_t rows = a.B * a.Q * a.Hq;
-  paged_combine_kernel<Out><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(
-      partial_o, partial_lse, static_cast<int>(a.splits), rows, static_cast<Out*>(out), lse);
-  return cudaGetLastError();
-}
-
 template <class QElement, bool kFp8>
 cudaError_t launch(const cuda::PagedAttentionArgs& a, DType out_dtype, float* workspace, void* out,
                    float* lse, cudaStream_t stream) {
@@ -696,16 +627,7 @@ cudaError_t launch(const cuda::PagedAttentionArgs& a, DType out_dtype, float* wo
   const int64_t grid = p.shape.tiles * a.splits;
   kernel<<<static_cast<unsigned>(grid), Traits::kThreads, Traits::kSmemBytes, stream>>>(p);
   if ((st = cudaGetLastError()) != cudaSuccess) return st;
-  const float* partial_lse = p.partial_lse;
-  switch (out_dtype) {
-    case DType::kF32:
-      return launch_combine<float>(a, workspace, partial_lse, out, lse, stream);
-    case DType::kBF16:
-      return launch_combine<cutlass::bfloat16_t>(a, workspace, partial_lse, out, lse, stream);
-    case DType::kF16:
-      return launch_combine<cutlass::half_t>(a, workspace, partial_lse, out, lse, stream);
-  }
-  return cudaErrorInvalidValue;
+  return launch_paged_combine(a, out_dtype, workspace, out, lse, stream);
 }
 
 }  // namespace
