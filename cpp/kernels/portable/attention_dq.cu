@@ -83,29 +83,6 @@ struct TileTraits {
                         Stride<Int<kPiece>, _1, Int<kPiece * kD>>{})));
 };
 
-// What every kernel of the tile reads.
-template <class Traits>
-struct TileInputs {
-  sm90::SparseShape shape;  // dense: ids null, topk 0, tokens = 128 / G
-  bool causal;              // dense only (the sparse kernels are causal by their ids)
-  const typename Traits::Element* q;
-  const typename Traits::Element* k;
-  const typename Traits::Element* v;
-  float scale_log2;  // scale * log2(e)
-};
-
-// Args: cuda::SparseAttentionArgs or cuda::DenseAttentionArgs (q, k, v, scale).
-template <class Traits, class Args>
-TileInputs<Traits> make_inputs(const sm90::SparseShape& shape, bool causal, const Args& a) {
-  using Element = typename Traits::Element;
-  return {shape,
-          causal,
-          static_cast<const Element*>(a.q),
-          static_cast<const Element*>(a.k),
-          static_cast<const Element*>(a.v),
-          a.scale * 1.4426950408889634f};
-}
-
 // The tokens of the tile with a row in warp `warp` (rows 16 warp .. 16 warp
 // + 15) as bits (dense: all blocks, if it holds a row): a warp skips the
 // pieces of blocks none of them selected.
@@ -117,18 +94,6 @@ __device__ inline uint64_t warp_tokens(int warp, const sm90::SparseShape& s) {
   return first > last ? 0
          : kDense    ? ~uint64_t{0}
                      : (~uint64_t{0} >> (63 - (last - first))) << first;
-}
-
-// Launches `kernel` with one CTA per tile.
-template <class Traits, class Params>
-cudaError_t launch_tiles(void (*kernel)(Params), const Params& p, int64_t tiles,
-                         cudaStream_t stream) {
-  const cudaError_t st = cudaFuncSetAttribute(
-      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
-  if (st != cudaSuccess) return st;
-  if (tiles > INT32_MAX) return cudaErrorInvalidValue;
-  kernel<<<static_cast<unsigned>(tiles), Traits::kThreads, Traits::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
 }
 
 template <class Element>

@@ -106,17 +106,17 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
   using Element = typename Traits::Element;
   extern __shared__ char smem_raw[];
   auto& ss = *reinterpret_cast<typename Traits::SharedStorage*>(smem_raw);
-  const SparseShape& s = p.shape;
+  const SparseShape& s = p.in.shape;
   const SparseTile tile(blockIdx.x, s.B, s.Hkv, s.chunks, s.tokens);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int64_t q_len = s.q_lengths[tile.b];
   const int64_t kv_len = s.kv_lengths[tile.b];
   const int64_t key_limit = std::min(kv_len, s.Sk);
 
-  load_rows<Traits>(ss.q, p.q, p.shape, tile, q_len);
+  load_rows<Traits>(ss.q, p.in.q, p.in.shape, tile, q_len);
   cp_async_commit();
   if constexpr (kDense) {
-    if (tid == 0) ss.union_count = dense_tile_blocks(s, tile, q_len, kv_len, p.causal);
+    if (tid == 0) ss.union_count = dense_tile_blocks(s, tile, q_len, kv_len, p.in.causal);
   } else if (warp == 0) {
     const TileUnion<Traits> u(s, tile, q_len, kv_len, lane);
     u.store(ss.union_block, ss.union_tokens, lane);
@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
     const int64_t block = kDense ? piece / kPer : ss.union_block[piece / kPer];
     return block * Traits::kKeys + (piece % kPer) * Traits::kPiece;
   };
-  if (pieces > 0) load_piece<Traits>(ss.k, ss.v, p, tile, piece_key0(0), key_limit, 0);
+  if (pieces > 0) load_piece<Traits>(ss.k, ss.v, p.in, tile, piece_key0(0), key_limit, 0);
   cp_async_commit();
 
   // The tile tokens with a row among rows row0 .. row0 + 15 (one MMA atom), as
@@ -182,7 +182,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
   using Rows = TileRows<kRowsPerThread>;
   std::conditional_t<kDense, AllRows<Rows>, Rows> rows(tid, Traits::kWarpRows);
   if constexpr (kDense) {
-    rows.start(s, tile, q_len, kv_len, p.causal);
+    rows.start(s, tile, q_len, kv_len, p.in.causal);
   } else {
     rows.start(s, tile, q_len, kv_len);
   }
@@ -190,7 +190,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
   {
     float factors[kRowsPerThread];
     CUTE_UNROLL
-    for (int r = 0; r < kRowsPerThread; ++r) factors[r] = p.scale_log2;
+    for (int r = 0; r < kRowsPerThread; ++r) factors[r] = p.in.scale_log2;
     softmax.start(factors);
   }
   clear(accO);
@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
   for (int piece = 0; piece < pieces; ++piece) {
     const int stage = piece % Traits::kStages;
     if (piece + 1 < pieces) {
-      load_piece<Traits>(ss.k, ss.v, p, tile, piece_key0(piece + 1), key_limit,
+      load_piece<Traits>(ss.k, ss.v, p.in, tile, piece_key0(piece + 1), key_limit,
                          (piece + 1) % Traits::kStages);
     }
     cp_async_commit();
@@ -248,13 +248,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
 
 template <class Traits, bool kDense>
 cudaError_t launch(const FwdParams<Traits>& p, cudaStream_t stream) {
-  auto kernel = attention_fwd_kernel<Traits, kDense>;
-  cudaError_t st = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        Traits::kSmemBytes);
-  if (st != cudaSuccess) return st;
-  if (p.shape.tiles > INT32_MAX) return cudaErrorInvalidValue;
-  kernel<<<static_cast<unsigned>(p.shape.tiles), Traits::kThreads, Traits::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_tiles<Traits>(attention_fwd_kernel<Traits, kDense>, p, p.in.shape.tiles, stream);
 }
 
 template <class Element>

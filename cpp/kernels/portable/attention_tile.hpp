@@ -19,16 +19,35 @@
 
 namespace jax_msa::portable {
 
+// What every kernel of a query-outer tile reads.
 template <class Traits>
-struct FwdParams {
+struct TileInputs {
   sm90::SparseShape shape;  // dense: ids null, topk 0, tokens = kRows / G
-  bool causal;              // dense only (the sparse forward is causal by its ids)
+  bool causal;              // dense only (the sparse kernels are causal by their ids)
   const typename Traits::Element* q;
   const typename Traits::Element* k;
   const typename Traits::Element* v;
+  float scale_log2;  // scale * log2(e)
+};
+
+// Args: cuda::SparseAttentionArgs or cuda::DenseAttentionArgs (q, k, v, scale).
+template <class Traits, class Args>
+TileInputs<Traits> make_inputs(const sm90::SparseShape& shape, bool causal, const Args& a) {
+  using Element = typename Traits::Element;
+  return {shape,
+          causal,
+          static_cast<const Element*>(a.q),
+          static_cast<const Element*>(a.k),
+          static_cast<const Element*>(a.v),
+          a.scale * 1.4426950408889634f};
+}
+
+// The forward's parameters.
+template <class Traits>
+struct FwdParams {
+  TileInputs<Traits> in;
   typename Traits::Element* out;
   float* lse;
-  float scale_log2;  // scale * log2(e)
 };
 
 // The dense forward's rows: Rows (TileRows or a kind of it) where every row
@@ -115,19 +134,10 @@ __device__ void load_piece(typename Traits::Element* k_smem, typename Traits::El
   }
 }
 
-// Args: cuda::SparseAttentionArgs or cuda::DenseAttentionArgs (q, k, v, scale).
 template <class Traits, class Args>
 FwdParams<Traits> make_params(const sm90::SparseShape& shape, bool causal, const Args& a,
                               void* out, float* lse) {
-  using Element = typename Traits::Element;
-  return {shape,
-          causal,
-          static_cast<const Element*>(a.q),
-          static_cast<const Element*>(a.k),
-          static_cast<const Element*>(a.v),
-          static_cast<Element*>(out),
-          lse,
-          a.scale * 1.4426950408889634f};
+  return {make_inputs<Traits>(shape, causal, a), static_cast<typename Traits::Element*>(out), lse};
 }
 
 // The dense forward's tiling: kRows / G tokens times the G heads of a KV
@@ -139,6 +149,18 @@ sm90::SparseShape dense_shape(const cuda::DenseAttentionArgs& a) {
   const int64_t chunks = (a.Sq + tokens - 1) / tokens;
   return {nullptr, a.q_lengths, a.kv_lengths, a.B, a.Sq, a.Sk, a.Hq, a.Hkv, 0,
           group, tokens, chunks, a.B * a.Hkv * chunks};
+}
+
+// Launches `kernel` with one CTA per tile.
+template <class Traits, class Params>
+cudaError_t launch_tiles(void (*kernel)(Params), const Params& p, int64_t tiles,
+                         cudaStream_t stream) {
+  const cudaError_t st = cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
+  if (st != cudaSuccess) return st;
+  if (tiles > INT32_MAX) return cudaErrorInvalidValue;
+  kernel<<<static_cast<unsigned>(tiles), Traits::kThreads, Traits::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
 }
 
 }  // namespace jax_msa::portable

@@ -190,14 +190,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   // accesses for shared memory (STS, not generic stores).
   const uint32_t misalign = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) % 1024;
   auto& ss = *reinterpret_cast<typename Traits::SharedStorage*>(smem_raw + (1024 - misalign) % 1024);
-  const SparseShape& s = p.shape;
+  const SparseShape& s = p.in.shape;
   const SparseTile tile(blockIdx.x, s.B, s.Hkv, s.chunks, s.tokens);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int64_t q_len = s.q_lengths[tile.b];
   const int64_t kv_len = s.kv_lengths[tile.b];
   const int64_t key_limit = std::min(kv_len, s.Sk);
 
-  portable::load_rows<Traits>(ss.q, p.q, p.shape, tile, q_len);
+  portable::load_rows<Traits>(ss.q, p.in.q, p.in.shape, tile, q_len);
   portable::cp_async_commit();
   if (warp == 0) {
     // The whole warp: tcgen05.alloc is .sync.aligned. 256 columns; one CTA
@@ -210,7 +210,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     }
   }
   if (tid == 0) {
-    if constexpr (kDense) ss.union_count = portable::dense_tile_blocks(s, tile, q_len, kv_len, p.causal);
+    if constexpr (kDense) {
+      ss.union_count = portable::dense_tile_blocks(s, tile, q_len, kv_len, p.in.causal);
+    }
     cutlass::arch::ClusterBarrier::init(&ss.s_full, 1);
     cutlass::arch::ClusterBarrier::init(&ss.o_done, 1);
     cutlass::arch::fence_barrier_init();
@@ -223,7 +225,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const uint32_t tmem = ss.tmem_base;
   const int blocks = ss.union_count;
   auto block_at = [&](int i) -> int64_t { return kDense ? i : ss.union_block[i]; };
-  if (blocks > 0) portable::load_piece<Traits>(ss.k, ss.v, p, tile, block_at(0) * Traits::kKeys, key_limit, 0);
+  if (blocks > 0) portable::load_piece<Traits>(ss.k, ss.v, p.in, tile, block_at(0) * Traits::kKeys, key_limit, 0);
   portable::cp_async_commit();
 
   // The MMAs (issued by warp 0: each tcgen05.mma by one elected lane).
@@ -247,13 +249,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   using Rows = std::conditional_t<kDense, AllRows<LaneRow>, LaneRow>;
   Rows rows(tid);
   if constexpr (kDense) {
-    rows.start(s, tile, q_len, kv_len, p.causal);
+    rows.start(s, tile, q_len, kv_len, p.in.causal);
   } else {
     rows.start(s, tile, q_len, kv_len);
   }
   OnlineSoftmax<1, 0, 1> softmax;
   {
-    const float factors[1] = {p.scale_log2};
+    const float factors[1] = {p.in.scale_log2};
     softmax.start(factors);
   }
 
@@ -281,7 +283,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       tmem_fence_after_sync();
     }
     if (i + 1 < blocks) {
-      portable::load_piece<Traits>(ss.k, ss.v, p, tile, block_at(i + 1) * Traits::kKeys, key_limit,
+      portable::load_piece<Traits>(ss.k, ss.v, p.in, tile, block_at(i + 1) * Traits::kKeys, key_limit,
                                    (i + 1) % Traits::kStages);
       portable::cp_async_commit();
     }
@@ -385,15 +387,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
 template <class Traits, bool kDense>
 cudaError_t launch(const FwdParams<Traits>& p, cudaStream_t stream) {
-  cudaError_t st = check_device();
+  const cudaError_t st = check_device();
   if (st != cudaSuccess) return st;
-  auto kernel = attention_fwd_kernel<Traits, kDense>;
-  st = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                            Traits::kSmemBytes);
-  if (st != cudaSuccess) return st;
-  if (p.shape.tiles > INT32_MAX) return cudaErrorInvalidValue;
-  kernel<<<static_cast<unsigned>(p.shape.tiles), Traits::kThreads, Traits::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  return portable::launch_tiles<Traits>(attention_fwd_kernel<Traits, kDense>, p, p.in.shape.tiles,
+                                        stream);
 }
 
 template <class Element>
