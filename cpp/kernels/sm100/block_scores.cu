@@ -46,6 +46,7 @@
 #include <cutlass/arch/barrier.h>
 #include <cutlass/numeric_types.h>
 
+#include "kernels/cuda/block_scores_problem.hpp"
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/portable/mma_sync.hpp"
 #include "kernels/sm90/rowmax_epilogue.hpp"
@@ -245,21 +246,18 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 #endif
 }
 
-struct Problem {
-  const void* qi;
-  const void* ki;
-  const int32_t* q_lengths;
-  const int32_t* kv_lengths;
-  float* scores;
-  float* sums;
-  int64_t B, Sq, Sk, Hi;
-  float scale;
-  bool fill_future;
+using cuda::ScoresProblem;
+
+struct Sm100 {
+  template <class Element, int kDi>
+  static cudaError_t launch(const ScoresProblem& pr, cudaStream_t stream);
 };
 
 template <class Element, int kDi>
-cudaError_t launch(const Problem& pr, cudaStream_t stream) {
+cudaError_t Sm100::launch(const ScoresProblem& pr, cudaStream_t stream) {
   using Traits = ScoresTraits<Element, kDi>;
+  const cudaError_t st = check_device();
+  if (st != cudaSuccess) return st;
   const int64_t rows = pr.Sq * pr.Hi;
   const Params<Traits> p{static_cast<const Element*>(pr.qi),
                          static_cast<const Element*>(pr.ki),
@@ -285,23 +283,6 @@ cudaError_t launch(const Problem& pr, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-cudaError_t run(DType dtype, int64_t Di, const Problem& pr, cudaStream_t stream) {
-  if (!cuda::block_scores_supported(dtype, Di) || pr.B < 0 || pr.Sq < 0 || pr.Sk < 0 ||
-      pr.Hi < 1) {
-    return cudaErrorInvalidValue;
-  }
-  // The sizes of the SM90 kernel (its TMA takes 32-bit extents).
-  if (pr.Sq * pr.Hi > INT_MAX || pr.Sk > INT_MAX || pr.B > INT_MAX) return cudaErrorInvalidValue;
-  if (pr.B == 0 || pr.Sq == 0 || pr.Sk == 0) return cudaSuccess;
-  const cudaError_t st = check_device();
-  if (st != cudaSuccess) return st;
-  if (dtype == DType::kBF16) {
-    return Di == 64 ? launch<cutlass::bfloat16_t, 64>(pr, stream)
-                    : launch<cutlass::bfloat16_t, 128>(pr, stream);
-  }
-  return Di == 64 ? launch<cutlass::half_t, 64>(pr, stream)
-                  : launch<cutlass::half_t, 128>(pr, stream);
-}
 
 }  // namespace
 }  // namespace jax_msa::sm100
@@ -312,18 +293,18 @@ cudaError_t sm100_block_scores(DType dtype, const void* qi, const void* ki,
                                const int32_t* q_lengths, const int32_t* kv_lengths, float* scores,
                                int64_t B, int64_t Sq, int64_t Sk, int64_t Hi, int64_t Di,
                                float scale, cudaStream_t stream) {
-  const sm100::Problem pr{qi, ki, q_lengths, kv_lengths, scores, nullptr, B, Sq, Sk, Hi, scale,
-                          /*fill_future=*/true};
-  return sm100::run(dtype, Di, pr, stream);
+  const ScoresProblem pr{qi, ki, q_lengths, kv_lengths, scores, nullptr, B, Sq, Sk, Hi, scale,
+                        /*fill_future=*/true};
+  return run_block_scores<sm100::Sm100>(dtype, Di, pr, stream);
 }
 
 cudaError_t sm100_indexer_scores(DType dtype, const void* qi, const void* ki,
                                  const int32_t* q_lengths, const int32_t* kv_lengths,
                                  float* scores, float* sums, int64_t B, int64_t Sq, int64_t Sk,
                                  int64_t Hi, int64_t Di, float scale, cudaStream_t stream) {
-  const sm100::Problem pr{qi, ki, q_lengths, kv_lengths, scores, sums, B, Sq, Sk, Hi, scale,
-                          /*fill_future=*/false};
-  return sm100::run(dtype, Di, pr, stream);
+  const ScoresProblem pr{qi, ki, q_lengths, kv_lengths, scores, sums, B, Sq, Sk, Hi, scale,
+                        /*fill_future=*/false};
+  return run_block_scores<sm100::Sm100>(dtype, Di, pr, stream);
 }
 
 }  // namespace jax_msa::cuda

@@ -28,6 +28,7 @@
 #include <cutlass/arch/reg_reconfig.h>
 #include <cutlass/cutlass.h>
 
+#include "kernels/cuda/block_scores_problem.hpp"
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/sm90/block_scores_traits.hpp"
 #include "kernels/sm90/rowmax_epilogue.hpp"
@@ -228,20 +229,15 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 #endif
 }
 
-struct Problem {
-  const void* qi;
-  const void* ki;
-  const int32_t* q_lengths;
-  const int32_t* kv_lengths;
-  float* scores;
-  float* sums;
-  int64_t B, Sq, Sk, Hi;
-  float scale;
-  bool fill_future;
+using cuda::ScoresProblem;
+
+struct Sm90 {
+  template <class Element, int kDi>
+  static cudaError_t launch(const ScoresProblem& pr, cudaStream_t stream);
 };
 
 template <class Element, int kDi>
-cudaError_t launch(const Problem& pr, cudaStream_t stream) {
+cudaError_t Sm90::launch(const ScoresProblem& pr, cudaStream_t stream) {
   using Traits = BlockScoresTraits<Element, kDi>;
   const int64_t rows = pr.Sq * pr.Hi;
   Params<Traits> p{
@@ -271,21 +267,6 @@ cudaError_t launch(const Problem& pr, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-cudaError_t run_block_scores(DType dtype, int64_t Di, const Problem& pr, cudaStream_t stream) {
-  if (!cuda::block_scores_supported(dtype, Di) || pr.B < 0 || pr.Sq < 0 || pr.Sk < 0 ||
-      pr.Hi < 1) {
-    return cudaErrorInvalidValue;
-  }
-  // TMA takes 32-bit extents; no score to write without rows or blocks.
-  if (pr.Sq * pr.Hi > INT_MAX || pr.Sk > INT_MAX || pr.B > INT_MAX) return cudaErrorInvalidValue;
-  if (pr.B == 0 || pr.Sq == 0 || pr.Sk == 0) return cudaSuccess;
-  if (dtype == DType::kBF16) {
-    return Di == 64 ? launch<cutlass::bfloat16_t, 64>(pr, stream)
-                    : launch<cutlass::bfloat16_t, 128>(pr, stream);
-  }
-  return Di == 64 ? launch<cutlass::half_t, 64>(pr, stream)
-                  : launch<cutlass::half_t, 128>(pr, stream);
-}
 
 }  // namespace
 }  // namespace jax_msa::sm90
@@ -299,9 +280,9 @@ bool block_scores_supported(DType dtype, int64_t Di) {
 cudaError_t block_scores(DType dtype, const void* qi, const void* ki, const int32_t* q_lengths,
                          const int32_t* kv_lengths, float* scores, int64_t B, int64_t Sq,
                          int64_t Sk, int64_t Hi, int64_t Di, float scale, cudaStream_t stream) {
-  const sm90::Problem pr{qi, ki, q_lengths, kv_lengths, scores, nullptr, B, Sq, Sk, Hi, scale,
-                         /*fill_future=*/true};
-  return sm90::run_block_scores(dtype, Di, pr, stream);
+  const ScoresProblem pr{qi, ki, q_lengths, kv_lengths, scores, nullptr, B, Sq, Sk, Hi, scale,
+                        /*fill_future=*/true};
+  return run_block_scores<sm90::Sm90>(dtype, Di, pr, stream);
 }
 
 cudaError_t indexer_scores(DType dtype, const void* qi, const void* ki, const int32_t* q_lengths,
@@ -310,9 +291,9 @@ cudaError_t indexer_scores(DType dtype, const void* qi, const void* ki, const in
                            cudaStream_t stream) {
   // The selection and the lse read only blocks c <= the row's local block:
   // the blocks past a tile's last local block need no -inf fill.
-  const sm90::Problem pr{qi, ki, q_lengths, kv_lengths, scores, sums, B, Sq, Sk, Hi, scale,
-                         /*fill_future=*/false};
-  return sm90::run_block_scores(dtype, Di, pr, stream);
+  const ScoresProblem pr{qi, ki, q_lengths, kv_lengths, scores, sums, B, Sq, Sk, Hi, scale,
+                        /*fill_future=*/false};
+  return run_block_scores<sm90::Sm90>(dtype, Di, pr, stream);
 }
 
 }  // namespace jax_msa::cuda

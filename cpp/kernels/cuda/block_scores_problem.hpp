@@ -1,0 +1,49 @@
+// The host side that the block-score kernels of every family share
+// (sm90/, portable/ and sm100/block_scores.cu): the problem, its checks and
+// the dispatch over dtype and Di to a family's launch.
+#pragma once
+
+#include <climits>
+#include <cstdint>
+
+#include <cuda_runtime.h>
+#include <cutlass/numeric_types.h>
+
+#include "kernels/cuda/cuda_kernels.h"
+
+namespace jax_msa::cuda {
+
+// block_scores (fill_future: -inf past each tile's last local block) or
+// indexer_scores (sums not null: also the sums of exp(s - score)).
+struct ScoresProblem {
+  const void* qi;
+  const void* ki;
+  const int32_t* q_lengths;
+  const int32_t* kv_lengths;
+  float* scores;
+  float* sums;
+  int64_t B, Sq, Sk, Hi;
+  float scale;
+  bool fill_future;
+};
+
+// Checks `pr` and calls Family::template launch<Element, kDi>(pr, stream).
+// Every family keeps the SM90 kernel's limits (its TMA takes 32-bit
+// extents), so that the contract does not depend on the card.
+template <class Family>
+cudaError_t run_block_scores(DType dtype, int64_t Di, const ScoresProblem& pr,
+                             cudaStream_t stream) {
+  if (!block_scores_supported(dtype, Di) || pr.B < 0 || pr.Sq < 0 || pr.Sk < 0 || pr.Hi < 1) {
+    return cudaErrorInvalidValue;
+  }
+  if (pr.Sq * pr.Hi > INT_MAX || pr.Sk > INT_MAX || pr.B > INT_MAX) return cudaErrorInvalidValue;
+  if (pr.B == 0 || pr.Sq == 0 || pr.Sk == 0) return cudaSuccess;  // no score to write
+  if (dtype == DType::kBF16) {
+    return Di == 64 ? Family::template launch<cutlass::bfloat16_t, 64>(pr, stream)
+                    : Family::template launch<cutlass::bfloat16_t, 128>(pr, stream);
+  }
+  return Di == 64 ? Family::template launch<cutlass::half_t, 64>(pr, stream)
+                  : Family::template launch<cutlass::half_t, 128>(pr, stream);
+}
+
+}  // namespace jax_msa::cuda
