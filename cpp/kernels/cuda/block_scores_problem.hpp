@@ -46,4 +46,19 @@ cudaError_t run_block_scores(DType dtype, int64_t Di, const ScoresProblem& pr,
                   : Family::template launch<cutlass::half_t, 128>(pr, stream);
 }
 
+// The end of every family's launch: one CTA per (row tile, batch row) of the
+// kernel with the sums or without them.
+template <class Traits, class Params>
+cudaError_t launch_scores(void (*with_sums)(Params), void (*without_sums)(Params), const Params& p,
+                          int64_t tiles, const ScoresProblem& pr, cudaStream_t stream) {
+  const int64_t grid = tiles * pr.B;
+  if (grid > INT_MAX) return cudaErrorInvalidValue;
+  auto kernel = pr.sums ? with_sums : without_sums;
+  const cudaError_t status = cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
+  if (status != cudaSuccess) return status;
+  kernel<<<static_cast<unsigned>(grid), Traits::kThreads, Traits::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
 }  // namespace jax_msa::cuda

@@ -240,16 +240,9 @@ cudaError_t Portable::launch(const ScoresProblem& pr, cudaStream_t stream) {
                          (rows + Traits::kRows - 1) / Traits::kRows,
                          pr.scale,
                          pr.fill_future};
-  const int64_t grid = p.tiles * pr.B;
-  if (grid > INT_MAX) return cudaErrorInvalidValue;
-  auto kernel = pr.sums ? block_scores_kernel<Traits, true> : block_scores_kernel<Traits, false>;
-  cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            Traits::kSmemBytes);
-  if (status != cudaSuccess) return status;
-  kernel<<<static_cast<unsigned>(grid), Traits::kThreads, Traits::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  return cuda::launch_scores<Traits>(block_scores_kernel<Traits, true>,
+                                     block_scores_kernel<Traits, false>, p, p.tiles, pr, stream);
 }
-
 
 }  // namespace
 }  // namespace jax_msa::portable
