@@ -503,8 +503,8 @@ cudaError_t portable_sparse_attention_bwd_dkdv(DType dtype, const SparseAttentio
                                                const float* delta, const int32_t* index,
                                                void* dk, void* dv, cudaStream_t stream) {
   if (!sparse_attention_args_valid(dtype, a)) return cudaErrorInvalidValue;
+  if (a.B == 0) return cudaSuccess;  // empty buffers: no index to read
   if (index == nullptr || reinterpret_cast<uintptr_t>(index) % 8 != 0) return cudaErrorInvalidValue;
-  if (a.B == 0) return cudaSuccess;
   return dtype == DType::kBF16
              ? portable::sparse_dkdv<cutlass::bfloat16_t>(a, lse, dout, delta, index, dk, dv, stream)
              : portable::sparse_dkdv<cutlass::half_t>(a, lse, dout, delta, index, dk, dv, stream);
