@@ -75,11 +75,13 @@ def _run(case: Callable[[], list[jax.Array]], family: str) -> list[np.ndarray]:
 
 
 def difference(native: list[np.ndarray], portable: list[np.ndarray]) -> float:
-    """Largest |native - portable| / max |portable| over the results; inf where their non-finite entries differ."""
+    """Largest |native - portable| / max |portable| over the results; inf where their non-finite entries differ
+    (NaN agrees with NaN)."""
     worst = 0.0
     for n, p in zip(native, portable, strict=True):
         finite = np.isfinite(p)
-        if n.shape != p.shape or not np.array_equal(finite, np.isfinite(n)) or not np.array_equal(n[~finite], p[~finite]):
+        if (n.shape != p.shape or not np.array_equal(finite, np.isfinite(n))
+                or not np.array_equal(n[~finite], p[~finite], equal_nan=True)):
             return float("inf")
         if finite.any():
             top = float(np.max(np.abs(p[finite]))) or 1.0

@@ -128,6 +128,7 @@ def test_difference_between_the_families():
     nan = [r.copy() for r in RESULTS]
     nan[0][0, 0] = np.nan
     assert _self_check.difference(nan, RESULTS) == np.inf
+    assert _self_check.difference(nan, [r.copy() for r in nan]) == 0.0  # the same NaN in both families
     assert _self_check.difference([RESULTS[0][:4]], [RESULTS[0]]) == np.inf
 
 
