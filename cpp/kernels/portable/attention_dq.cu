@@ -28,7 +28,6 @@
 #include <cuda_fp16.h>
 
 #include <cute/tensor.hpp>
-#include <cutlass/numeric_conversion.h>
 #include <cutlass/numeric_types.h>
 
 #include "kernels/cuda/cuda_kernels.h"
@@ -271,18 +270,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   }
 
   // dq = scale * dQ; rows of tokens past Sq are not written.
-  cutlass::NumericArrayConverter<Element, float, 2> to_pair;
-  CUTE_UNROLL
-  for (int r = 0; r < kRowsPerThread; ++r) {
-    if (rows.token_of[r] < 0) continue;
-    Element* dst = p.dq + rows.out_row[r] * Traits::kD;
-    CUTE_UNROLL
-    for (int j = 0; j < size<1>(accdQ_rc); j += 2) {
-      auto pair = to_pair(
-          cutlass::Array<float, 2>{accdQ_rc(r, j) * p.scale, accdQ_rc(r, j + 1) * p.scale});
-      *reinterpret_cast<cutlass::Array<Element, 2>*>(dst + rows.column(j)) = pair;
-    }
-  }
+  sm90::store_scaled_rows<Traits::kD>(accdQ_rc, rows, p.dq, p.scale);
 #endif
 }
 

@@ -44,6 +44,26 @@ __device__ void acc_to_operand(const Acc& acc, Operand& operand) {
   }
 }
 
+// scale * acc (rows x columns view) into the rows of `out` ([.., kD], in
+// Element) that `rows` holds (TileRows: token_of, out_row, column); rows
+// with no token are not written.
+template <int kD, class Element, class AccRC, class Rows>
+__device__ void store_scaled_rows(const AccRC& acc_rc, const Rows& rows, Element* out,
+                                  float scale) {
+  cutlass::NumericArrayConverter<Element, float, 2> to_pair;
+  CUTE_UNROLL
+  for (int r = 0; r < cute::size<0>(acc_rc); ++r) {
+    if (rows.token_of[r] < 0) continue;
+    Element* dst = out + rows.out_row[r] * kD;
+    CUTE_UNROLL
+    for (int j = 0; j < cute::size<1>(acc_rc); j += 2) {
+      const auto pair =
+          to_pair(cutlass::Array<float, 2>{acc_rc(r, j) * scale, acc_rc(r, j + 1) * scale});
+      *reinterpret_cast<cutlass::Array<Element, 2>*>(dst + rows.column(j)) = pair;
+    }
+  }
+}
+
 // Per-thread state for the rows this thread holds (kRowsPerThread of them).
 template <int kRowsPerThread>
 struct RowState {

@@ -16,7 +16,6 @@
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
 #include <cutlass/cutlass.h>
-#include <cutlass/numeric_conversion.h>
 
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/sm90/rowmax_epilogue.hpp"
@@ -98,7 +97,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   Tensor accdQ_rc = make_tensor(accdQ.data(), rowcol_layout(accdQ.layout()));
   constexpr int kRowsPerThread = decltype(size<0>(accS_rc))::value;
   TileRows<kRowsPerThread> rows(tid);
-  cutlass::NumericArrayConverter<Element, float, 2> to_pair;
 
   auto issue = [&](auto& acc, const auto& a_frag, int slot) {
     warpgroup_fence_operand(acc);
@@ -200,17 +198,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     }
 
     // dq = scale * dQ; padded rows get zeros.
-    CUTE_UNROLL
-    for (int r = 0; r < kRowsPerThread; ++r) {
-      if (rows.token_of[r] < 0) continue;
-      Element* dst = p.dq + rows.out_row[r] * Traits::kD;
-      CUTE_UNROLL
-      for (int j = 0; j < size<1>(accdQ_rc); j += 2) {
-        auto pair = to_pair(
-            cutlass::Array<float, 2>{accdQ_rc(r, j) * p.scale, accdQ_rc(r, j + 1) * p.scale});
-        *reinterpret_cast<cutlass::Array<Element, 2>*>(dst + rows.column(j)) = pair;
-      }
-    }
+    store_scaled_rows<Traits::kD>(accdQ_rc, rows, p.dq, p.scale);
   }
 #endif
 }
