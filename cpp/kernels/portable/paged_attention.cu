@@ -231,31 +231,12 @@ __device__ void load_q(typename Traits::SharedStorage& ss, const PagedParams<Tra
   Tensor sQ = make_tensor(make_smem_ptr(ss.wide), typename Traits::SmemLayoutQ{});
   const int row = threadIdx.x / 2;
   const int d0 = 64 * (threadIdx.x % 2);
-  const int64_t token = tile.token0 + row / s.group;
-  const bool valid = row < s.tokens * s.group && token < q_len;
-  const int64_t head = tile.g * s.group + row % s.group;
-  const QElement* src = p.q + ((tile.b * s.Sq + token) * s.Hq + head) * Traits::kD + d0;
   uint4 raw[8];
-  CUTE_UNROLL
-  for (int i = 0; i < 8; ++i) {
-    raw[i] = valid ? reinterpret_cast<const uint4*>(src)[i] : make_uint4(0, 0, 0, 0);
-  }
+  sm90::read_q_half_row<Traits::kD>(p.q, s, tile, row, d0, q_len, raw);
   if constexpr (Traits::kFp8) {
     float x[64];
-    float amax = 0.0f;
-    CUTE_UNROLL
-    for (int i = 0; i < 8; ++i) {
-      const QElement* e = reinterpret_cast<const QElement*>(&raw[i]);
-      CUTE_UNROLL
-      for (int j = 0; j < 8; ++j) {
-        x[8 * i + j] = static_cast<float>(e[j]);
-        amax = fmaxf(amax, fabsf(x[8 * i + j]));
-      }
-    }
-    amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, 1));
-    // amax < 2^e: the row scaled by 2^(15 - e) stays below 2^15 (float16 max 65504).
-    int e = 0;
-    if (amax > 0.0f && amax < INFINITY) frexpf(amax, &e);
+    // max |q| < 2^e: the row scaled by 2^(15 - e) stays below 2^15 (float16 max 65504).
+    const int e = sm90::q_row_exponent<QElement>(raw, x);
     const float inv = ldexpf(1.0f, 15 - e);
     CUTE_UNROLL
     for (int i = 0; i < 8; ++i) {

@@ -412,31 +412,12 @@ __device__ void load_q_rows(typename Traits::SharedStorage& ss, const PagedParam
   Tensor sQ = make_tensor(make_smem_ptr(ss.q), typename Traits::SmemLayoutQ{});
   const int row = 64 * wg + wtid / 2;
   const int d0 = 64 * (wtid % 2);
-  const int64_t token = tile.token0 + row / s.group;
-  const bool valid = row < s.tokens * s.group && token < q_len;
-  const int64_t head = tile.g * s.group + row % s.group;
-  const QElement* src = p.q + ((tile.b * s.Sq + token) * s.Hq + head) * Traits::kD + d0;
   uint4 raw[8];
-  CUTE_UNROLL
-  for (int i = 0; i < 8; ++i) {
-    raw[i] = valid ? reinterpret_cast<const uint4*>(src)[i] : make_uint4(0, 0, 0, 0);
-  }
+  sm90::read_q_half_row<Traits::kD>(p.q, s, tile, row, d0, q_len, raw);
   if constexpr (Traits::kFp8) {
     float x[64];
-    float amax = 0.0f;
-    CUTE_UNROLL
-    for (int i = 0; i < 8; ++i) {
-      const QElement* e = reinterpret_cast<const QElement*>(&raw[i]);
-      CUTE_UNROLL
-      for (int j = 0; j < 8; ++j) {
-        x[8 * i + j] = static_cast<float>(e[j]);
-        amax = fmaxf(amax, fabsf(x[8 * i + j]));
-      }
-    }
-    amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, 1));
-    // amax < 2^e: the row scaled by 2^(8 - e) stays below 256 (e4m3 max 448).
-    int e = 0;
-    if (amax > 0.0f && amax < INFINITY) frexpf(amax, &e);
+    // max |q| < 2^e: the row scaled by 2^(8 - e) stays below 256 (e4m3 max 448).
+    const int e = sm90::q_row_exponent<QElement>(raw, x);
     const float inv = ldexpf(1.0f, 8 - e);
     CUTE_UNROLL
     for (int i = 0; i < 4; ++i) {

@@ -3,7 +3,8 @@
 // tiling, the lengths as the kernels clamp them, the dense pages of a tile and
 // each CTA's part of a tile's pages (split-KV), and the lse-weighted combine
 // of the CTAs' float32 partials (workspace: partial O [splits, rows, D], then
-// partial lse [splits, rows]). Plain CUDA: it builds for sm_80 too.
+// partial lse [splits, rows]), and the read of a Q row with its power-of-two
+// scale for e4m3 caches. Plain CUDA: it builds for sm_80 too.
 #pragma once
 
 #include <algorithm>
@@ -120,6 +121,44 @@ inline cudaError_t launch_paged_combine(const cuda::PagedAttentionArgs& a, DType
       return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
+}
+
+// Half (64 dims from d0) of the tile's Q row `row` (token token0 + row / G,
+// head g G + row % G) of q [B, Q, Hq, kD], as eight 16-byte words: zeros for a
+// missing query (row past the tile's rows, or token >= q_len).
+template <int kD, class QElement>
+__device__ void read_q_half_row(const QElement* q, const SparseShape& s, const SparseTile& tile,
+                                int row, int d0, int64_t q_len, uint4 (&raw)[8]) {
+  const int64_t token = tile.token0 + row / s.group;
+  const bool valid = row < s.tokens * s.group && token < q_len;
+  const int64_t head = tile.g * s.group + row % s.group;
+  const QElement* src = q + ((tile.b * s.Sq + token) * s.Hq + head) * kD + d0;
+  CUTE_UNROLL
+  for (int i = 0; i < 8; ++i) {
+    raw[i] = valid ? reinterpret_cast<const uint4*>(src)[i] : make_uint4(0, 0, 0, 0);
+  }
+}
+
+// The half row `raw` as floats (x), and the exponent e of the whole row's
+// largest |x| (max |x| < 2^e; 0 for a zero or non-finite row), the other half
+// being held by the neighbouring lane: the e4m3 paths scale the row by a
+// power of two from it.
+template <class QElement>
+__device__ int q_row_exponent(const uint4 (&raw)[8], float (&x)[64]) {
+  float amax = 0.0f;
+  CUTE_UNROLL
+  for (int i = 0; i < 8; ++i) {
+    const QElement* e = reinterpret_cast<const QElement*>(&raw[i]);
+    CUTE_UNROLL
+    for (int j = 0; j < 8; ++j) {
+      x[8 * i + j] = static_cast<float>(e[j]);
+      amax = fmaxf(amax, fabsf(x[8 * i + j]));
+    }
+  }
+  amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, 1));
+  int e = 0;
+  if (amax > 0.0f && amax < INFINITY) frexpf(amax, &e);
+  return e;
 }
 
 }  // namespace jax_msa::sm90
