@@ -64,20 +64,25 @@ def _cuda_bwd_takes(q, k, v, *rest, implementation, **params) -> bool:
 # float32 (TMA reduce-adds into dq_accum) and its conversion, in one call
 # whose workspaces are extra (discarded) results, so that the handler
 # allocates nothing (the KV-outer backward's four; the index and partial ones
-# are empty here). A hidden primitive, bound only inside the lowering of _bwd_p.
-def _bwd_cuda_abstract(q, k, v, *rest, scale, causal):
+# are empty here). The portable family writes dQ directly: without
+# `with_dq_accum` that workspace has 0 elements. A hidden primitive, bound
+# only inside the lowering of _bwd_p.
+def _bwd_cuda_abstract(q, k, v, *rest, scale, causal, with_dq_accum):
     b, sq, hq, d = q.shape
-    sizes = _ffi.dense_bwd_workspace(b, sq, k.shape[1], hq, k.shape[2], d)
-    return [*backward_abstract(q, k, v), *kv_outer_workspaces(*sizes)]
+    delta, index, partial, dq_accum = _ffi.dense_bwd_workspace(b, sq, k.shape[1], hq, k.shape[2], d)
+    return [*backward_abstract(q, k, v),
+            *kv_outer_workspaces(delta, index, partial, dq_accum if with_dq_accum else 0)]
 
 
 _bwd_cuda_p = define_primitive("dot_product_attention_bwd_cuda", abstract_eval=_bwd_cuda_abstract,
                                reference=cuda_only("jax_msa_dot_product_attention_bwd_cuda"),
-                               ffi_attributes=("scale", "causal"))
+                               ffi_attributes=("scale", "causal", "with_dq_accum"))
 
 
 def _bwd_on_cuda(*args, scale, causal, implementation):
-    return _bwd_cuda_p.bind(*args, scale=scale, causal=causal, implementation=implementation)[:3]
+    return _bwd_cuda_p.bind(*args, scale=scale, causal=causal,
+                            with_dq_accum=not _ffi.portable_family_serves(),
+                            implementation=implementation)[:3]
 
 
 _bwd_p = define_primitive("dot_product_attention_bwd", abstract_eval=backward_abstract,

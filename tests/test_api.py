@@ -54,6 +54,12 @@ def _lower_for_cuda(fn):
     return jax.jit(fn).trace().lower(lowering_platforms=("cuda",)).as_text()
 
 
+def _custom_call_line(text: str, target: str) -> str:
+    """The line of the lowered module that calls `target`."""
+    (line,) = [l for l in text.splitlines() if f"@{target}(" in l]
+    return line
+
+
 @pytest.mark.skipif(_ffi.has_kernel("jax_msa_indexer_kl_loss", "cuda"),
                     reason="checks the fallback of an op without a CUDA kernel")
 def test_cuda_lowering_falls_back_to_reference_without_kernels():
@@ -154,7 +160,9 @@ def test_portable_family_serves_where_the_native_one_cannot(how, monkeypatch):
     dense_loss = lambda q: jnp.sum(jax_msa.dot_product_attention(q, k, k, causal=True).astype(jnp.float32))
     dense = _lower_for_cuda(lambda: jax.grad(dense_loss)(q))
     assert "jax_msa_dot_product_attention_fwd" in dense
-    assert "jax_msa_dot_product_attention_bwd_cuda" in dense
+    # The portable dense backward writes dQ directly: its dq_accum workspace (the last result) is empty.
+    bwd = _custom_call_line(dense, "jax_msa_dot_product_attention_bwd_cuda")
+    assert "with_dq_accum = false" in bwd and bwd.endswith("tensor<0xf32>)"), bwd
     qi, ki = normal(rng, (1, 300, 1, 64), jnp.bfloat16), normal(rng, (1, 300, 64), jnp.bfloat16)
     indexer = _lower_for_cuda(lambda: jax_msa.indexer(qi, ki, topk=4, return_lse=True))
     assert all(f"jax_msa_{t}" in indexer for t in ("indexer_scores", "indexer_select", "selected_lse"))
@@ -187,6 +195,9 @@ def test_cuda_dense_kernels_lower_where_they_apply():
     loss = lambda q, k: jnp.sum(jax_msa.dot_product_attention(q, k, k, causal=True).astype(jnp.float32))
     grad = _lower_for_cuda(lambda: jax.grad(loss, argnums=(0, 1))(q, k))
     assert "jax_msa_dot_product_attention_fwd" in grad and "jax_msa_dot_product_attention_bwd_cuda" in grad
+    # The Hopper backward reduce-adds dQ into a float32 [B, Sq, Hq, D] workspace, the call's last result.
+    bwd = _custom_call_line(grad, "jax_msa_dot_product_attention_bwd_cuda")
+    assert "with_dq_accum = true" in bwd and bwd.endswith(f"tensor<{2 * 300 * 16 * 128}xf32>)"), bwd
     # D = 64: the forward's kernel, the reference backward.
     grad64 = _lower_for_cuda(lambda: jax.grad(loss, argnums=(0, 1))(q[..., :64], k[..., :64]))
     assert "jax_msa_dot_product_attention_fwd" in grad64 and "bwd_cuda" not in grad64

@@ -102,7 +102,8 @@ ffi::Error DenseAttentionBwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::Any
                                  ffi::Result<ffi::AnyBuffer> delta,
                                  ffi::Result<ffi::AnyBuffer> index,
                                  ffi::Result<ffi::AnyBuffer> partial,
-                                 ffi::Result<ffi::AnyBuffer> dq_accum, float scale, bool causal) {
+                                 ffi::Result<ffi::AnyBuffer> dq_accum, float scale, bool causal,
+                                 bool with_dq_accum) {
   cpu::AttentionProblem p;
   DType dtype;
   if (auto e = DecodeAttentionInputs(q, k, v, q_lengths, kv_lengths, scale, &p, &dtype);
@@ -124,13 +125,16 @@ ffi::Error DenseAttentionBwdCuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::Any
         "128, Hq / Hkv <= 64, 0 < Sk < 2^31 - 256 and B * Hkv * ceil(Sk / 128) < 2^31");
   }
   const cuda::KvOuterBwdWorkspace need = cuda::dense_attention_bwd_workspace(args);
-  if (auto e = CheckBwdWorkspaces(*delta, *index, *partial, *dq_accum, need, need.dq_accum_floats);
+  if (auto e = CheckBwdWorkspaces(*delta, *index, *partial, *dq_accum, need,
+                                  with_dq_accum ? need.dq_accum_floats : 0);
       e.failure()) {
     return e;
   }
-  if (cuda::kernel_family() != cuda::KernelFamily::kHopper) {
+  if (cuda::kernel_family() != cuda::KernelFamily::kHopper || !with_dq_accum) {
     // The portable family (the Blackwell one has no backward): delta, then
-    // its dq and dk / dv (dq_accum unused).
+    // its dq and dk / dv, which need no dq_accum. The lowering leaves that
+    // workspace out wherever some device of the process runs the portable
+    // family, so a Hopper device of such a process takes this way too.
     if (auto e = CudaStatus("dot_product_attention_bwd (delta)",
                             cuda::attention_bwd_delta(dtype, args, out.untyped_data(),
                                                       dout.untyped_data(), DataOf<float>(dlse),
@@ -191,7 +195,8 @@ JAX_MSA_CUDA_HANDLER(kDenseAttentionFwdCuda, DenseAttentionFwdCuda,
                      WithFwdOperands(CudaBind()));
 JAX_MSA_CUDA_HANDLER(kDenseAttentionBwdCuda, DenseAttentionBwdCuda,
                      WithKvOuterWorkspaces(WithBwdOperands(CudaBind()))
-                         .Attr<bool>("causal"));
+                         .Attr<bool>("causal")
+                         .Attr<bool>("with_dq_accum"));
 #endif
 
 void AddDenseAttentionTargets(TargetTable& table) {
