@@ -1,6 +1,7 @@
 // The host side that the block-score kernels of every family share
-// (sm90/, portable/ and sm100/block_scores.cu): the problem, its checks and
-// the dispatch over dtype and Di to a family's launch.
+// (sm90/, portable/ and sm100/block_scores.cu): the problem, its checks, the
+// dispatch over dtype and Di to a family's launch, and the kernel parameters
+// and launch of the families that read qi and ki by pointer.
 #pragma once
 
 #include <climits>
@@ -10,6 +11,7 @@
 #include <cutlass/numeric_types.h>
 
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/sm90/tile_geometry.hpp"
 
 namespace jax_msa::cuda {
 
@@ -59,6 +61,45 @@ cudaError_t launch_scores(void (*with_sums)(Params), void (*without_sums)(Params
   if (status != cudaSuccess) return status;
   kernel<<<static_cast<unsigned>(grid), Traits::kThreads, Traits::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
+}
+
+// The kernel parameters of the families that read qi and ki by pointer
+// (portable/ and sm100/block_scores.cu; the SM90 kernel takes TMA descriptors).
+template <class Traits>
+struct PointerScoresParams {
+  const typename Traits::Element* qi;  // [B, rows, Di]
+  const typename Traits::Element* ki;  // [B, keys, Di]
+  const int32_t* q_lengths;
+  const int32_t* kv_lengths;
+  float* scores;  // [B, Sq, Hi, NB]
+  float* sums;    // same shape, or null: no sums
+  int64_t batch, rows, keys, hi, NB, tiles;
+  float scale;
+  bool fill_future;  // write -inf to the blocks past the tile's last local block
+};
+
+// Their launch: the parameters of `pr`, then launch_scores.
+template <class Traits>
+cudaError_t launch_pointer_scores(void (*with_sums)(PointerScoresParams<Traits>),
+                                  void (*without_sums)(PointerScoresParams<Traits>),
+                                  const ScoresProblem& pr, cudaStream_t stream) {
+  using Element = typename Traits::Element;
+  const int64_t rows = pr.Sq * pr.Hi;
+  const PointerScoresParams<Traits> p{static_cast<const Element*>(pr.qi),
+                                      static_cast<const Element*>(pr.ki),
+                                      pr.q_lengths,
+                                      pr.kv_lengths,
+                                      pr.scores,
+                                      pr.sums,
+                                      pr.B,
+                                      rows,
+                                      pr.Sk,
+                                      pr.Hi,
+                                      (pr.Sk + sm90::kBlockKeys - 1) / sm90::kBlockKeys,
+                                      (rows + Traits::kRows - 1) / Traits::kRows,
+                                      pr.scale,
+                                      pr.fill_future};
+  return launch_scores<Traits>(with_sums, without_sums, p, p.tiles, pr, stream);
 }
 
 }  // namespace jax_msa::cuda

@@ -38,7 +38,6 @@ namespace {
 
 using namespace cute;
 using sm90::cp_async_16;
-using sm90::kBlockKeys;
 using sm90::RowState;
 using sm90::TileGeometry;
 
@@ -75,17 +74,7 @@ struct ScoresTraits {
 };
 
 template <class Traits>
-struct Params {
-  const typename Traits::Element* qi;  // [B, rows, Di]
-  const typename Traits::Element* ki;  // [B, keys, Di]
-  const int32_t* q_lengths;
-  const int32_t* kv_lengths;
-  float* scores;  // [B, Sq, Hi, NB]
-  float* sums;    // same shape, or null: no sums
-  int64_t batch, rows, keys, hi, NB, tiles;
-  float scale;
-  bool fill_future;  // write -inf to the blocks past the tile's last local block
-};
+using Params = cuda::PointerScoresParams<Traits>;
 
 // The tile's Q rows into shared memory (all threads); rows past `rows` are zeros.
 template <class Traits>
@@ -225,23 +214,8 @@ struct Portable {
 template <class Element, int kDi>
 cudaError_t Portable::launch(const ScoresProblem& pr, cudaStream_t stream) {
   using Traits = ScoresTraits<Element, kDi>;
-  const int64_t rows = pr.Sq * pr.Hi;
-  const Params<Traits> p{static_cast<const Element*>(pr.qi),
-                         static_cast<const Element*>(pr.ki),
-                         pr.q_lengths,
-                         pr.kv_lengths,
-                         pr.scores,
-                         pr.sums,
-                         pr.B,
-                         rows,
-                         pr.Sk,
-                         pr.Hi,
-                         (pr.Sk + kBlockKeys - 1) / kBlockKeys,
-                         (rows + Traits::kRows - 1) / Traits::kRows,
-                         pr.scale,
-                         pr.fill_future};
-  return cuda::launch_scores<Traits>(block_scores_kernel<Traits, true>,
-                                     block_scores_kernel<Traits, false>, p, p.tiles, pr, stream);
+  return cuda::launch_pointer_scores<Traits>(block_scores_kernel<Traits, true>,
+                                             block_scores_kernel<Traits, false>, pr, stream);
 }
 
 }  // namespace

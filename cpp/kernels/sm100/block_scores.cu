@@ -96,17 +96,7 @@ struct ScoresTraits {
 };
 
 template <class Traits>
-struct Params {
-  const typename Traits::Element* qi;  // [B, rows, Di]
-  const typename Traits::Element* ki;  // [B, keys, Di]
-  const int32_t* q_lengths;
-  const int32_t* kv_lengths;
-  float* scores;  // [B, Sq, Hi, NB]
-  float* sums;    // same shape, or null: no sums
-  int64_t batch, rows, keys, hi, NB, tiles;
-  float scale;
-  bool fill_future;  // write -inf to the blocks past the tile's last local block
-};
+using Params = cuda::PointerScoresParams<Traits>;
 
 // `count` rows of a [*, Di] tensor from row `first` (rows at or past `limit`
 // zero-filled) into rows 0 .. count - 1 of `dst` (all threads).
@@ -258,23 +248,8 @@ cudaError_t Sm100::launch(const ScoresProblem& pr, cudaStream_t stream) {
   using Traits = ScoresTraits<Element, kDi>;
   const cudaError_t st = check_device();
   if (st != cudaSuccess) return st;
-  const int64_t rows = pr.Sq * pr.Hi;
-  const Params<Traits> p{static_cast<const Element*>(pr.qi),
-                         static_cast<const Element*>(pr.ki),
-                         pr.q_lengths,
-                         pr.kv_lengths,
-                         pr.scores,
-                         pr.sums,
-                         pr.B,
-                         rows,
-                         pr.Sk,
-                         pr.Hi,
-                         (pr.Sk + sm90::kBlockKeys - 1) / sm90::kBlockKeys,
-                         (rows + Traits::kRows - 1) / Traits::kRows,
-                         pr.scale,
-                         pr.fill_future};
-  return cuda::launch_scores<Traits>(block_scores_kernel<Traits, true>,
-                                     block_scores_kernel<Traits, false>, p, p.tiles, pr, stream);
+  return cuda::launch_pointer_scores<Traits>(block_scores_kernel<Traits, true>,
+                                             block_scores_kernel<Traits, false>, pr, stream);
 }
 
 }  // namespace
