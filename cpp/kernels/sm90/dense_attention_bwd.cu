@@ -10,6 +10,10 @@
 //  3. dq = scale * dq_accum in q's dtype (dq_convert_kernel).
 // dK / dV are deterministic; dq's float32 sums are not (summation order).
 // The workspace's index and partial buffers are unused (size 0).
+// The kernel's 80-row tiles take wgmma shapes (64 x 80 x 16) that CuTe
+// declares only with its extended SM90 shapes; set before any CuTe header.
+#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED 1
+
 #include <climits>
 #include <cstdint>
 

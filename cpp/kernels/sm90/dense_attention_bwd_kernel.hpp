@@ -6,7 +6,7 @@
 // nb - 1 - c, one after the other; see BlockWork), kv head g and batch row b,
 // 3 warpgroups:
 //   warpgroup 0   warp 0: K_c, V_c once (TMA), then per step a Q and a dO
-//                 tile (64 queries of one head, TMA) into a 2-stage ring;
+//                 tile (80 queries of one head, TMA) into a 2-stage ring;
 //                 warp 2: their lse, delta (cp.async: a head's rows are
 //                 strided) into the same ring;
 //                 warp 1: dQ writer, the TMA reduce-add of each step's dQ
@@ -16,16 +16,20 @@
 // Steps: the G query heads of the kv head for each query tile that sees a
 // key of the block (causal, bottom-right: from the diagonal's tile on). Per
 // step and warpgroup, keys along M (the "swapped" products of the KV-outer
-// backward, sparse_bwd_traits.hpp, whose layouts and MMAs these are) so that
-// P^T, dS^T leave the accumulators as register A operands:
-//   S^T = K_w Q^T, dP^T = V_w dO^T                 (SS, 64 x 64 x 128)
+// backward, whose S^T / dP^T / dV / dK fragments, kv_outer_bwd.hpp, these
+// are) so that P^T, dS^T leave the accumulators as register A operands:
+//   S^T = K_w Q^T, dP^T = V_w dO^T                 (SS, 64 x 80 x 128)
 //   P^T = exp2(S^T scale log2e - lse log2e) (masked), dV_w += P^T dO   (RS)
 //   dS^T = P^T (dP^T - delta) -> shared dS,       dK_w += dS^T Q       (RS)
-//   both halves of dS in: dQ[:, 64w..] = dS K_c[:, 64w..] (SS, 64 x 64 x 128)
+//   both halves of dS in: dQ^T[64w..] = K_c^T[64w..] dS^T (SS, 64 x 80 x 128)
 //   -> shared dQ tile -> warp 1's TMA reduce-add.
 // The block's dK (times scale), dV go straight to dk, dv: whole, hence
 // deterministic; zeros for blocks no query sees and for padded keys.
 #pragma once
+
+#if !defined(CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED)
+#error "the 64 x 80 wgmma shapes need CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED before any CuTe header"
+#endif
 
 #include <climits>
 #include <cstdint>
@@ -50,29 +54,45 @@ using kv_outer::fast_exp2;
 using kv_outer::gemm_overwrite;
 using sparse_bwd::kLog2e;
 
+// Query tiles of 80 rows (not the KV-outer backward's 64): S^T, dP^T and
+// dQ^T have the tile's rows along N, and a wider N reads less shared memory
+// per FLOP (the 64 x 64 products' operand reads nearly saturate it).
+// dQ = dS K has rows along M, which wgmma takes only in multiples of 64, so
+// it is computed swapped: dQ^T = K^T dS^T, dims along M.
 template <class Element_>
-struct Traits : SparseBwdTraits<Element_, 2, 2> {  // 2 Q / dO stages, 2 dS buffers
-  using Base = SparseBwdTraits<Element_, 2, 2>;
+struct Traits : KeyBlockBwdShape<Element_, 2, 80> {  // 2 Q / dO stages, 80 rows
+  using Base = KeyBlockBwdShape<Element_, 2, 80>;
   using typename Base::Element;
+  using typename Base::SmemAtom;
+  using typename Base::SmemLayoutKV;
+  using typename Base::SmemLayoutQ;
   using Base::kD;
-  using Base::kDsBufs;
   using Base::kKeys;
   using Base::kRows;
   using Base::kStages;
+  static constexpr int kDsBufs = 2;  // dS tiles: one per stage
 
-  // One stage of Q / dO (the TMA box) and the float32 dQ tile (its TMA box,
-  // K-major with the 128-byte swizzle so that the accumulator's pairs land
-  // on distinct banks).
+  // One stage of Q / dO: the TMA box.
   using TileQ = Shape<Int<kRows>, Int<kD>>;
-  using SmemLayoutQTile = decltype(tile_to_shape(typename Base::SmemAtom{}, TileQ{}));
+  using SmemLayoutQTile = decltype(tile_to_shape(SmemAtom{}, TileQ{}));
+  // dS (row, key, buffer), keys contiguous: the K-major B operand of dQ^T.
+  using SmemLayoutDs = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kRows>, Int<kKeys>, Int<kDsBufs>>{}));
+  // The float32 dQ tile (its TMA box, K-major with the 128-byte swizzle, so
+  // that a warp's stores of the dQ^T accumulator land on distinct banks).
   using SmemLayoutDq = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<float>{}, TileQ{}));
 
+  // (dims, rows, keys) product dQ^T[64w..] = K_c^T[64w..] dS^T of one warpgroup.
+  using MmaDqT = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kRows>, Int<kKeys>>,
+                           GMMA::Major::MN, GMMA::Major::K>(),
+      Layout<Shape<_1, _1, _1>>{}));
+
   struct SharedStorage {
-    alignas(1024) Element k[cosize_v<typename Base::SmemLayoutKV>];
-    alignas(1024) Element v[cosize_v<typename Base::SmemLayoutKV>];
-    alignas(1024) Element q[cosize_v<typename Base::SmemLayoutQ>];
-    alignas(1024) Element dout[cosize_v<typename Base::SmemLayoutQ>];
-    alignas(1024) Element ds[cosize_v<typename Base::SmemLayoutDs>];
+    alignas(1024) Element k[cosize_v<SmemLayoutKV>];
+    alignas(1024) Element v[cosize_v<SmemLayoutKV>];
+    alignas(1024) Element q[cosize_v<SmemLayoutQ>];
+    alignas(1024) Element dout[cosize_v<SmemLayoutQ>];
+    alignas(1024) Element ds[cosize_v<SmemLayoutDs>];
     alignas(1024) float dq[cosize_v<SmemLayoutDq>];
     alignas(16) float lse[kStages][kRows];
     alignas(16) float delta[kStages][kRows];
@@ -89,6 +109,31 @@ struct Traits : SparseBwdTraits<Element_, 2, 2> {  // 2 Q / dO stages, 2 dS buff
   // Arrivals on full[s]: the TMA thread's expect_tx and warp 2's 32 cp.async.
   static constexpr int kFullArrivals = 1 + 32;
   static_assert(kStages == 2 && kDsBufs == kStages, "StepCounter's ring");
+};
+
+// A consumer warpgroup's fragments: the shared S^T / dP^T / dV / dK products
+// (kv_outer_bwd.hpp) and the swapped dQ^T of dims [64w, 64w + 64).
+template <class T>
+struct DenseFragments : sparse_bwd::KeyBlockProducts<T> {
+  using Base = sparse_bwd::KeyBlockProducts<T>;
+  using MmaDqT = typename T::MmaDqT;
+  using TileDqT = Shape<_64, Int<T::kRows>>;
+  MmaDqT mma_dq;
+  decltype(std::declval<typename Base::template Thr<MmaDqT>>().partition_fragment_A(
+      std::declval<typename Base::template SmemW<typename T::SmemLayoutKt, Shape<_64, Int<T::kKeys>>>>()))
+      tQrKt;  // (MMA, 1, keys/16)
+  decltype(std::declval<typename Base::template Thr<MmaDqT>>().partition_fragment_B(
+      std::declval<typename Base::template Smem<typename T::SmemLayoutDs>>()))
+      tQrDs;  // (MMA, 1, keys/16, buffer)
+  decltype(partition_fragment_C(std::declval<MmaDqT>(), TileDqT{})) accQ;  // (dim, row)
+
+  __device__ DenseFragments(typename T::SharedStorage& ss, int w, int tid) : Base(ss, w, tid) {
+    auto thr_dq = mma_dq.get_thread_slice(tid);
+    tQrKt = thr_dq.partition_fragment_A(local_tile(Base::smem(ss.k, typename T::SmemLayoutKt{}),
+                                                   Shape<_64, Int<T::kKeys>>{}, make_coord(w, _0{})));
+    tQrDs = thr_dq.partition_fragment_B(Base::smem(ss.ds, typename T::SmemLayoutDs{}));
+  }
+  __device__ auto q_rows() { return make_tensor(accQ.data(), rowcol_layout(accQ.layout())); }
 };
 
 template <class T>
@@ -173,18 +218,22 @@ struct BlockWork {
   }
 };
 
-__device__ __forceinline__ void st_shared_f2(uint32_t addr, float x, float y) {
-  asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(x), "f"(y) : "memory");
+__device__ __forceinline__ void st_shared_b16(uint32_t addr, uint16_t x) {
+  asm volatile("st.shared.b16 [%0], %1;\n" ::"r"(addr), "h"(x) : "memory");
+}
+__device__ __forceinline__ void st_shared_f32(uint32_t addr, float x) {
+  asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(addr), "f"(x) : "memory");
 }
 
-// Address of pair v (columns + 8v) of a dQ accumulator row in the K-major,
-// 128-byte swizzled float32 tile (SmemLayoutDq), from that of pair 0: pairs
-// 0-3 share a 32-column swizzle atom row, whose 16-byte units the swizzle
-// permutes by XOR; pairs 4-7 are the same in the next atom column (64 rows
-// x 128 bytes further). Checked against the CuTe layout for every thread on
-// the host. Computed per store so that only one address per row stays in a register.
-__device__ __forceinline__ uint32_t dq_pair_addr(uint32_t pair0, int v) {
-  return (pair0 ^ static_cast<uint32_t>((v % 4) << 5)) + (v / 4) * 64 * 128;
+// Shared addresses of a thread's accumulator entries in a K-major tile with
+// the 128-byte swizzle (tile rows along the accumulator's N, columns 8 rows
+// of 128 bytes per swizzle atom): column j of the accumulator's rowcol view
+// is tile row n_j = n_{j % 2} + 8 (j / 2) (the wgmma C layout), the same
+// swizzle phase one atom (1024 bytes) further. So two addresses per
+// accumulator row, from CuTe, give all of them; computed per store, only
+// those stay in registers.
+__device__ __forceinline__ uint32_t swizzled_entry_addr(const uint32_t (&base)[2], int j) {
+  return base[j % 2] + (j / 2) * 1024;
 }
 
 // The query tile m and head h of each step of a block's walk (BlockWork:
@@ -320,7 +369,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   cutlass::arch::warpgroup_reg_alloc<240>();
   const int w = warpgroup - 1;  // keys [64w, 64w + 64) of the block
   const int tid = threadIdx.x % 128;
-  sparse_bwd::KeyBlockFragments<T> f(ss, w, tid);
+  DenseFragments<T> f(ss, w, tid);
   auto thr_s = f.mma_s.get_thread_slice(tid);
   auto thr_kv = f.mma_kv.get_thread_slice(tid);
   auto thr_dq = f.mma_dq.get_thread_slice(tid);
@@ -331,16 +380,24 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   Tensor accQ_rc = f.q_rows();
   Tensor cS = thr_s.partition_C(make_identity_tensor(typename decltype(f)::TileS{}));
   Tensor cS_rc = make_tensor(cS.data(), rowcol_layout(cS.layout()));
-  Tensor cQ = thr_dq.partition_C(make_identity_tensor(typename decltype(f)::TileDq{}));
-  Tensor cQ_rc = make_tensor(cQ.data(), rowcol_layout(cQ.layout()));
+  Tensor cQ = thr_dq.partition_C(make_identity_tensor(typename decltype(f)::TileDqT{}));
+  Tensor cQ_rc = make_tensor(cQ.data(), rowcol_layout(cQ.layout()));  // (dim, row)
   constexpr int kKeyRows = decltype(size<0>(accS_rc))::value;  // 2
-  constexpr int kCols = decltype(size<1>(accS_rc))::value;     // 16
-  // Shared address of this thread's first dQ pair in each of its rows.
-  uint32_t dq_row_addr[decltype(size<0>(accQ_rc))::value];
+  constexpr int kCols = decltype(size<1>(accS_rc))::value;     // 20
+  static_assert(decltype(size<0>(accQ_rc))::value == kKeyRows &&
+                decltype(size<1>(accQ_rc))::value == kCols);
+  // dS^T entry (key row r, column j) -> sDs(n_j, key, buf); dQ^T entry (dim
+  // row r, column j) -> sDq(n_j, dim): the bases of columns 0 and 1.
+  uint32_t ds_base[kKeyRows][2], dq_base[kKeyRows][2];
   CUTE_UNROLL
-  for (int r = 0; r < size<0>(accQ_rc); ++r) {
-    dq_row_addr[r] = cast_smem_ptr_to_uint(&sDq(get<0>(cQ_rc(r, 0)), 64 * w + get<1>(cQ_rc(r, 0))));
+  for (int r = 0; r < kKeyRows; ++r) {
+    CUTE_UNROLL
+    for (int j = 0; j < 2; ++j) {
+      ds_base[r][j] = cast_smem_ptr_to_uint(&sDs(get<1>(cS_rc(r, j)), 64 * w + get<0>(cS_rc(r, j)), 0));
+      dq_base[r][j] = cast_smem_ptr_to_uint(&sDq(get<1>(cQ_rc(r, j)), 64 * w + get<0>(cQ_rc(r, j))));
+    }
   }
+  constexpr uint32_t kDsBufBytes = T::kRows * T::kKeys * sizeof(Element);
   const float scale_log2 = p.scale * kLog2e;
   constexpr int kDsReady = 0;  // named barrier: both halves of a step's dS stored
 
@@ -421,7 +478,17 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         CUTE_UNROLL
         for (int r = 0; r < kKeyRows; ++r) accP_rc(r, j) = accS_rc(r, j) * (accP_rc(r, j) - dlt);
       }
-      sparse_bwd::store_ds_t<Element>(accP_rc, cS_rc, sDs, 64 * w, buf);
+      // dS^T -> the (row, key) tile, keys contiguous: a key's rows are not
+      // adjacent in the accumulator, hence 16-bit stores.
+      CUTE_UNROLL
+      for (int r = 0; r < kKeyRows; ++r) {
+        CUTE_UNROLL
+        for (int j = 0; j < kCols; ++j) {
+          const Element x = static_cast<Element>(accP_rc(r, j));
+          st_shared_b16(swizzled_entry_addr(ds_base[r], j) + buf * kDsBufBytes,
+                        reinterpret_cast<const uint16_t&>(x));
+        }
+      }
       CUTE_UNROLL
       for (int e = 0; e < size(f.accS); ++e) {
         f.rP.data()[e] = static_cast<Element>(f.accS.data()[e]);
@@ -432,12 +499,12 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       sparse_bwd::issue_dv_dk(f.mma_kv, f.rP, f.rdS, f.tKrOt(_, _, _, stage),
                               f.tKrQt(_, _, _, stage), f.accV, f.accK);
 
-      // dQ = dS K_c for dims [64w, 64w + 64), once both halves of dS are in.
+      // dQ^T = K_c^T dS^T for dims [64w, 64w + 64), once both halves of dS are in.
       cutlass::arch::fence_view_async_shared();  // generic stores -> wgmma reads
       cutlass::arch::NamedBarrier::sync(256, kDsReady);
       warpgroup_fence_operand(f.accQ);
       warpgroup_arrive();
-      gemm_overwrite(f.mma_dq, f.tQrDs(_, _, _, buf), f.tQrKt, f.accQ);
+      gemm_overwrite(f.mma_dq, f.tQrKt, f.tQrDs(_, _, _, buf), f.accQ);
       warpgroup_commit_batch();
       warpgroup_wait<0>();
       warpgroup_fence_operand(f.accQ);
@@ -448,12 +515,9 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       // dQ tile -> shared memory, once the writer has sent the previous one.
       ClusterBarrier::wait(&ss.dq_empty, step.parity ^ 1);
       CUTE_UNROLL
-      for (int r = 0; r < size<0>(accQ_rc); ++r) {
-        const uint32_t row_addr = dq_row_addr[r];
+      for (int r = 0; r < kKeyRows; ++r) {
         CUTE_UNROLL
-        for (int j = 0; j < size<1>(accQ_rc); j += 2) {
-          st_shared_f2(dq_pair_addr(row_addr, j / 2), accQ_rc(r, j), accQ_rc(r, j + 1));
-        }
+        for (int j = 0; j < kCols; ++j) st_shared_f32(swizzled_entry_addr(dq_base[r], j), accQ_rc(r, j));
       }
       cutlass::arch::fence_view_async_shared();  // generic stores -> the TMA's reads
       ClusterBarrier::arrive(&ss.dq_full);

@@ -5,7 +5,7 @@
 // the dq_accum zero / convert kernels, plus their host launchers (delta:
 // bwd_delta.hpp). The dense backward (dense_attention_bwd_kernel.hpp) shares
 // the zero and convert kernels and the per-warpgroup pieces
-// (KeyBlockFragments, store_ds_t, issue_dv_dk, store_dkdv).
+// (KeyBlockProducts, issue_dv_dk, store_dkdv).
 #pragma once
 
 #include <algorithm>
@@ -162,19 +162,17 @@ __device__ __forceinline__ void issue_dv_dk(Mma& mma_kv, RP& rP, RP& rdS, const 
 
 // A consumer warpgroup's products over one key block, in both backwards
 // (the KV-outer kernel below; dense: dense_attention_bwd_kernel.hpp):
-// warpgroup w owns keys [64w, 64w + 64). The tiled MMAs, the shared-memory
-// operand fragments (K_w, V_w; Q, dO by stage and their transposed views;
-// dS by buffer; K_c^T's dims [64w, 64w + 64)), the accumulators and the
-// register A operands P^T, dS^T.
+// warpgroup w owns keys [64w, 64w + 64). The S^T / dP^T and dV / dK tiled
+// MMAs, their shared-memory operand fragments (K_w, V_w; Q, dO by stage and
+// their transposed views), the accumulators and the register A operands
+// P^T, dS^T. Each backward adds its own dQ product.
 template <class Traits>
-struct KeyBlockFragments {
+struct KeyBlockProducts {
   using Element = typename Traits::Element;
   using MmaSdP = typename Traits::MmaSdP;
   using MmaKV = typename Traits::MmaKV;
-  using MmaDq = typename Traits::MmaDq;
   using TileS = Shape<_64, Int<Traits::kRows>>;
   using TileKV = Shape<_64, Int<Traits::kD>>;
-  using TileDq = Shape<Int<Traits::kRows>, _64>;
   template <class Layout>
   using Smem = decltype(make_tensor(make_smem_ptr(std::declval<Element*>()), Layout{}));
   template <class Layout, class Tile>
@@ -182,35 +180,26 @@ struct KeyBlockFragments {
   template <class Mma>
   using Thr = decltype(std::declval<Mma>().get_thread_slice(0));
   using SmemKVw = SmemW<typename Traits::SmemLayoutKV, TileKV>;
-  using SmemKtw = SmemW<typename Traits::SmemLayoutKt, Shape<_64, Int<Traits::kKeys>>>;
   using AccS = decltype(partition_fragment_C(std::declval<MmaSdP>(), TileS{}));
   using OperandLayout = decltype(acc_to_operand_a(std::declval<AccS>().layout()));
 
   MmaSdP mma_s;
   MmaKV mma_kv;  // accumulates
-  MmaDq mma_dq;
   decltype(std::declval<Thr<MmaSdP>>().partition_fragment_A(std::declval<SmemKVw>()))
       tSrK, tSrV;  // (MMA, 1, D/16)
   decltype(std::declval<Thr<MmaSdP>>().partition_fragment_B(
       std::declval<Smem<typename Traits::SmemLayoutQ>>())) tSrQ, tSrO;  // (MMA, 1, D/16, stage)
   decltype(std::declval<Thr<MmaKV>>().partition_fragment_B(
       std::declval<Smem<typename Traits::SmemLayoutQt>>())) tKrQt, tKrOt;  // (MMA, 1, rows/16, stage)
-  decltype(std::declval<Thr<MmaDq>>().partition_fragment_A(
-      std::declval<Smem<typename Traits::SmemLayoutDs>>())) tQrDs;  // (MMA, 1, keys/16, buffer)
-  decltype(std::declval<Thr<MmaDq>>().partition_fragment_B(std::declval<SmemKtw>()))
-      tQrKt;  // (MMA, 1, keys/16)
   AccS accS;  // S^T, then P^T
   AccS accP;  // dP^T, then dS^T
   decltype(partition_fragment_C(std::declval<MmaKV>(), TileKV{})) accV, accK;
-  decltype(partition_fragment_C(std::declval<MmaDq>(), TileDq{})) accQ;
   decltype(make_tensor<Element>(OperandLayout{})) rP, rdS;
 
-  __device__ KeyBlockFragments(typename Traits::SharedStorage& ss, int w, int tid) {
+  __device__ KeyBlockProducts(typename Traits::SharedStorage& ss, int w, int tid) {
     mma_kv.accumulate_ = GMMA::ScaleOut::One;
     auto thr_s = mma_s.get_thread_slice(tid);
     auto thr_kv = mma_kv.get_thread_slice(tid);
-    auto thr_dq = mma_dq.get_thread_slice(tid);
-    auto smem = [](auto* x, auto layout) { return make_tensor(make_smem_ptr(x), layout); };
     const auto coord = make_coord(w, _0{});
     using KV = typename Traits::SmemLayoutKV;
     tSrK = thr_s.partition_fragment_A(local_tile(smem(ss.k, KV{}), TileKV{}, coord));
@@ -219,14 +208,43 @@ struct KeyBlockFragments {
     tSrO = thr_s.partition_fragment_B(smem(ss.dout, typename Traits::SmemLayoutQ{}));
     tKrQt = thr_kv.partition_fragment_B(smem(ss.q, typename Traits::SmemLayoutQt{}));
     tKrOt = thr_kv.partition_fragment_B(smem(ss.dout, typename Traits::SmemLayoutQt{}));
-    tQrDs = thr_dq.partition_fragment_A(smem(ss.ds, typename Traits::SmemLayoutDs{}));
-    tQrKt = thr_dq.partition_fragment_B(local_tile(smem(ss.k, typename Traits::SmemLayoutKt{}),
-                                                   Shape<_64, Int<Traits::kKeys>>{}, coord));
+  }
+
+  template <class X, class Layout>
+  __device__ static auto smem(X* x, Layout layout) {
+    return make_tensor(make_smem_ptr(x), layout);
   }
 
   // The accumulators seen as rows x columns (rowmax_epilogue.hpp).
   __device__ auto s_rows() { return make_tensor(accS.data(), rowcol_layout(accS.layout())); }
   __device__ auto p_rows() { return make_tensor(accP.data(), rowcol_layout(accP.layout())); }
+};
+
+// The KV-outer backward's dQ: dQ_w = dS K_c[:, 64w..] (tile rows along M),
+// A = the shared dS by buffer, B = K_c^T's dims [64w, 64w + 64).
+template <class Traits>
+struct KeyBlockFragments : KeyBlockProducts<Traits> {
+  using Base = KeyBlockProducts<Traits>;
+  using MmaDq = typename Traits::MmaDq;
+  using TileDq = Shape<Int<Traits::kRows>, _64>;
+  using SmemKtw = typename Base::template SmemW<typename Traits::SmemLayoutKt,
+                                                Shape<_64, Int<Traits::kKeys>>>;
+  MmaDq mma_dq;
+  decltype(std::declval<typename Base::template Thr<MmaDq>>().partition_fragment_A(
+      std::declval<typename Base::template Smem<typename Traits::SmemLayoutDs>>()))
+      tQrDs;  // (MMA, 1, keys/16, buffer)
+  decltype(std::declval<typename Base::template Thr<MmaDq>>().partition_fragment_B(
+      std::declval<SmemKtw>())) tQrKt;  // (MMA, 1, keys/16)
+  decltype(partition_fragment_C(std::declval<MmaDq>(), TileDq{})) accQ;
+
+  __device__ KeyBlockFragments(typename Traits::SharedStorage& ss, int w, int tid) : Base(ss, w, tid) {
+    auto thr_dq = mma_dq.get_thread_slice(tid);
+    tQrDs = thr_dq.partition_fragment_A(Base::smem(ss.ds, typename Traits::SmemLayoutDs{}));
+    tQrKt = thr_dq.partition_fragment_B(local_tile(Base::smem(ss.k, typename Traits::SmemLayoutKt{}),
+                                                   Shape<_64, Int<Traits::kKeys>>{},
+                                                   make_coord(w, _0{})));
+  }
+
   __device__ auto q_rows() { return make_tensor(accQ.data(), rowcol_layout(accQ.layout())); }
 };
 

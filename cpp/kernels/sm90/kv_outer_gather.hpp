@@ -25,13 +25,13 @@ using namespace cute;
 
 // One CTA = a producer warpgroup and two consumer warpgroups; a KV block
 // (kKeys x kD) stays in shared memory while the CTA walks tiles of kRows
-// (token, head) rows gathered into a kStages ring.
-template <class Element_, int kStages_>
+// (token, head) rows (the dense backward: query rows) in a kStages ring.
+template <class Element_, int kStages_, int kRows_ = block_index::kTileRows>
 struct TileShape {
   using Element = Element_;
   static constexpr int kD = 128;     // head dim (the only one supported)
   static constexpr int kKeys = block_index::kBlock;
-  static constexpr int kRows = block_index::kTileRows;
+  static constexpr int kRows = kRows_;
   static constexpr int kConsumerWarpgroups = 2;
   static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);
   static constexpr int kStages = kStages_;

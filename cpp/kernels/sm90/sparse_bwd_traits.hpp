@@ -39,11 +39,42 @@ namespace jax_msa::sm90 {
 
 using namespace cute;
 
-// kStages Q / dO tiles in flight, kDsBufs_ dS buffers (the dense backward,
-// dense_attention_bwd_kernel.hpp, takes the layouts and products with 2 / 2).
+// What both backwards' consumer warpgroups share (kv_outer_bwd.hpp,
+// KeyBlockProducts): a warpgroup's 64 keys against a tile of kRows_ rows.
+template <class Element_, int kStages_, int kRows_ = block_index::kTileRows>
+struct KeyBlockBwdShape : kv_outer::TileShape<Element_, kStages_, kRows_> {
+  using Base = kv_outer::TileShape<Element_, kStages_, kRows_>;
+  using typename Base::Element;
+  using typename Base::SmemLayoutKV;
+  using typename Base::SmemLayoutQ;
+  using Base::kD;
+  using Base::kKeys;
+  using Base::kRows;
+  using Base::kStages;
+
+  // The (row, dim, stage) tiles seen as (dim, row, stage): the MN-major B
+  // operand of the dK / dV products.
+  using SmemLayoutQt = decltype(composition(
+      SmemLayoutQ{}, make_layout(Shape<Int<kD>, Int<kRows>, Int<kStages>>{},
+                                 Stride<Int<kRows>, _1, Int<kRows * kD>>{})));
+  // K_c seen as (dim, key): an MN-major operand of the dQ product.
+  using SmemLayoutKt = decltype(composition(
+      SmemLayoutKV{}, make_layout(Shape<Int<kD>, Int<kKeys>>{}, Stride<Int<kKeys>, _1>{})));
+  // (keys, rows, dim) products S^T and dP^T of one warpgroup.
+  using MmaSdP = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kRows>, Int<kD>>>(),
+      Layout<Shape<_1, _1, _1>>{}));
+  // (keys, dim, rows) products dV += P^T dO and dK += dS^T Q of one warpgroup.
+  using MmaKV = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kD>, Int<kRows>>,
+                           GMMA::Major::K, GMMA::Major::MN>(),
+      Layout<Shape<_1, _1, _1>>{}));
+};
+
+// kStages Q / dO tiles in flight, kDsBufs_ dS buffers.
 template <class Element_, int kStages_ = 3, int kDsBufs_ = 3>
-struct SparseBwdTraits : kv_outer::TileShape<Element_, kStages_> {
-  using Base = kv_outer::TileShape<Element_, kStages_>;
+struct SparseBwdTraits : KeyBlockBwdShape<Element_, kStages_> {
+  using Base = KeyBlockBwdShape<Element_, kStages_>;
   using typename Base::Element;
   using typename Base::SmemLayoutKV;
   using typename Base::SmemLayoutQ;
@@ -51,21 +82,11 @@ struct SparseBwdTraits : kv_outer::TileShape<Element_, kStages_> {
   using Base::kRows;
   using Base::kStages;
 
-  // The same memory seen as (dim, row, stage): the MN-major B operand of the
-  // dK / dV products.
-  using SmemLayoutQt = decltype(composition(
-      SmemLayoutQ{}, make_layout(Shape<Int<kD>, Int<kRows>, Int<kStages>>{},
-                                 Stride<Int<kRows>, _1, Int<kRows * kD>>{})));
-
   // dS of a tile, (row, key, buffer), rows contiguous: written from the dS^T
   // accumulators (keys along M), read as the MN-major A operand of dQ.
   static constexpr int kDsBufs = kDsBufs_;
   using SmemLayoutDs = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{},
                                               Shape<Int<kRows>, Int<Base::kKeys>, Int<kDsBufs>>{}));
-  // K_c seen as (dim, key): the MN-major B operand of dQ = dS K_c.
-  using SmemLayoutKt = decltype(composition(
-      SmemLayoutKV{}, make_layout(Shape<Int<kD>, Int<Base::kKeys>>{},
-                                  Stride<Int<Base::kKeys>, _1>{})));
   // (rows, dim half, keys) product dQ_w = dS K_c[:, w] of one warpgroup.
   using MmaDq = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, float, Shape<Int<kRows>, _64, Int<Base::kKeys>>,
@@ -80,16 +101,6 @@ struct SparseBwdTraits : kv_outer::TileShape<Element_, kStages_> {
                                   Stride<Int<kRows>, _1, Int<kRows * Base::kKeys>>{})));
   using MmaKVss = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kD>, Int<kRows>>,
-                           GMMA::Major::K, GMMA::Major::MN>(),
-      Layout<Shape<_1, _1, _1>>{}));
-
-  // (keys, rows, dim) products S^T and dP^T of one warpgroup.
-  using MmaSdP = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kRows>, Int<kD>>>(),
-      Layout<Shape<_1, _1, _1>>{}));
-  // (keys, dim, rows) products dV += P^T dO and dK += dS^T Q of one warpgroup.
-  using MmaKV = decltype(make_tiled_mma(
-      GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kD>, Int<kRows>>,
                            GMMA::Major::K, GMMA::Major::MN>(),
       Layout<Shape<_1, _1, _1>>{}));
 
