@@ -23,6 +23,8 @@ of
 Method (spec §7, benchmarks/timing.py): random normal inputs, --rotate input
 sets cycled; compile and --warmup calls excluded; each sample repeats the op
 until it lasts >= --min-sample-ms, then block_until_ready; median of --samples.
+cuDNN's and this op's samples are taken in turn (interleaved), so that a drift
+of the card's clocks during a row does not move their ratio.
 FLOPs: forward F = 4 * D * Hq * B * S^2 (2 matmuls: Q K^T, P V), half of it
 when causal; backward 2.5 F (5 matmuls, as the FlashAttention papers count:
 S = Q K^T recomputed, dP = dO V^T, dV = P^T dO, dK = dS^T Q, dQ = dS K);
@@ -70,14 +72,18 @@ class Bench:
         print(f"dense kernels in this build: forward {self.meta['dense_kernel']}, "
               f"backward {self.meta['dense_bwd_kernel']}", flush=True)
 
-    def _time(self, fn, sets):
-        """(median ms, None) or (None, the error)."""
-        from timing import median_ms
+    def _time(self, cases):
+        """(median ms per case, error per case) of the (fn, input sets) cases
+        (None: not timed), their samples interleaved (timing.py)."""
+        from timing import interleaved_median_ms
 
+        live = [c for c in cases if c is not None]
         try:
-            return median_ms(fn, sets, self.args.samples, self.args.min_sample_ms, self.args.warmup), None
-        except Exception as e:  # OOM, a refused shape, ...: record it and go on with the grid
-            return None, _error(e)
+            times = iter(interleaved_median_ms(live, self.args.samples, self.args.min_sample_ms,
+                                               self.args.warmup) if live else [])
+            return [next(times) if c is not None else None for c in cases], [None] * len(cases)
+        except Exception as e:  # OOM, ...: record it and go on with the grid
+            return [None] * len(cases), [_error(e) if c is not None else None for c in cases]
 
     def _row(self, op, s, b, hq, hkv, causal, ms, flop, cudnn_ms, note=None, error=None):
         row = dict(op=op, S=s, B=b, Hq=hq, Hkv=hkv, D=self.args.dim, causal=causal, ms=ms,
@@ -86,42 +92,48 @@ class Bench:
         self.rows.append(row)
         print(format_row(row), flush=True)
 
-    def _timed(self, attention, sets, mode):
-        """(ms, error) of `attention(q, k, v) -> out` in pass `mode` (see the top)."""
+    def _case(self, attention, sets, mode):
+        """((fn, input sets), None) timing `attention(q, k, v) -> out` in pass
+        `mode` (see the top), compiled by one call; or (None, the error)."""
         import jax
         from timing import normal
 
         try:
             if mode == "fwd":
-                return self._time(jax.jit(attention), sets)
-            keys = jax.random.split(jax.random.PRNGKey(self.args.seed + 1), len(sets))
-            couts = [normal(key, q.shape, q.dtype) for key, (q, _, _) in zip(keys, sets)]
-            if mode == "both":
-                both = jax.jit(lambda q, k, v, dout: jax.vjp(attention, q, k, v)[1](dout))
-                return self._time(both, [(*x, dout) for x, dout in zip(sets, couts)])
-            fwd = jax.jit(lambda q, k, v: jax.vjp(attention, q, k, v))
-            pullbacks = [(fwd(*x)[1], dout) for x, dout in zip(sets, couts)]
-            return self._time(jax.jit(lambda pullback, dout: pullback(dout)), pullbacks)
+                fn, calls = jax.jit(attention), sets
+            else:
+                keys = jax.random.split(jax.random.PRNGKey(self.args.seed + 1), len(sets))
+                couts = [normal(key, q.shape, q.dtype) for key, (q, _, _) in zip(keys, sets)]
+                if mode == "both":
+                    fn = jax.jit(lambda q, k, v, dout: jax.vjp(attention, q, k, v)[1](dout))
+                    calls = [(*x, dout) for x, dout in zip(sets, couts)]
+                else:
+                    fwd = jax.jit(lambda q, k, v: jax.vjp(attention, q, k, v))
+                    calls = [(fwd(*x)[1], dout) for x, dout in zip(sets, couts)]
+                    fn = jax.jit(lambda pullback, dout: pullback(dout))
+            jax.block_until_ready(fn(*calls[0]))  # a refused shape fails here, untimed
+            return (fn, calls), None
         except Exception as e:  # a refused shape when tracing, OOM, ...
             return None, _error(e)
 
     def _cudnn(self, sets, causal, hq, hkv, mode="fwd"):
-        """(ms, note, error) of cuDNN, with k/v repeated to Hq heads if it refuses GQA."""
+        """(case, note, error) of cuDNN (see _case), with k/v repeated to Hq
+        heads if it refuses GQA."""
         import jax
         import jax.numpy as jnp
 
         def plain(q, k, v):
             return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
 
-        ms, err = self._timed(plain, sets, mode)
-        if ms is not None or hq == hkv:
-            return ms, None, err
+        case, err = self._case(plain, sets, mode)
+        if case is not None or hq == hkv:
+            return case, None, err
 
         def repeated(q, k, v):
             return plain(q, jnp.repeat(k, hq // hkv, axis=2), jnp.repeat(v, hq // hkv, axis=2))
 
-        ms, err2 = self._timed(repeated, sets, mode)
-        return ms, f"k, v repeated to {hq} heads (GQA refused: {err})", err2
+        case, err2 = self._case(repeated, sets, mode)
+        return case, f"k, v repeated to {hq} heads (GQA refused: {err})", err2
 
     def _mgpu(self, sets, causal):
         """(ms, note, error) of the Mosaic-GPU kernel at its fastest block_kv, on
@@ -146,7 +158,9 @@ class Bench:
             except Exception as e:
                 errors.append(f"block_kv={block_kv}: {_error(e)}")
                 continue
-            ms, err = self._time(jax.jit(lambda q, k, v, c=config: attention_mgpu.attention(q, k, v, c)), sets)
+            case, err = self._case(lambda q, k, v, c=config: attention_mgpu.attention(q, k, v, c), sets, "fwd")
+            (ms,), (err_t,) = self._time([case])
+            err = err or err_t
             if ms is None:
                 errors.append(f"block_kv={block_kv}: {err}")
             elif best is None or ms < best[0]:
@@ -174,13 +188,16 @@ class Bench:
                     flop_fwd = 4 * a.dim * hq * b * s * s * (0.5 if causal else 1.0)
                     for mode in a.passes:
                         flop = flop_fwd * FLOP_FACTOR[mode]
-                        cudnn_ms = None
-                        if not a.no_cudnn:
-                            cudnn_ms, note, err = self._cudnn(sets, causal, hq, hkv, mode)
-                            self._row(f"cudnn_{mode}", s, b, hq, hkv, causal, cudnn_ms, flop, cudnn_ms, note, err)
-                        ms, err = self._timed(lambda q, k, v, c=causal: jax_msa.dot_product_attention(
+                        cudnn, note, cudnn_err = (None, None, None) if a.no_cudnn else self._cudnn(
+                            sets, causal, hq, hkv, mode)
+                        ours, err = self._case(lambda q, k, v, c=causal: jax_msa.dot_product_attention(
                             q, k, v, causal=c, implementation=a.implementation), sets, mode)
-                        self._row(f"msa_{mode}", s, b, hq, hkv, causal, ms, flop, cudnn_ms, None, err)
+                        (cudnn_ms, ms), (cudnn_err_t, err_t) = self._time([cudnn, ours])
+                        del cudnn, ours  # their inputs (the pullbacks' residuals)
+                        if not a.no_cudnn:
+                            self._row(f"cudnn_{mode}", s, b, hq, hkv, causal, cudnn_ms, flop, cudnn_ms, note,
+                                      cudnn_err or cudnn_err_t)
+                        self._row(f"msa_{mode}", s, b, hq, hkv, causal, ms, flop, cudnn_ms, None, err or err_t)
                         if mode == "fwd" and not a.no_mgpu:
                             ms, note, err = self._mgpu(sets, causal)
                             self._row("mgpu_fwd", s, b, hq, hkv, causal, ms, flop, cudnn_ms, note, err)

@@ -7,7 +7,8 @@ Method: compile and warm-up calls are excluded; each sample dispatches the
 function `reps` times back to back over rotated input sets and then waits
 with `jax.block_until_ready`, where `reps` is chosen so that one sample lasts
 at least `min_sample_ms`; the result is the median over the samples of the
-per-call time.
+per-call time. Functions compared with each other (interleaved_median_ms)
+take their samples in turn.
 """
 
 from __future__ import annotations
@@ -45,23 +46,35 @@ def median_ms(fn: Callable, input_sets: Sequence[tuple], samples: int = 20, min_
       min_sample_ms: each sample repeats the call until it lasts at least this.
       warmup: untimed calls after the first (compiling) one.
     """
-    if not input_sets:
-        raise ValueError("median_ms needs at least one input set")
+    return interleaved_median_ms([(fn, input_sets)], samples, min_sample_ms, warmup)[0]
+
+
+def interleaved_median_ms(cases: Sequence[tuple[Callable, Sequence[tuple]]], samples: int = 20,
+                          min_sample_ms: float = 5.0, warmup: int = 3) -> list[float]:
+    """median_ms of each (fn, input_sets) case, their samples interleaved
+    (case 0, case 1, ..., case 0, ...), so that a drift of the device's clocks
+    during the run weighs on every case alike and their ratios keep still."""
+    if not cases or any(not sets for _, sets in cases):
+        raise ValueError("interleaved_median_ms needs cases with at least one input set each")
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
-    rotation = itertools.cycle(input_sets)
-    # First call compiles; then `warmup` more untimed calls.
-    for _ in range(1 + max(0, warmup)):
-        jax.block_until_ready(fn(*next(rotation)))
-    # Calibrate: how many back-to-back calls make one sample last min_sample_ms.
-    probe = max(1, len(input_sets))
-    once_ms = _elapsed_ms(fn, [next(rotation) for _ in range(probe)]) / probe
-    reps = max(1, -(-int(min_sample_ms * 1000) // max(1, int(once_ms * 1000))))
-    per_call = []
+    rotations, reps = [], []
+    for fn, input_sets in cases:
+        rotation = itertools.cycle(input_sets)
+        # First call compiles; then `warmup` more untimed calls.
+        for _ in range(1 + max(0, warmup)):
+            jax.block_until_ready(fn(*next(rotation)))
+        # Calibrate: how many back-to-back calls make one sample last min_sample_ms.
+        probe = max(1, len(input_sets))
+        once_ms = _elapsed_ms(fn, [next(rotation) for _ in range(probe)]) / probe
+        rotations.append(rotation)
+        reps.append(max(1, -(-int(min_sample_ms * 1000) // max(1, int(once_ms * 1000)))))
+    per_call = [[] for _ in cases]
     for _ in range(samples):
-        calls = [next(rotation) for _ in range(reps)]
-        per_call.append(_elapsed_ms(fn, calls) / reps)
-    return statistics.median(per_call)
+        for i, (fn, _) in enumerate(cases):
+            calls = [next(rotations[i]) for _ in range(reps[i])]
+            per_call[i].append(_elapsed_ms(fn, calls) / reps[i])
+    return [statistics.median(x) for x in per_call]
 
 
 def copy_ms(gib: float, seed: int, samples: int, min_sample_ms: float, warmup: int) -> tuple[float, int]:
