@@ -256,6 +256,16 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
   uint32_t* stage_o = reinterpret_cast<uint32_t*>(ss.o[w]);  // [row][64 words], swizzled
   const uint4* stage_o4 = ss.o[w];
+  // Staging words of the O accumulator's entries (r, j), j even: row
+  // row_r, columns 8 (j / 2) + c0 + {0, 1} (the wgmma C layout), i.e. word
+  // c0 / 2 of 16-byte chunk j / 2, stored at chunk (j / 2) ^ (row_r % 8); the
+  // two rows differ by 8, so one XOR for both. Kept over all tiles.
+  const int stage_swz = get<0>(cO_rc(0, 0)) & 7;
+  int stage_row_word[kRowsPerThread];
+  CUTE_UNROLL
+  for (int r = 0; r < kRowsPerThread; ++r) {
+    stage_row_word[r] = get<0>(cO_rc(r, 0)) * 64 + (get<1>(cO_rc(r, 0)) >> 1);
+  }
   int64_t it = 0;
   int seg = 0;
 
@@ -321,18 +331,24 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
             m = fmaxf(m, x);
           }
         } else {
-          CUTE_UNROLL
-          for (int j = 0; j < kCols; ++j) {
-            accS_rc(r, j) *= p.scale_log2;
-            m = fmaxf(m, accS_rc(r, j));
+          // The scaled scores' max from the raw ones (their min for a negative
+          // scale): the scale goes into the exponent's FFMA below.
+          float raw = accS_rc(r, 0);
+          if (p.scale_log2 >= 0.0f) {
+            CUTE_UNROLL
+            for (int j = 1; j < kCols; ++j) raw = fmaxf(raw, accS_rc(r, j));
+          } else {
+            CUTE_UNROLL
+            for (int j = 1; j < kCols; ++j) raw = fminf(raw, accS_rc(r, j));
           }
+          m = raw * p.scale_log2;
         }
         m = quad_max(m);  // every lane of the warp: no lane has left
         const float base = m == -INFINITY ? 0.0f : m;
         float l = 0.0f;
         CUTE_UNROLL
         for (int j = 0; j < kCols; ++j) {
-          const float e = fast_exp2(accS_rc(r, j) - base);
+          const float e = fast_exp2(masked ? accS_rc(r, j) - base : fmaf(accS_rc(r, j), p.scale_log2, -base));
           accS_rc(r, j) = e;
           l += e;
         }
@@ -357,13 +373,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       cutlass::arch::NamedBarrier::sync(128, w);  // the previous tile's staging is read
       CUTE_UNROLL
       for (int r = 0; r < kRowsPerThread; ++r) {
-        const int row = get<0>(cO_rc(r, 0));
-        const float inv = row_l[r] > 0.0f ? 1.0f / row_l[r] : 0.0f;
+        // l >= 1 where a key is visible (its max contributes exp2(0)): the
+        // fast reciprocal is exact enough for a 16-bit partial.
+        const float inv = row_l[r] > 0.0f ? __fdividef(1.0f, row_l[r]) : 0.0f;
         CUTE_UNROLL
         for (int j = 0; j < size<1>(accO_rc); j += 2) {
-          const int col = get<1>(cO_rc(r, j));  // even; col + 1 is entry j + 1
-          const int chunk = (col >> 3) ^ (row & 7);
-          stage_o[row * 64 + chunk * 4 + ((col & 7) >> 1)] =
+          stage_o[stage_row_word[r] + (((j / 2) ^ stage_swz) << 2)] =
               pack2<Element>(accO_rc(r, j) * inv, accO_rc(r, j + 1) * inv);
         }
         const int srow = get<0>(cS_rc(r, 0));
