@@ -63,12 +63,8 @@ cudaError_t launch_scores(void (*with_sums)(Params), void (*without_sums)(Params
   return cudaGetLastError();
 }
 
-// The kernel parameters of the families that read qi and ki by pointer
-// (portable/ and sm100/block_scores.cu; the SM90 kernel takes TMA descriptors).
-template <class Traits>
-struct PointerScoresParams {
-  const typename Traits::Element* qi;  // [B, rows, Di]
-  const typename Traits::Element* ki;  // [B, keys, Di]
+// The kernel parameters every family shares (each adds its qi / ki operands).
+struct ScoresShape {
   const int32_t* q_lengths;
   const int32_t* kv_lengths;
   float* scores;  // [B, Sq, Hi, NB]
@@ -78,27 +74,41 @@ struct PointerScoresParams {
   bool fill_future;  // write -inf to the blocks past the tile's last local block
 };
 
+// The shared parameters of `pr` for tiles of kRows (query, head) rows.
+template <int kRows>
+ScoresShape scores_shape(const ScoresProblem& pr) {
+  const int64_t rows = pr.Sq * pr.Hi;
+  return ScoresShape{pr.q_lengths,
+                     pr.kv_lengths,
+                     pr.scores,
+                     pr.sums,
+                     pr.B,
+                     rows,
+                     pr.Sk,
+                     pr.Hi,
+                     (pr.Sk + sm90::kBlockKeys - 1) / sm90::kBlockKeys,
+                     (rows + kRows - 1) / kRows,
+                     pr.scale,
+                     pr.fill_future};
+}
+
+// The kernel parameters of the families that read qi and ki by pointer
+// (portable/ and sm100/block_scores.cu; the SM90 kernel takes TMA descriptors).
+template <class Traits>
+struct PointerScoresParams : ScoresShape {
+  const typename Traits::Element* qi;  // [B, rows, Di]
+  const typename Traits::Element* ki;  // [B, keys, Di]
+};
+
 // Their launch: the parameters of `pr`, then launch_scores.
 template <class Traits>
 cudaError_t launch_pointer_scores(void (*with_sums)(PointerScoresParams<Traits>),
                                   void (*without_sums)(PointerScoresParams<Traits>),
                                   const ScoresProblem& pr, cudaStream_t stream) {
   using Element = typename Traits::Element;
-  const int64_t rows = pr.Sq * pr.Hi;
-  const PointerScoresParams<Traits> p{static_cast<const Element*>(pr.qi),
-                                      static_cast<const Element*>(pr.ki),
-                                      pr.q_lengths,
-                                      pr.kv_lengths,
-                                      pr.scores,
-                                      pr.sums,
-                                      pr.B,
-                                      rows,
-                                      pr.Sk,
-                                      pr.Hi,
-                                      (pr.Sk + sm90::kBlockKeys - 1) / sm90::kBlockKeys,
-                                      (rows + Traits::kRows - 1) / Traits::kRows,
-                                      pr.scale,
-                                      pr.fill_future};
+  const PointerScoresParams<Traits> p{scores_shape<Traits::kRows>(pr),
+                                      static_cast<const Element*>(pr.qi),
+                                      static_cast<const Element*>(pr.ki)};
   return launch_scores<Traits>(with_sums, without_sums, p, p.tiles, pr, stream);
 }
 

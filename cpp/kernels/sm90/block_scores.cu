@@ -60,18 +60,11 @@ auto make_tma_k(const typename Traits::Element* ki, int keys, int batch) {
 }
 
 template <class Traits>
-struct Params {
+struct Params : cuda::ScoresShape {
   using TmaQ = decltype(make_tma_q<Traits>(nullptr, 1, 1));
   using TmaK = decltype(make_tma_k<Traits>(nullptr, 1, 1));
   TmaQ tma_q;
   TmaK tma_k;
-  const int32_t* q_lengths;
-  const int32_t* kv_lengths;
-  float* scores;  // [B, Sq, Hi, NB]
-  float* sums;    // same shape, or null: no sums
-  int64_t batch, rows, keys, hi, NB, tiles;
-  float scale;
-  bool fill_future;  // write -inf to the blocks past the tile's last local block
 };
 
 template <class Traits, bool kWithSums>
@@ -239,24 +232,12 @@ struct Sm90 {
 template <class Element, int kDi>
 cudaError_t Sm90::launch(const ScoresProblem& pr, cudaStream_t stream) {
   using Traits = BlockScoresTraits<Element, kDi>;
-  const int64_t rows = pr.Sq * pr.Hi;
-  Params<Traits> p{
-      make_tma_q<Traits>(static_cast<const Element*>(pr.qi), static_cast<int>(rows),
-                         static_cast<int>(pr.B)),
-      make_tma_k<Traits>(static_cast<const Element*>(pr.ki), static_cast<int>(pr.Sk),
-                         static_cast<int>(pr.B)),
-      pr.q_lengths,
-      pr.kv_lengths,
-      pr.scores,
-      pr.sums,
-      pr.B,
-      rows,
-      pr.Sk,
-      pr.Hi,
-      (pr.Sk + kBlockKeys - 1) / kBlockKeys,
-      (rows + Traits::kRows - 1) / Traits::kRows,
-      pr.scale,
-      pr.fill_future};
+  const cuda::ScoresShape shape = cuda::scores_shape<Traits::kRows>(pr);
+  const Params<Traits> p{shape,
+                         make_tma_q<Traits>(static_cast<const Element*>(pr.qi),
+                                            static_cast<int>(shape.rows), static_cast<int>(pr.B)),
+                         make_tma_k<Traits>(static_cast<const Element*>(pr.ki), static_cast<int>(pr.Sk),
+                                            static_cast<int>(pr.B))};
   return cuda::launch_scores<Traits>(block_scores_kernel<Traits, true>,
                                      block_scores_kernel<Traits, false>, p, p.tiles, pr, stream);
 }
