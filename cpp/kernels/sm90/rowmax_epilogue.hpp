@@ -22,7 +22,7 @@ using namespace cute;
 
 // ((2, 2, V), M, N) accumulator layout -> ((2, M), (2, V, N)): rows x columns.
 template <class Layout>
-__host__ __device__ auto rowcol_layout(Layout l) {
+__device__ auto rowcol_layout(Layout l) {
   static_assert(decltype(rank<0>(l))::value == 3, "SM90 wgmma accumulator layout");
   return make_layout(make_layout(get<0, 1>(l), get<1>(l)),
                      make_layout(get<0, 0>(l), get<0, 2>(l), get<2>(l)));
