@@ -98,20 +98,34 @@ CASES = [(shape, "hostile") for shape in SHAPES] + [(SHAPES[0], "window"), (SHAP
                                                      (SHAPES[1], "indexer")]
 
 
+def _assert_matches_reference(a, out, lse):
+    """bf16 bounds against the float32 reference; padded rows: zeros and -inf."""
+    ref_out, ref_lse = _reference(a)
+    rtol, atol = TOLERANCES[jnp.bfloat16]
+    assert rel_err(out, ref_out) <= rtol
+    assert_lse_close(lse, ref_lse, atol)
+    ql = np.asarray(a["q_lengths"])
+    for b in range(out.shape[0]):
+        assert not np.any(np.asarray(out[b, ql[b]:], np.float32))
+        assert np.all(np.isneginf(np.asarray(lse[b, ql[b]:])))
+
+
 @pytest.mark.parametrize("schedule", ["query", "block", "auto"])
 @pytest.mark.parametrize("shape,pattern", CASES)
 def test_forward_matches_reference(shape, pattern, schedule):
     a = jax.device_put(_inputs(zlib.crc32(repr((shape, pattern)).encode()), shape, jnp.bfloat16, pattern), GPU)
     out, lse = _kernel_forward(a, schedule=schedule)
-    ref_out, ref_lse = _reference(a)
-    rtol, atol = TOLERANCES[jnp.bfloat16]
     assert out.dtype == jnp.bfloat16
-    assert rel_err(out, ref_out) <= rtol
-    assert_lse_close(lse, ref_lse, atol)
-    ql = np.asarray(a["q_lengths"])
-    for b in range(out.shape[0]):  # padded rows: zeros and -inf
-        assert not np.any(np.asarray(out[b, ql[b]:], np.float32))
-        assert np.all(np.isneginf(np.asarray(lse[b, ql[b]:])))
+    _assert_matches_reference(a, out, lse)
+
+
+def test_by_block_forward_over_several_chunks():
+    """The by-block forward in chunks (here 3 of <= 384 tokens: B * Hq * D * 2
+    bytes of Q per token, 32 MiB per chunk; sparse_fwd_by_block.hpp): the
+    index, partial and reverse-map workspaces reused chunk after chunk."""
+    a = jax.device_put(_inputs(21, (4, 1100, 1100, 64, 4, 16), jnp.bfloat16, "hostile"), GPU)
+    out, lse = _kernel_forward(a, schedule="block")
+    _assert_matches_reference(a, out, lse)
 
 
 @pytest.mark.parametrize("shape,pattern", CASES)
@@ -122,14 +136,7 @@ def test_portable_forward_matches_reference(shape, pattern, monkeypatch):
     a = jax.device_put(_inputs(zlib.crc32(repr((shape, pattern, "portable")).encode()), shape, jnp.bfloat16,
                                pattern), GPU)
     out, lse = _kernel_forward(a, schedule="query")
-    ref_out, ref_lse = _reference(a)
-    rtol, atol = TOLERANCES[jnp.bfloat16]
-    assert rel_err(out, ref_out) <= rtol
-    assert_lse_close(lse, ref_lse, atol)
-    ql = np.asarray(a["q_lengths"])
-    for b in range(out.shape[0]):
-        assert not np.any(np.asarray(out[b, ql[b]:], np.float32))
-        assert np.all(np.isneginf(np.asarray(lse[b, ql[b]:])))
+    _assert_matches_reference(a, out, lse)
 
 
 def test_portable_forward_fp16_negative_scale(monkeypatch):
@@ -179,8 +186,9 @@ def test_auto_schedule_picks_one_schedule_from_the_ids(pattern, topk, query_wins
     union_blocks, attended, walked_blocks = np.asarray(index[-6:]).view(np.uint64)
     # Each of the two consumer warpgroups walks at most the tile's union.
     assert 0 < union_blocks <= walked_blocks <= 2 * union_blocks
-    # 90000: the by-block forward's launches per chunk (one chunk here).
-    assert attended > 0 and (22 * walked_blocks + 90000 < 16 * attended) == query_wins
+    # kQueryOverBlockCost = 28 per walked block against 1 per (row, slot), and
+    # kByBlockChunkCost = 90000 for the by-block launches of one chunk (one here).
+    assert attended > 0 and (28 * walked_blocks + 90000 < 16 * attended) == query_wins
     picked_out, picked_lse = _kernel_forward(a, schedule="query" if query_wins else "block")
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(picked_out, np.float32))
     np.testing.assert_array_equal(np.asarray(lse), np.asarray(picked_lse))

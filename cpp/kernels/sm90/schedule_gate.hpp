@@ -15,14 +15,16 @@ namespace jax_msa::sm90 {
 
 using cuda::ScheduleCosts;
 
-// The query-outer forward costs ~7.8 ns per (consumer warpgroup, walked
-// block), the by-block forward ~0.33 ns per (row, slot): measured on an H100
-// at T = 128K, G = 16, window ids (4.1 ms for 524K walked blocks against
-// 11.2 ms for 33.5M row-slots; benchmarks/RESULTS.md, session 8).
+// The query-outer forward costs ~8.4 ns per (consumer warpgroup, walked
+// block) on window ids, ~10 ns on clustered ids and ~10.4-11 ns on indexer
+// ids; the by-block forward ~0.34-0.36 ns per (row, slot) on all three:
+// measured on an H100 at T = 32K and 128K, G = 16, topk 16
+// (benchmarks/RESULTS.md, session 13). The ratio that decides is the one of
+// the ids where both are close, the clustered ones: 28.
 // Query-outer wins when kQueryOverBlockCost * walked_blocks plus the by-block
 // launches it leaves idle (kByBlockChunkCost per chunk: 16 chunks of ~7
-// launches that return at once cost ~0.5 ms there) < G * attended.
-constexpr unsigned long long kQueryOverBlockCost = 22;
+// launches that return at once cost ~0.35-0.5 ms at 128K) < G * attended.
+constexpr unsigned long long kQueryOverBlockCost = 28;
 constexpr unsigned long long kByBlockChunkCost = 90000;
 
 // The backward's dQ: the query-outer dQ kernel costs ~38 ns per (tile, union
