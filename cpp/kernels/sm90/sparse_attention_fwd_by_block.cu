@@ -169,8 +169,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
   if (warpgroup == 0) {
     // ---------------- producer ----------------
-    // Registers: 72 here, 216 per consumer (72 + 2 * 216 = 504 <= 512): no
-    // spills in either role (ptxas -v).
+    // Registers: 72 here, 216 per consumer: no spills in either role
+    // (ptxas -v). setmaxnreg draws on the CTA's own pool (PTX ISA), the
+    // launch allocation of 3 warpgroups x 168, so the three must sum to
+    // <= 504: with more, the consumers' setmaxnreg.inc waits for ever.
     cutlass::arch::warpgroup_reg_dealloc<72>();
     SegmentWalker walker = make_walker();
     const int t = threadIdx.x;
