@@ -61,39 +61,50 @@ struct OnlineSoftmax {
     // Most blocks need no mask for any row of the warp: skip the per-element
     // tests then. The vote keeps the branch uniform (quad_max follows).
     const bool masked = __any_sync(0xFFFFFFFFu, partial || !members);
-    bool moved = false;
+    // All rows' maxima first, then all rows' exponentials, each reduction in
+    // four independent partial results: a straight loop would be one chain
+    // of dependent FMNMX (or FADD) per row, as long as its columns.
+    float m[kRowsPerThread];
     CUTE_UNROLL
     for (int r = 0; r < kRowsPerThread; ++r) {
       if (negate) {
         CUTE_UNROLL
         for (int j = 0; j < size<1>(s); ++j) s(r, j) = -s(r, j);
       }
-      float m = row_max[r];
+      float part[4] = {row_max[r], -INFINITY, -INFINITY, -INFINITY};
       if (masked) {
         const bool member = rows.member(r, tokens);
         const int limit = rows.last_key[r] - static_cast<int>(key0);  // last visible column
         CUTE_UNROLL
         for (int j = 0; j < size<1>(s); ++j) {
           if (!member || (partial && rows.column(j) > limit)) s(r, j) = -INFINITY;
-          m = fmaxf(m, s(r, j));
+          part[j % 4] = fmaxf(part[j % 4], s(r, j));
         }
       } else {
         CUTE_UNROLL
-        for (int j = 0; j < size<1>(s); ++j) m = fmaxf(m, s(r, j));
+        for (int j = 0; j < size<1>(s); ++j) part[j % 4] = fmaxf(part[j % 4], s(r, j));
       }
-      if constexpr (kRowLanes == 4) m = quad_max(m);
-      moved = moved || m != row_max[r];
-      const float base = m == -INFINITY ? 0.0f : m * factor[r] - kLog2Gain;
+      m[r] = fmaxf(fmaxf(part[0], part[1]), fmaxf(part[2], part[3]));
+    }
+    if constexpr (kRowLanes == 4) {
+      CUTE_UNROLL
+      for (int r = 0; r < kRowsPerThread; ++r) m[r] = quad_max(m[r]);
+    }
+    bool moved = false;
+    CUTE_UNROLL
+    for (int r = 0; r < kRowsPerThread; ++r) {
+      moved = moved || m[r] != row_max[r];
+      const float base = m[r] == -INFINITY ? 0.0f : m[r] * factor[r] - kLog2Gain;
       correction[r] = fast_exp2(row_max[r] * factor[r] - kLog2Gain - base);
-      row_max[r] = m;
-      float sum = 0.0f;
+      row_max[r] = m[r];
+      float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       CUTE_UNROLL
       for (int j = 0; j < size<1>(s); ++j) {
         const float e = fast_exp2(fmaf(s(r, j), factor[r], -base));
         s(r, j) = e;
-        sum += e;
+        part[j % 4] += e;
       }
-      row_sum[r] = row_sum[r] * correction[r] + sum;
+      row_sum[r] = row_sum[r] * correction[r] + ((part[0] + part[1]) + (part[2] + part[3]));
     }
     rescale = __any_sync(0xFFFFFFFFu, moved);
   }

@@ -268,6 +268,106 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   for (int r = 0; r < kRowsPerThread; ++r) {
     stage_row_word[r] = get<0>(cO_rc(r, 0)) * 64 + (get<1>(cO_rc(r, 0)) >> 1);
   }
+  // Softmax of a tile's S (log2 domain, in place): P = exp2(x - m), l = sum P.
+  auto softmax = [&](const int (&limit)[kRowsPerThread], float (&row_m)[kRowsPerThread],
+                     float (&row_l)[kRowsPerThread]) {
+    // Most tiles see all keys of the block in every row: no per-element
+    // test then (a warp vote: the branch stays uniform for quad_max).
+    bool whole = true;
+    CUTE_UNROLL
+    for (int r = 0; r < kRowsPerThread; ++r) whole = whole && limit[r] == kBlock - 1;
+    const bool masked = __any_sync(0xFFFFFFFFu, !whole);
+    // All rows' maxima first, then all rows' exponentials, each reduction in
+    // four independent partial results: a straight loop would be one chain
+    // of 32 dependent FMNMX (or FADD) per row.
+    float m[kRowsPerThread];
+    CUTE_UNROLL
+    for (int r = 0; r < kRowsPerThread; ++r) {
+      float part[4];
+      if (masked) {
+        CUTE_UNROLL
+        for (int j = 0; j < kCols; ++j) {
+          const float x = get<1>(cS_rc(r, j)) <= limit[r] ? accS_rc(r, j) * p.scale_log2 : -INFINITY;
+          accS_rc(r, j) = x;
+          part[j % 4] = j < 4 ? x : fmaxf(part[j % 4], x);
+        }
+      } else {
+        // The scaled scores' max from the raw ones (their min for a negative
+        // scale): the scale goes into the exponent's FFMA below.
+        CUTE_UNROLL
+        for (int j = 0; j < 4; ++j) part[j] = accS_rc(r, j);
+        if (p.scale_log2 >= 0.0f) {
+          CUTE_UNROLL
+          for (int j = 4; j < kCols; ++j) part[j % 4] = fmaxf(part[j % 4], accS_rc(r, j));
+        } else {
+          CUTE_UNROLL
+          for (int j = 4; j < kCols; ++j) part[j % 4] = fminf(part[j % 4], accS_rc(r, j));
+        }
+        CUTE_UNROLL
+        for (int j = 0; j < 4; ++j) part[j] *= p.scale_log2;
+      }
+      m[r] = fmaxf(fmaxf(part[0], part[1]), fmaxf(part[2], part[3]));
+    }
+    CUTE_UNROLL
+    for (int r = 0; r < kRowsPerThread; ++r) m[r] = quad_max(m[r]);  // no lane has left
+    CUTE_UNROLL
+    for (int r = 0; r < kRowsPerThread; ++r) {
+      const float base = m[r] == -INFINITY ? 0.0f : m[r];
+      float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      CUTE_UNROLL
+      for (int j = 0; j < kCols; ++j) {
+        const float e = fast_exp2(masked ? accS_rc(r, j) - base : fmaf(accS_rc(r, j), p.scale_log2, -base));
+        accS_rc(r, j) = e;
+        part[j % 4] += e;
+      }
+      row_m[r] = m[r];
+      row_l[r] = (part[0] + part[1]) + (part[2] + part[3]);
+    }
+    CUTE_UNROLL
+    for (int r = 0; r < kRowsPerThread; ++r) row_l[r] = quad_sum(row_l[r]);
+  };
+  // The partial O of a tile (its O = P V complete): O / l into the staging
+  // tile (16-byte chunk j of row r at chunk j ^ (r % 8): conflict-free both
+  // ways), lse from the quad leader, then 16-byte stores.
+  struct Pending {
+    int64_t row0;  // partial row of tile row 0
+    int rows_valid;
+    float row_m[kRowsPerThread], row_l[kRowsPerThread];
+  };
+  auto epilogue = [&](const Pending& t) {
+    const int64_t row0 = t.row0;
+    const int rows_valid = t.rows_valid;
+    cutlass::arch::NamedBarrier::sync(128, w);  // the previous tile's staging is read
+    CUTE_UNROLL
+    for (int r = 0; r < kRowsPerThread; ++r) {
+      // l >= 1 where a key is visible (its max contributes exp2(0)): the
+      // fast reciprocal is exact enough for a 16-bit partial.
+      const float inv = t.row_l[r] > 0.0f ? __fdividef(1.0f, t.row_l[r]) : 0.0f;
+      CUTE_UNROLL
+      for (int j = 0; j < size<1>(accO_rc); j += 2) {
+        stage_o[stage_row_word[r] + (((j / 2) ^ stage_swz) << 2)] =
+            pack2<Element>(accO_rc(r, j) * inv, accO_rc(r, j + 1) * inv);
+      }
+      const int srow = get<0>(cS_rc(r, 0));
+      if (tid % 4 == 0 && srow < rows_valid) {
+        p.part_lse[row0 + srow] =
+            t.row_l[r] > 0.0f ? (t.row_m[r] + __log2f(t.row_l[r])) * kLn2 : -INFINITY;
+      }
+    }
+    cutlass::arch::NamedBarrier::sync(128, w);  // the staging tile is complete
+    CUTE_UNROLL
+    for (int pass = 0; pass < kRows / 8; ++pass) {
+      const int row = pass * 8 + tid / 16;
+      const int ch = tid % 16;
+      if (row < rows_valid) {
+        const uint4 v = stage_o4[row * 16 + (ch ^ (row & 7))];
+        __stcs(reinterpret_cast<uint4*>(p.part_o + (row0 + row) * kHeadDim) + ch, v);
+      }
+    }
+  };
+  Pending pending;
+  bool has_pending = false;
+
   int64_t it = 0;
   int seg = 0;
 
@@ -293,73 +393,66 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       ClusterBarrier::wait(&ss.full[stage], static_cast<uint32_t>((it / kStages) & 1));
       cutlass::arch::fence_view_async_shared();  // cp.async (generic proxy) -> wgmma
 
-      // S = Q K^T.
-      warpgroup_fence_operand(accS);
-      warpgroup_arrive();
-      gemm_overwrite(mma_s, tSrQ(_, _, _, stage), tSrK(_, _, _, kv), accS);
-      warpgroup_commit_batch();
-
-      // Meanwhile: the rows' last visible columns (-1: no such row).
       const int rows_valid = static_cast<int>(min<int64_t>(tpt, count - tile * tpt) * G);
-      int limit[kRowsPerThread];
-      CUTE_UNROLL
-      for (int r = 0; r < kRowsPerThread; ++r) {
-        const int row = get<0>(cS_rc(r, 0));
-        const int64_t token = ss.token[stage][row];
-        int64_t last = min(pos_rel + token, len_rel);
-        last = last > kBlock - 1 ? kBlock - 1 : last;
-        limit[r] = row < rows_valid && last >= 0 ? static_cast<int>(last) : -1;
-      }
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(accS);
-      ClusterBarrier::arrive(&ss.empty[stage]);  // Q rows and tokens of the stage consumed
-
-      // Softmax of the block (log2 domain): P = exp2(x - m), l = sum P.
-      float row_m[kRowsPerThread], row_l[kRowsPerThread];
-      // Most tiles see all keys of the block in every row: no per-element
-      // test then (a warp vote: the branch stays uniform for quad_max).
-      bool whole = true;
-      CUTE_UNROLL
-      for (int r = 0; r < kRowsPerThread; ++r) whole = whole && limit[r] == kBlock - 1;
-      const bool masked = __any_sync(0xFFFFFFFFu, !whole);
-      CUTE_UNROLL
-      for (int r = 0; r < kRowsPerThread; ++r) {
-        float m = -INFINITY;
-        if (masked) {
-          CUTE_UNROLL
-          for (int j = 0; j < kCols; ++j) {
-            const float x = get<1>(cS_rc(r, j)) <= limit[r] ? accS_rc(r, j) * p.scale_log2 : -INFINITY;
-            accS_rc(r, j) = x;
-            m = fmaxf(m, x);
-          }
-        } else {
-          // The scaled scores' max from the raw ones (their min for a negative
-          // scale): the scale goes into the exponent's FFMA below.
-          float raw = accS_rc(r, 0);
-          if (p.scale_log2 >= 0.0f) {
-            CUTE_UNROLL
-            for (int j = 1; j < kCols; ++j) raw = fmaxf(raw, accS_rc(r, j));
-          } else {
-            CUTE_UNROLL
-            for (int j = 1; j < kCols; ++j) raw = fminf(raw, accS_rc(r, j));
-          }
-          m = raw * p.scale_log2;
-        }
-        m = quad_max(m);  // every lane of the warp: no lane has left
-        const float base = m == -INFINITY ? 0.0f : m;
-        float l = 0.0f;
+      // The rows' last visible columns (-1: no such row).
+      auto row_limits = [&](int (&limit)[kRowsPerThread]) {
         CUTE_UNROLL
-        for (int j = 0; j < kCols; ++j) {
-          const float e = fast_exp2(masked ? accS_rc(r, j) - base : fmaf(accS_rc(r, j), p.scale_log2, -base));
-          accS_rc(r, j) = e;
-          l += e;
+        for (int r = 0; r < kRowsPerThread; ++r) {
+          const int row = get<0>(cS_rc(r, 0));
+          const int64_t token = ss.token[stage][row];
+          int64_t last = min(pos_rel + token, len_rel);
+          last = last > kBlock - 1 ? kBlock - 1 : last;
+          limit[r] = row < rows_valid && last >= 0 ? static_cast<int>(last) : -1;
         }
-        row_m[r] = m;
-        row_l[r] = quad_sum(l);
+      };
+      int limit[kRowsPerThread];
+      float row_m[kRowsPerThread], row_l[kRowsPerThread];
+      // Each branch issues and waits for its own wgmma batches (a batch
+      // waited for on another path than its issue serialises them, C7514).
+      if (has_pending) {
+        // S = Q K^T, then the previous tile's O = P V: that one runs during
+        // this tile's softmax, its partial is written after.
+        warpgroup_fence_operand(accS);
+        warpgroup_arrive();
+        gemm_overwrite(mma_s, tSrQ(_, _, _, stage), tSrK(_, _, _, kv), accS);
+        warpgroup_commit_batch();
+        warpgroup_fence_operand(tOrP);
+        warpgroup_fence_operand(accO);
+        warpgroup_arrive();
+        gemm_overwrite(mma_o, tOrP, tOrV(_, _, _, kv), accO);
+        warpgroup_commit_batch();
+        row_limits(limit);
+        warpgroup_wait<1>();
+        warpgroup_fence_operand(accS);
+        ClusterBarrier::arrive(&ss.empty[stage]);  // Q rows and tokens of the stage consumed
+        softmax(limit, row_m, row_l);
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(accO);
+        warpgroup_fence_operand(tOrP);
+        epilogue(pending);
+      } else {
+        warpgroup_fence_operand(accS);
+        warpgroup_arrive();
+        gemm_overwrite(mma_s, tSrQ(_, _, _, stage), tSrK(_, _, _, kv), accS);
+        warpgroup_commit_batch();
+        row_limits(limit);
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(accS);
+        ClusterBarrier::arrive(&ss.empty[stage]);  // Q rows and tokens of the stage consumed
+        softmax(limit, row_m, row_l);
       }
       acc_to_operand(accS, tOrP);
-
-      // O = P V.
+      pending.row0 = (entry0 + tile * tpt) * G;
+      pending.rows_valid = rows_valid;
+      CUTE_UNROLL
+      for (int r = 0; r < kRowsPerThread; ++r) {
+        pending.row_m[r] = row_m[r];
+        pending.row_l[r] = row_l[r];
+      }
+      has_pending = true;
+    }
+    // The segment's last tile: its O = P V before V_c is released.
+    if (has_pending) {
       warpgroup_fence_operand(tOrP);
       warpgroup_fence_operand(accO);
       warpgroup_arrive();
@@ -368,37 +461,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       warpgroup_wait<0>();
       warpgroup_fence_operand(accO);
       warpgroup_fence_operand(tOrP);
-
-      // Epilogue: O / l into the staging tile (16-byte chunk j of row r at
-      // chunk j ^ (r % 8): conflict-free both ways), lse from the quad leader.
-      const int64_t row0 = (entry0 + tile * tpt) * G;  // partial row of tile row 0
-      cutlass::arch::NamedBarrier::sync(128, w);  // the previous tile's staging is read
-      CUTE_UNROLL
-      for (int r = 0; r < kRowsPerThread; ++r) {
-        // l >= 1 where a key is visible (its max contributes exp2(0)): the
-        // fast reciprocal is exact enough for a 16-bit partial.
-        const float inv = row_l[r] > 0.0f ? __fdividef(1.0f, row_l[r]) : 0.0f;
-        CUTE_UNROLL
-        for (int j = 0; j < size<1>(accO_rc); j += 2) {
-          stage_o[stage_row_word[r] + (((j / 2) ^ stage_swz) << 2)] =
-              pack2<Element>(accO_rc(r, j) * inv, accO_rc(r, j + 1) * inv);
-        }
-        const int srow = get<0>(cS_rc(r, 0));
-        if (tid % 4 == 0 && srow < rows_valid) {
-          p.part_lse[row0 + srow] =
-              row_l[r] > 0.0f ? (row_m[r] + __log2f(row_l[r])) * kLn2 : -INFINITY;
-        }
-      }
-      cutlass::arch::NamedBarrier::sync(128, w);  // the staging tile is complete
-      CUTE_UNROLL
-      for (int pass = 0; pass < kRows / 8; ++pass) {
-        const int row = pass * 8 + tid / 16;
-        const int ch = tid % 16;
-        if (row < rows_valid) {
-          const uint4 v = stage_o4[row * 16 + (ch ^ (row & 7))];
-          __stcs(reinterpret_cast<uint4*>(p.part_o + (row0 + row) * kHeadDim) + ch, v);
-        }
-      }
+      epilogue(pending);
+      has_pending = false;
     }
     ClusterBarrier::arrive(&ss.kv_empty[kv]);  // K_c, V_c no longer read by this warpgroup
     ++seg;

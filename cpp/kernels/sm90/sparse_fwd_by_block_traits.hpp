@@ -19,6 +19,10 @@
 //   O = P V_c          (64 x 128 x 128, P from registers, V_c seen MN-major)
 //   partial O = O / l (input dtype, staged through smem for 16-byte stores),
 //   partial lse = (m + log2 l) * ln 2.
+// A warpgroup issues a tile's S, then the previous tile's O (FlashAttention-3's
+// overlap within a warpgroup): that O runs during this tile's softmax, and
+// its epilogue follows; a bucket piece's last tile is finished before its
+// K_c / V_c slot is released.
 #pragma once
 
 #include <cstdint>
