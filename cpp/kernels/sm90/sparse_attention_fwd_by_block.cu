@@ -5,7 +5,8 @@
 //
 // The queries are processed in chunks of Tc tokens (all batch rows at once);
 // per chunk, three steps on `stream`:
-//  1. index (block_index::build_block_index, shared with the backward): per
+//  1. index (block_index::build_block_index, shared with the backward; for K
+//     chunks at once, see the workspace below): per
 //     (b, kv head g, block c) the bucket of the chunk's tokens that attend
 //     block c, in increasing order, and the reverse map
 //     rev[b, token, g, slot] = the entry holding that slot (-1: not attended);
@@ -30,7 +31,9 @@
 //
 // Workspace (plan, sparse_fwd_by_block.hpp): E = B * Hkv * Tc * topk index
 // entries per chunk at most;
-//   index   = index_ints(Tc) + E ints (the index of one chunk + rev),
+//   index   = K (index_ints(Tc) + E) ints (the indexes of K chunks + their
+//             rev; K = index_windows: as many as 64 MiB hold, built by one
+//             set of launches, since one chunk's build leaves the GPU idle),
 //   partial = E * G * (2 * D) bytes (O_c, 16-bit) + E * G * 4 bytes (lse_c),
 // i.e. B * Hq * Tc * topk * 260 bytes for D = 128. Default Tc: the largest
 // multiple of 64 with that <= 1 GiB and B * Tc * Hq * D * 2 (the chunk's Q
@@ -589,7 +592,7 @@ cudaError_t run_typed(const cuda::SparseAttentionArgs& a, const Plan& plan, int3
   if (st != cudaSuccess) return st;
   const int sms = std::min(cuda::multiprocessor_count(kMaxCtas), kMaxCtas);
   const int64_t G = a.Hq / a.Hkv;
-  int32_t* rev = index + plan.index_ints;
+  int32_t* rev = index + plan.rev_offset();
   Element* part_o = static_cast<Element*>(partial);
   float* part_lse = reinterpret_cast<float*>(static_cast<char*>(partial) + plan.o_bytes);
 
@@ -616,14 +619,37 @@ cudaError_t run_typed(const cuda::SparseAttentionArgs& a, const Plan& plan, int3
     return st;
   }
 
+  const int64_t K = plan.index_windows;
   for (int64_t n = 0; n < plan.nchunks; ++n) {
     const int64_t t0 = n * plan.chunk_tokens;
     const int64_t ntok = std::min(plan.chunk_tokens, a.Sq - t0);
     const Geometry geo(a, t0, ntok);
-    st = block_index::build_block_index(a, geo, index, rev, stream, gate);
-    if (st != cudaSuccess) return st;
+    const int64_t slot = n % K;
+    int32_t* chunk_index = index + slot * plan.index_ints;
+    int32_t* chunk_rev = rev + slot * plan.rev_ints;
+    if (slot == 0) {
+      // The indexes of chunks n .. n + K - 1 in one build; a shorter last
+      // chunk (another geometry) gets its own.
+      const int64_t batch = std::min(K, plan.nchunks - n);
+      const bool short_last = a.Sq - (n + batch - 1) * plan.chunk_tokens < plan.chunk_tokens;
+      const int64_t same = short_last ? batch - 1 : batch;
+      if (same > 0) {
+        st = block_index::build_block_index(a, geo, index, rev, stream, gate, static_cast<int>(same),
+                                            plan.index_ints, plan.rev_ints);
+        if (st != cudaSuccess) return st;
+      }
+      if (short_last) {
+        const int64_t last = n + batch - 1;
+        const int64_t last_t0 = last * plan.chunk_tokens;
+        st = block_index::build_block_index(a, Geometry(a, last_t0, a.Sq - last_t0),
+                                            index + (batch - 1) * plan.index_ints,
+                                            rev + (batch - 1) * plan.rev_ints, stream, gate);
+        if (st != cudaSuccess) return st;
+      }
+    }
     if (hook != nullptr) hook(n, kPhaseIndex, hook_ctx);
 
+    mp.index = chunk_index;
     mp.geo = geo;
     mp.ctas = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(sms, geo.tiles_bound)));
     kernel<<<mp.ctas, Traits::kThreads, Traits::kSmemBytes, stream>>>(mp);
@@ -631,6 +657,7 @@ cudaError_t run_typed(const cuda::SparseAttentionArgs& a, const Plan& plan, int3
     if (st != cudaSuccess) return st;
     if (hook != nullptr) hook(n, kPhaseMain, hook_ctx);
 
+    cp.rev = chunk_rev;
     cp.tok_begin = t0;
     cp.tok_count = ntok;
     const int64_t rows = a.B * ntok * a.Hq;
@@ -673,9 +700,12 @@ Plan make_plan(const cuda::SparseAttentionArgs& a, int64_t chunk_tokens) {
   const int64_t last = a.Sq - (plan.nchunks - 1) * tc;
   const int64_t ints = std::max(block_index::Geometry(a, 0, tc).index_ints,
                                 block_index::Geometry(a, 0, last).index_ints);
-  plan.index_ints = (ints + 1) / 2 * 2;  // rev stays 8-byte aligned too
+  plan.index_ints = (ints + 1) / 2 * 2;  // the next window stays 8-byte aligned
   plan.entries = a.B * a.Hkv * tc * a.topk;
   plan.rev_ints = plan.entries;
+  const int64_t window_bytes = (plan.index_ints + plan.rev_ints) * int64_t{sizeof(int32_t)};
+  plan.index_windows = std::max<int64_t>(
+      1, std::min(plan.nchunks, kIndexBudgetBytes / std::max<int64_t>(window_bytes, 1)));
   const int64_t rows = plan.entries * (a.Hq / a.Hkv);
   plan.o_bytes = (rows * a.D * 2 + 255) / 256 * 256;
   plan.lse_bytes = rows * 4;

@@ -41,10 +41,13 @@ struct ChunkWindow {
 };
 
 // hist[bg, chunk, c] += 1 for every attended (query in chunk, block c).
+// Window z = blockIdx.z of each kernel: geo.window(z), its index at index + z * stride.
 __global__ void hist_kernel(const int32_t* __restrict__ ids, const int32_t* __restrict__ q_lengths,
-                            const int32_t* __restrict__ kv_lengths, int32_t* __restrict__ hist,
-                            Geometry geo, ScheduleGate gate) {
+                            const int32_t* __restrict__ kv_lengths, int32_t* index,
+                            int64_t index_stride, Geometry geo0, ScheduleGate gate) {
   if (gate.closed()) return;
+  const Geometry geo = geo0.window(blockIdx.z);
+  int32_t* __restrict__ hist = IndexView(index + blockIdx.z * index_stride, geo).hist;
   const int64_t bg = blockIdx.y;
   const int64_t q = blockIdx.x;
   const ChunkWindow win(geo, bg, q, q_lengths, kv_lengths);
@@ -64,10 +67,12 @@ __global__ void hist_kernel(const int32_t* __restrict__ ids, const int32_t* __re
 
 // Exclusive scan of each block's column over the chunks; count = column total.
 // CTA = 32 columns x 16 warps; warp w scans a contiguous range of chunks.
-__global__ void __launch_bounds__(512) colscan_kernel(int32_t* __restrict__ hist,
-                                                      int32_t* __restrict__ count, Geometry geo,
-                                                      ScheduleGate gate) {
+__global__ void __launch_bounds__(512) colscan_kernel(int32_t* index, int64_t index_stride,
+                                                      Geometry geo, ScheduleGate gate) {
   if (gate.closed()) return;
+  const IndexView ix(index + blockIdx.z * index_stride, geo);
+  int32_t* __restrict__ hist = ix.hist;
+  int32_t* __restrict__ count = ix.count;
   __shared__ int32_t part[16][32];
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
@@ -143,10 +148,10 @@ __device__ void block_scan2(int64_t& a, int64_t& b, int64_t& total_a, int64_t& t
 }
 
 // Bucket offsets (entries and tiles) and Ttot. One CTA of 1024 threads.
-__global__ void __launch_bounds__(1024) bucket_scan_kernel(int32_t* index, Geometry geo,
-                                                           ScheduleGate gate) {
+__global__ void __launch_bounds__(1024) bucket_scan_kernel(int32_t* index, int64_t index_stride,
+                                                           Geometry geo, ScheduleGate gate) {
   if (gate.closed()) return;
-  IndexView ix(index, geo);
+  IndexView ix(index + blockIdx.z * index_stride, geo);
   int64_t run_entries = 0, run_tiles = 0;
   for (int64_t base = 0; base < geo.nbkt; base += 1024) {
     const int64_t k = base + threadIdx.x;
@@ -177,11 +182,14 @@ template <bool kSmem>
 __global__ void __launch_bounds__(32) scatter_kernel(const int32_t* __restrict__ ids,
                                                      const int32_t* __restrict__ q_lengths,
                                                      const int32_t* __restrict__ kv_lengths,
-                                                     int32_t* index, int32_t* __restrict__ rev,
-                                                     Geometry geo, ScheduleGate gate) {
+                                                     int32_t* index, int32_t* rev,
+                                                     int64_t index_stride, int64_t rev_stride,
+                                                     Geometry geo0, ScheduleGate gate) {
   if (gate.closed()) return;
   extern __shared__ int64_t smem_positions[];
-  IndexView ix(index, geo);
+  const Geometry geo = geo0.window(blockIdx.z);
+  IndexView ix(index + blockIdx.z * index_stride, geo);
+  if (rev != nullptr) rev += blockIdx.z * rev_stride;
   const int64_t bg = blockIdx.y;
   const int64_t g = bg % geo.Hkv;
   const int64_t q = blockIdx.x;
@@ -274,28 +282,37 @@ __global__ void __launch_bounds__(32) scatter_kernel(const int32_t* __restrict__
 
 cudaError_t build_block_index(const cuda::SparseAttentionArgs& a, const Geometry& geo,
                               int32_t* index, int32_t* rev, cudaStream_t stream,
-                              ScheduleGate gate) {
-  if (geo.nbkt == 0) return cudaSuccess;
-  IndexView ix(index, geo);
+                              ScheduleGate gate, int windows, int64_t index_stride,
+                              int64_t rev_stride) {
+  if (geo.nbkt == 0 || windows < 1) return cudaSuccess;
+  if (windows > 1 && (index_stride < geo.index_ints || index_stride % 2 != 0)) {
+    return cudaErrorInvalidValue;
+  }
+  const unsigned z = static_cast<unsigned>(windows);
+  const unsigned bgs = static_cast<unsigned>(geo.B * geo.Hkv);
   const int64_t hist_ints = geo.B * geo.Hkv * geo.nchunks * geo.nb;
   if (hist_ints > 0) {
-    cudaError_t st = cudaMemsetAsync(ix.hist, 0, hist_ints * sizeof(int32_t), stream);
+    // Every window's histogram (one row of a 2D memset each).
+    int32_t* hist = IndexView(index, geo).hist;
+    const size_t bytes = hist_ints * sizeof(int32_t);
+    cudaError_t st =
+        windows == 1 ? cudaMemsetAsync(hist, 0, bytes, stream)
+                     : cudaMemset2DAsync(hist, index_stride * sizeof(int32_t), 0, bytes, windows, stream);
     if (st != cudaSuccess) return st;
-    hist_kernel<<<dim3(static_cast<unsigned>(geo.nchunks), static_cast<unsigned>(geo.B * geo.Hkv)),
-                  256, 0, stream>>>(a.ids, a.q_lengths, a.kv_lengths, ix.hist, geo, gate);
+    hist_kernel<<<dim3(static_cast<unsigned>(geo.nchunks), bgs, z), 256, 0, stream>>>(
+        a.ids, a.q_lengths, a.kv_lengths, index, index_stride, geo, gate);
   }
-  colscan_kernel<<<dim3(static_cast<unsigned>((geo.nb + 31) / 32),
-                        static_cast<unsigned>(geo.B * geo.Hkv)),
-                   512, 0, stream>>>(ix.hist, ix.count, geo, gate);
-  bucket_scan_kernel<<<1, 1024, 0, stream>>>(index, geo, gate);
+  colscan_kernel<<<dim3(static_cast<unsigned>((geo.nb + 31) / 32), bgs, z), 512, 0, stream>>>(
+      index, index_stride, geo, gate);
+  bucket_scan_kernel<<<dim3(1, 1, z), 1024, 0, stream>>>(index, index_stride, geo, gate);
   if (hist_ints > 0) {
-    const dim3 grid(static_cast<unsigned>(geo.nchunks), static_cast<unsigned>(geo.B * geo.Hkv));
+    const dim3 grid(static_cast<unsigned>(geo.nchunks), bgs, z);
     if (geo.nb <= kMaxSmemCounters) {
       scatter_kernel<true><<<grid, 32, geo.nb * sizeof(int64_t), stream>>>(
-          a.ids, a.q_lengths, a.kv_lengths, index, rev, geo, gate);
+          a.ids, a.q_lengths, a.kv_lengths, index, rev, index_stride, rev_stride, geo, gate);
     } else {
       scatter_kernel<false><<<grid, 32, 0, stream>>>(a.ids, a.q_lengths, a.kv_lengths, index,
-                                                     rev, geo, gate);
+                                                     rev, index_stride, rev_stride, geo, gate);
     }
   }
   return cudaGetLastError();

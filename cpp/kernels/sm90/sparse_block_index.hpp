@@ -73,6 +73,13 @@ struct Geometry {
     index_ints = off_entries + B * Hkv * tok_count * topk;
     tiles_bound = (B * Hkv * tok_count * topk + tpt - 1) / tpt + nbkt;
   }
+
+  // The z-th window of the same size after this one: every offset is the same.
+  __host__ __device__ Geometry window(int64_t z) const {
+    Geometry g = *this;
+    g.tok_begin += z * tok_count;
+    return g;
+  }
 };
 
 struct IndexView {
@@ -140,8 +147,13 @@ __device__ __forceinline__ int64_t bucket_of_tile(const int64_t* tile_start, int
 // kernels; geo.nbkt > 0). `index` (8-byte aligned) holds geo.index_ints ints;
 // `rev`, when not null, B * tok_count * Hkv * topk ints. Deterministic. The
 // kernels do nothing when `gate` is closed (schedule="auto").
+// With windows > 1, the same launches build the index of each of `windows`
+// consecutive windows of geo's size, geo.window(z), at index + z *
+// index_stride (even) and rev + z * rev_stride: one launch per step for
+// all of them, where a small window alone leaves most of the GPU idle.
 cudaError_t build_block_index(const cuda::SparseAttentionArgs& a, const Geometry& geo,
                               int32_t* index, int32_t* rev, cudaStream_t stream,
-                              ScheduleGate gate = {});
+                              ScheduleGate gate = {}, int windows = 1, int64_t index_stride = 0,
+                              int64_t rev_stride = 0);
 
 }  // namespace jax_msa::sm90::block_index
