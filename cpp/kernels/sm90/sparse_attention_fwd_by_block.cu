@@ -22,7 +22,8 @@
 //       m = row max, l = row sum of exp, O_c = P V_c / l,
 //     then writes the partial O_c (input dtype) and lse_c = m + ln l (fp32)
 //     at row entry * G + head of the partial buffer (the rows of a tile are
-//     consecutive: 16-byte coalesced stores through a shared-memory tile);
+//     consecutive: stmatrix into a shared-memory tile, then one TMA store, or
+//     16-byte stores for a bucket's last, partial tile);
 //  3. combine (combine_kernel): per (b, token, head), in slot order,
 //     lse = logsumexp_k lse_c(k), out = sum_k exp(lse_c(k) - lse) O_c(k)
 //     (fp32), written in q's dtype; padded rows and rows with no attended
@@ -89,6 +90,18 @@ constexpr int kMaxCtas = 132;  // main-kernel CTAs at most (one wave on H100 / H
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
+// Stores of whole tiles (Traits::TileStage) into the partial O [rows, D].
+template <class Traits>
+auto make_tma_partial(typename Traits::Element* part_o, int64_t rows) {
+  auto layout = make_layout(make_shape(static_cast<int>(rows), Int<kHeadDim>{}),
+                            make_stride(int64_t{kHeadDim}, _1{}));
+  return make_tma_copy(SM90_TMA_STORE{}, make_tensor(make_gmem_ptr(part_o), layout),
+                       typename Traits::SmemLayoutStage{}, typename Traits::TileStage{}, _1{});
+}
+
+template <class Traits>
+using TmaPartial = decltype(make_tma_partial<Traits>(nullptr, 1));
+
 template <class Traits>
 struct MainParams {
   using Element = typename Traits::Element;
@@ -98,6 +111,8 @@ struct MainParams {
   const int32_t* q_lengths;
   const int32_t* kv_lengths;
   const int32_t* index;
+  TmaPartial<Traits> tma_o;  // stores into part_o [part_rows, D]
+  int part_rows;
   Element* part_o;   // [entries * G, D]
   float* part_lse;   // [entries * G]
   Geometry geo;      // the chunk's window
@@ -259,18 +274,18 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   static_assert(decltype(size<0>(accO_rc))::value == kRowsPerThread);
   static_assert(decltype(size<1>(accO_rc))::value % 2 == 0);
 
-  uint32_t* stage_o = reinterpret_cast<uint32_t*>(ss.o[w]);  // [row][64 words], swizzled
-  const uint4* stage_o4 = ss.o[w];
-  // Staging words of the O accumulator's entries (r, j), j even: row
-  // row_r, columns 8 (j / 2) + c0 + {0, 1} (the wgmma C layout), i.e. word
-  // c0 / 2 of 16-byte chunk j / 2, stored at chunk (j / 2) ^ (row_r % 8); the
-  // two rows differ by 8, so one XOR for both. Kept over all tiles.
-  const int stage_swz = get<0>(cO_rc(0, 0)) & 7;
-  int stage_row_word[kRowsPerThread];
-  CUTE_UNROLL
-  for (int r = 0; r < kRowsPerThread; ++r) {
-    stage_row_word[r] = get<0>(cO_rc(r, 0)) * 64 + (get<1>(cO_rc(r, 0)) >> 1);
-  }
+  // The O staging tile of this warpgroup (Traits::SmemLayoutStage).
+  Element* stage = ss.o[w];
+  // stmatrix: lane l gives the address of row l % 8 of matrix l / 8 of each
+  // x4 group; matrix m holds rows 8 (m % 2) + {0..7} of the warp's 16 and
+  // the 8 columns of chunk 2u + m / 2 (u: the group). Chunk c of row R is at
+  // 16-byte unit (c / 8) 512 + 8 R + ((c % 8) ^ (R % 8)).
+  const int lane = tid % 32;
+  char* const stsm_row =
+      reinterpret_cast<char*>(stage) + (16 * (tid / 32) + 8 * ((lane / 8) % 2) + lane % 8) * 128;
+  const int stsm_xor = (lane / 16) ^ (lane % 8);
+  Tensor mO = p.tma_o.get_tma_tensor(make_shape(p.part_rows, Int<kHeadDim>{}));
+  auto tma_o = p.tma_o.get_slice(_0{});
   // Softmax of a tile's S (log2 domain, in place): P = exp2(x - m), l = sum P.
   auto softmax = [&](const int (&limit)[kRowsPerThread], float (&row_m)[kRowsPerThread],
                      float (&row_l)[kRowsPerThread]) {
@@ -340,31 +355,53 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   auto epilogue = [&](const Pending& t) {
     const int64_t row0 = t.row0;
     const int rows_valid = t.rows_valid;
-    cutlass::arch::NamedBarrier::sync(128, w);  // the previous tile's staging is read
+    if (tid == 0) tma_store_wait<0>();  // the previous tile's TMA store has read the staging
+    cutlass::arch::NamedBarrier::sync(128, w);
+    float inv[kRowsPerThread];
     CUTE_UNROLL
     for (int r = 0; r < kRowsPerThread; ++r) {
       // l >= 1 where a key is visible (its max contributes exp2(0)): the
       // fast reciprocal is exact enough for a 16-bit partial.
-      const float inv = t.row_l[r] > 0.0f ? __fdividef(1.0f, t.row_l[r]) : 0.0f;
-      CUTE_UNROLL
-      for (int j = 0; j < size<1>(accO_rc); j += 2) {
-        stage_o[stage_row_word[r] + (((j / 2) ^ stage_swz) << 2)] =
-            pack2<Element>(accO_rc(r, j) * inv, accO_rc(r, j + 1) * inv);
-      }
+      inv[r] = t.row_l[r] > 0.0f ? __fdividef(1.0f, t.row_l[r]) : 0.0f;
       const int srow = get<0>(cS_rc(r, 0));
       if (tid % 4 == 0 && srow < rows_valid) {
         p.part_lse[row0 + srow] =
             t.row_l[r] > 0.0f ? (t.row_m[r] + __log2f(t.row_l[r])) * kLn2 : -INFINITY;
       }
     }
-    cutlass::arch::NamedBarrier::sync(128, w);  // the staging tile is complete
+    // Accumulator column j = c + 2 v (wgmma C layout: column 8 v + 2 (lane % 4) + c).
     CUTE_UNROLL
-    for (int pass = 0; pass < kRows / 8; ++pass) {
-      const int row = pass * 8 + tid / 16;
-      const int ch = tid % 16;
-      if (row < rows_valid) {
-        const uint4 v = stage_o4[row * 16 + (ch ^ (row & 7))];
-        __stcs(reinterpret_cast<uint4*>(p.part_o + (row0 + row) * kHeadDim) + ch, v);
+    for (int u = 0; u < size<1>(accO_rc) / 4; ++u) {
+      const int unit = (u / 4) * 512 + ((2 * u % 8) ^ stsm_xor);
+      SM90_U32x4_STSM_N::copy(
+          pack2<Element>(accO_rc(0, 4 * u) * inv[0], accO_rc(0, 4 * u + 1) * inv[0]),
+          pack2<Element>(accO_rc(1, 4 * u) * inv[1], accO_rc(1, 4 * u + 1) * inv[1]),
+          pack2<Element>(accO_rc(0, 4 * u + 2) * inv[0], accO_rc(0, 4 * u + 3) * inv[0]),
+          pack2<Element>(accO_rc(1, 4 * u + 2) * inv[1], accO_rc(1, 4 * u + 3) * inv[1]),
+          *reinterpret_cast<uint128_t*>(stsm_row + unit * 16));
+    }
+    cutlass::arch::fence_view_async_shared();  // the stores -> the TMA engine
+    cutlass::arch::NamedBarrier::sync(128, w);  // the staging tile is complete
+    // A whole tile by TMA; the rows of a partial one (a bucket's last) by
+    // 16-byte stores.
+    if (rows_valid == kRows) {
+      if (tid == 0) {
+        Tensor gTile = local_tile(domain_offset(make_coord(static_cast<int>(row0), 0), mO),
+                                  typename Traits::TileStage{}, make_coord(0, 0));
+        Tensor sTile = make_tensor(make_smem_ptr(stage), typename Traits::SmemLayoutStage{});
+        copy(p.tma_o, tma_o.partition_S(sTile), tma_o.partition_D(gTile));
+        tma_store_arrive();
+      }
+    } else {
+      const uint4* stage4 = reinterpret_cast<const uint4*>(stage);
+      CUTE_UNROLL
+      for (int pass = 0; pass < kRows / 8; ++pass) {
+        const int row = pass * 8 + tid / 16;
+        const int ch = tid % 16;
+        if (row < rows_valid) {
+          const uint4 v = stage4[(ch / 8) * 512 + row * 8 + ((ch % 8) ^ (row % 8))];
+          __stcs(reinterpret_cast<uint4*>(p.part_o + (row0 + row) * kHeadDim) + ch, v);
+        }
       }
     }
   };
@@ -470,6 +507,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     ClusterBarrier::arrive(&ss.kv_empty[kv]);  // K_c, V_c no longer read by this warpgroup
     ++seg;
   }
+  if (tid == 0) tma_store_wait<0>();  // the staging outlives its last TMA store's reads
 #endif
 }
 
@@ -603,6 +641,8 @@ cudaError_t run_typed(const cuda::SparseAttentionArgs& a, const Plan& plan, int3
       a.q_lengths,
       a.kv_lengths,
       index,
+      make_tma_partial<Traits>(part_o, plan.entries * G),
+      static_cast<int>(plan.entries * G),
       part_o,
       part_lse,
       Geometry(a, 0, 0),
@@ -724,8 +764,10 @@ cudaError_t run(DType dtype, const cuda::SparseAttentionArgs& a, const Plan& pla
       reinterpret_cast<uintptr_t>(out) % 16 != 0) {
     return cudaErrorInvalidValue;
   }
-  // Every entry index of a chunk fits the int32 reverse map.
-  if (plan.entries > INT_MAX || a.B * a.Hkv * block_index::Geometry(a, 0, 1).nb > INT_MAX) {
+  // Every entry index of a chunk fits the int32 reverse map, every partial
+  // row an int32 TMA coordinate.
+  if (plan.entries * (a.Hq / a.Hkv) > INT_MAX ||
+      a.B * a.Hkv * block_index::Geometry(a, 0, 1).nb > INT_MAX) {
     return cudaErrorInvalidValue;
   }
   return dtype == DType::kBF16

@@ -17,7 +17,7 @@
 //   S = Q K_c^T        (64 x 128 x 128, both operands from smem)
 //   P = exp2(S * scale * log2e - m), masked; l = row sums (fp32)
 //   O = P V_c          (64 x 128 x 128, P from registers, V_c seen MN-major)
-//   partial O = O / l (input dtype, staged through smem for 16-byte stores),
+//   partial O = O / l (input dtype; stmatrix into a staging tile, TMA stores),
 //   partial lse = (m + log2 l) * ln 2.
 // A warpgroup issues a tile's S, then the previous tile's O (FlashAttention-3's
 // overlap within a warpgroup): that O runs during this tile's softmax, and
@@ -67,15 +67,16 @@ struct SparseFwdByBlockTraits : kv_outer::TileShape<Element_, 4> {  // 4 Q tiles
                            GMMA::Major::K, GMMA::Major::MN>(),
       Layout<Shape<_1, _1, _1>>{}));
 
-  // The O staging tile of one warpgroup: kRows rows of kD elements as 16-byte
-  // chunks, chunk j of row r stored at chunk j ^ (r % 8) of the row.
-  static constexpr int kChunksPerRow = kD * sizeof(Element) / 16;  // 16
+  // The O staging tile of one warpgroup, laid out for a TMA store (two
+  // 128-byte-swizzled boxes of 64 columns).
+  using TileStage = Shape<Int<kRows>, Int<kD>>;
+  using SmemLayoutStage = decltype(tile_to_shape(SmemAtom{}, TileStage{}));
 
   struct SharedStorage {
     alignas(1024) Element k[cosize_v<SmemLayoutKVSlots>];
     alignas(1024) Element v[cosize_v<SmemLayoutKVSlots>];
     alignas(1024) Element q[cosize_v<SmemLayoutQ>];
-    alignas(128) uint4 o[kConsumerWarpgroups][kRows * kChunksPerRow];
+    alignas(1024) Element o[kConsumerWarpgroups][kRows * kD];
     alignas(16) int32_t token[kStages][kRows];  // query index i of each tile row
     alignas(8) uint64_t kv_full[kKvSlots];
     uint64_t kv_empty[kKvSlots];
@@ -84,7 +85,7 @@ struct SparseFwdByBlockTraits : kv_outer::TileShape<Element_, 4> {  // 4 Q tiles
   };
   static constexpr int kSmemBytes = sizeof(SharedStorage);
   static_assert(kSmemBytes <= 227 * 1024, "fits one SM90 CTA");
-  static_assert(kChunksPerRow == 16, "the staging swizzle assumes 256-byte rows");
+  static_assert(kD * sizeof(Element) == 256, "the staging addresses assume 256-byte rows");
 };
 
 }  // namespace jax_msa::sm90
