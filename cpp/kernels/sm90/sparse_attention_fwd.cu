@@ -239,8 +239,7 @@ cudaError_t launch_auto(const cuda::SparseAttentionArgs& a, int32_t* index, void
   ScheduleGate by_block_gate = query_gate;
   by_block_gate.query = false;
   constexpr DType kDType = std::is_same_v<Element, cutlass::bfloat16_t> ? DType::kBF16 : DType::kF16;
-  return fwd_by_block::run(kDType, a, plan, index, partial, out, lse, stream, nullptr, nullptr,
-                           by_block_gate);
+  return fwd_by_block::run(kDType, a, plan, index, partial, out, lse, stream, by_block_gate);
 }
 
 }  // namespace

@@ -447,6 +447,15 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       };
       int limit[kRowsPerThread];
       float row_m[kRowsPerThread], row_l[kRowsPerThread];
+      // Once S is issued: the row limits, S complete (with `in_flight` later
+      // batches still running), the Q stage released, the softmax.
+      auto s_to_p = [&](auto in_flight) {
+        row_limits(limit);
+        warpgroup_wait<decltype(in_flight)::value>();
+        warpgroup_fence_operand(accS);
+        ClusterBarrier::arrive(&ss.empty[stage]);  // Q rows and tokens of the stage consumed
+        softmax(limit, row_m, row_l);
+      };
       // Each branch issues and waits for its own wgmma batches (a batch
       // waited for on another path than its issue serialises them, C7514).
       if (has_pending) {
@@ -461,11 +470,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         warpgroup_arrive();
         gemm_overwrite(mma_o, tOrP, tOrV(_, _, _, kv), accO);
         warpgroup_commit_batch();
-        row_limits(limit);
-        warpgroup_wait<1>();
-        warpgroup_fence_operand(accS);
-        ClusterBarrier::arrive(&ss.empty[stage]);  // Q rows and tokens of the stage consumed
-        softmax(limit, row_m, row_l);
+        s_to_p(Int<1>{});
         warpgroup_wait<0>();
         warpgroup_fence_operand(accO);
         warpgroup_fence_operand(tOrP);
@@ -475,11 +480,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         warpgroup_arrive();
         gemm_overwrite(mma_s, tSrQ(_, _, _, stage), tSrK(_, _, _, kv), accS);
         warpgroup_commit_batch();
-        row_limits(limit);
-        warpgroup_wait<0>();
-        warpgroup_fence_operand(accS);
-        ClusterBarrier::arrive(&ss.empty[stage]);  // Q rows and tokens of the stage consumed
-        softmax(limit, row_m, row_l);
+        s_to_p(Int<0>{});
       }
       acc_to_operand(accS, tOrP);
       pending.row0 = (entry0 + tile * tpt) * G;
@@ -621,8 +622,8 @@ __global__ void __launch_bounds__(256) combine_kernel(const CombineParams<Elemen
 
 template <class Element>
 cudaError_t run_typed(const cuda::SparseAttentionArgs& a, const Plan& plan, int32_t* index,
-                      void* partial, void* out, float* lse, cudaStream_t stream, PhaseHook hook,
-                      void* hook_ctx, ScheduleGate gate) {
+                      void* partial, void* out, float* lse, cudaStream_t stream,
+                      ScheduleGate gate) {
   using Traits = SparseFwdByBlockTraits<Element>;
   auto kernel = fwd_by_block_kernel<Traits>;
   cudaError_t st = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -687,7 +688,6 @@ cudaError_t run_typed(const cuda::SparseAttentionArgs& a, const Plan& plan, int3
         if (st != cudaSuccess) return st;
       }
     }
-    if (hook != nullptr) hook(n, kPhaseIndex, hook_ctx);
 
     mp.index = chunk_index;
     mp.geo = geo;
@@ -695,7 +695,6 @@ cudaError_t run_typed(const cuda::SparseAttentionArgs& a, const Plan& plan, int3
     kernel<<<mp.ctas, Traits::kThreads, Traits::kSmemBytes, stream>>>(mp);
     st = cudaGetLastError();
     if (st != cudaSuccess) return st;
-    if (hook != nullptr) hook(n, kPhaseMain, hook_ctx);
 
     cp.rev = chunk_rev;
     cp.tok_begin = t0;
@@ -706,7 +705,6 @@ cudaError_t run_typed(const cuda::SparseAttentionArgs& a, const Plan& plan, int3
     combine_kernel<Element><<<static_cast<unsigned>(grid), 256, 0, stream>>>(cp);
     st = cudaGetLastError();
     if (st != cudaSuccess) return st;
-    if (hook != nullptr) hook(n, kPhaseCombine, hook_ctx);
   }
   return cudaSuccess;
 }
@@ -754,7 +752,7 @@ Plan make_plan(const cuda::SparseAttentionArgs& a, int64_t chunk_tokens) {
 
 cudaError_t run(DType dtype, const cuda::SparseAttentionArgs& a, const Plan& plan,
                 int32_t* index, void* partial, void* out, float* lse, cudaStream_t stream,
-                PhaseHook hook, void* hook_ctx, ScheduleGate gate) {
+                ScheduleGate gate) {
   if (!cuda::sparse_attention_args_valid(dtype, a)) return cudaErrorInvalidValue;
   if (a.B == 0 || a.Sq == 0) return cudaSuccess;
   if (plan.chunk_tokens <= 0 || plan.nchunks != (a.Sq + plan.chunk_tokens - 1) / plan.chunk_tokens)
@@ -771,10 +769,8 @@ cudaError_t run(DType dtype, const cuda::SparseAttentionArgs& a, const Plan& pla
     return cudaErrorInvalidValue;
   }
   return dtype == DType::kBF16
-             ? run_typed<cutlass::bfloat16_t>(a, plan, index, partial, out, lse, stream, hook,
-                                              hook_ctx, gate)
-             : run_typed<cutlass::half_t>(a, plan, index, partial, out, lse, stream, hook,
-                                          hook_ctx, gate);
+             ? run_typed<cutlass::bfloat16_t>(a, plan, index, partial, out, lse, stream, gate)
+             : run_typed<cutlass::half_t>(a, plan, index, partial, out, lse, stream, gate);
 }
 
 }  // namespace jax_msa::sm90::fwd_by_block

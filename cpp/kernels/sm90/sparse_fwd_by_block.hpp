@@ -1,6 +1,6 @@
 // Internal interface of the KV-outer ("by block") sparse-attention forward
 // (sparse_attention_fwd_by_block.cu): the chunk plan and a runner that takes
-// an explicit chunk size and a per-phase host hook, for tests and timing.
+// an explicit plan (chunk size) and a schedule gate.
 // The public entry points are cuda::sparse_attention_fwd_by_block_workspace
 // and cuda::sparse_attention_fwd_by_block (cuda_kernels.h).
 #pragma once
@@ -50,17 +50,12 @@ int64_t default_chunk_tokens(const cuda::SparseAttentionArgs& a);
 // The plan for chunks of `chunk_tokens` query tokens (<= 0: the default).
 Plan make_plan(const cuda::SparseAttentionArgs& a, int64_t chunk_tokens);
 
-// Phases of one chunk, in order; `hook(chunk, phase, ctx)` (if not null) runs
-// on the host right after each phase has been enqueued (e.g. to record events).
-enum Phase : int { kPhaseIndex = 0, kPhaseMain = 1, kPhaseCombine = 2 };
-using PhaseHook = void (*)(int64_t chunk, int phase, void* ctx);
-
 // sparse_attention_fwd_by_block with an explicit plan (from make_plan(a, ...)):
 // index holds plan.workspace_ints() int32 (8-byte aligned), partial
 // plan.workspace_bytes() bytes (16-byte aligned). Every kernel does nothing
 // when `gate` is closed (schedule="auto").
 cudaError_t run(DType dtype, const cuda::SparseAttentionArgs& a, const Plan& plan,
                 int32_t* index, void* partial, void* out, float* lse, cudaStream_t stream,
-                PhaseHook hook = nullptr, void* hook_ctx = nullptr, ScheduleGate gate = {});
+                ScheduleGate gate = {});
 
 }  // namespace jax_msa::sm90::fwd_by_block
