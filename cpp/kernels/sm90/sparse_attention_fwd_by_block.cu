@@ -344,9 +344,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     CUTE_UNROLL
     for (int r = 0; r < kRowsPerThread; ++r) row_l[r] = quad_sum(row_l[r]);
   };
-  // The partial O of a tile (its O = P V complete): O / l into the staging
-  // tile (16-byte chunk j of row r at chunk j ^ (r % 8): conflict-free both
-  // ways), lse from the quad leader, then 16-byte stores.
+  // The partial O of a tile (its O = P V complete): lse from the quad
+  // leader, O / l into the staging tile by stmatrix, then out by one TMA
+  // store (a whole tile) or 16-byte stores (a bucket's last, partial tile).
   struct Pending {
     int64_t row0;  // partial row of tile row 0
     int rows_valid;

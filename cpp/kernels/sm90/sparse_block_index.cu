@@ -295,9 +295,9 @@ cudaError_t build_block_index(const cuda::SparseAttentionArgs& a, const Geometry
     // Every window's histogram (one row of a 2D memset each).
     int32_t* hist = IndexView(index, geo).hist;
     const size_t bytes = hist_ints * sizeof(int32_t);
-    cudaError_t st =
-        windows == 1 ? cudaMemsetAsync(hist, 0, bytes, stream)
-                     : cudaMemset2DAsync(hist, index_stride * sizeof(int32_t), 0, bytes, windows, stream);
+    cudaError_t st = windows == 1 ? cudaMemsetAsync(hist, 0, bytes, stream)
+                                  : cudaMemset2DAsync(hist, index_stride * sizeof(int32_t), 0,
+                                                      bytes, windows, stream);
     if (st != cudaSuccess) return st;
     hist_kernel<<<dim3(static_cast<unsigned>(geo.nchunks), bgs, z), 256, 0, stream>>>(
         a.ids, a.q_lengths, a.kv_lengths, index, index_stride, geo, gate);
