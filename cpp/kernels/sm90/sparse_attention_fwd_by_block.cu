@@ -284,8 +284,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   char* const stsm_row =
       reinterpret_cast<char*>(stage) + (16 * (tid / 32) + 8 * ((lane / 8) % 2) + lane % 8) * 128;
   const int stsm_xor = (lane / 16) ^ (lane % 8);
-  Tensor mO = p.tma_o.get_tma_tensor(make_shape(p.part_rows, Int<kHeadDim>{}));
-  auto tma_o = p.tma_o.get_slice(_0{});
   // Softmax of a tile's S (log2 domain, in place): P = exp2(x - m), l = sum P.
   auto softmax = [&](const int (&limit)[kRowsPerThread], float (&row_m)[kRowsPerThread],
                      float (&row_l)[kRowsPerThread]) {
@@ -328,13 +326,16 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     }
     CUTE_UNROLL
     for (int r = 0; r < kRowsPerThread; ++r) m[r] = quad_max(m[r]);  // no lane has left
+    // The masked path holds scaled scores, the other raw ones: one FFMA
+    // either way (a select of FADD / FFMA would issue both).
+    const float mul = masked ? 1.0f : p.scale_log2;
     CUTE_UNROLL
     for (int r = 0; r < kRowsPerThread; ++r) {
       const float base = m[r] == -INFINITY ? 0.0f : m[r];
       float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       CUTE_UNROLL
       for (int j = 0; j < kCols; ++j) {
-        const float e = fast_exp2(masked ? accS_rc(r, j) - base : fmaf(accS_rc(r, j), p.scale_log2, -base));
+        const float e = fast_exp2(fmaf(accS_rc(r, j), mul, -base));
         accS_rc(r, j) = e;
         part[j % 4] += e;
       }
@@ -386,10 +387,20 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     // 16-byte stores.
     if (rows_valid == kRows) {
       if (tid == 0) {
-        Tensor gTile = local_tile(domain_offset(make_coord(static_cast<int>(row0), 0), mO),
-                                  typename Traits::TileStage{}, make_coord(0, 0));
-        Tensor sTile = make_tensor(make_smem_ptr(stage), typename Traits::SmemLayoutStage{});
-        copy(p.tma_o, tma_o.partition_S(sTile), tma_o.partition_D(gTile));
+        // Two boxes of 64 columns; evict-first, since the combine reads the
+        // partials long after they leave L2, which should keep Q and K / V.
+        const uint64_t desc = reinterpret_cast<uint64_t>(p.tma_o.get_tma_descriptor());
+        CUTE_UNROLL
+        for (int h = 0; h < kHeadDim / 64; ++h) {
+          asm volatile(
+              "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group.L2::cache_hint"
+              " [%0, {%2, %3}], [%1], %4;"
+              :
+              : "l"(desc), "r"(cast_smem_ptr_to_uint(stage + h * 64 * kRows)), "r"(64 * h),
+                "r"(static_cast<int>(row0)),
+                "l"(static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_FIRST))
+              : "memory");
+        }
         tma_store_arrive();
       }
     } else {
@@ -418,9 +429,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     const int64_t kv_len = clamp_len(p.kv_lengths, b, geo.Sk);
     const int64_t count = ix.count[k];
     const int64_t entry0 = ix.entry_start[k];
-    // Last key a query may see, relative to the block: min(offset + i, kv_len - 1) - 128 c.
-    const int64_t pos_rel = kv_len - q_len - c * kBlock;
-    const int64_t len_rel = kv_len - 1 - c * kBlock;
+    // Last key a query may see, relative to the block: min(offset + i, kv_len - 1) - 128 c,
+    // as min(pos_rel + i, len_rel) clamped to [-1, 127] (-1: none). In 32 bits:
+    // pos_rel saturated to int32 and added to i (>= 0) with saturation gives
+    // the same clamped value.
+    const int pos_rel = static_cast<int>(
+        max<int64_t>(INT_MIN, min<int64_t>(INT_MAX, kv_len - q_len - c * kBlock)));
+    const int len_rel =
+        static_cast<int>(max<int64_t>(-1, min<int64_t>(kBlock - 1, kv_len - 1 - c * kBlock)));
     const int kv = seg % kKvSlots;
     // Every consumer waits for every segment's block (even one with no tile
     // of its own) before releasing it: the arrivals on kv_empty[kv] then
@@ -439,10 +455,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         CUTE_UNROLL
         for (int r = 0; r < kRowsPerThread; ++r) {
           const int row = get<0>(cS_rc(r, 0));
-          const int64_t token = ss.token[stage][row];
-          int64_t last = min(pos_rel + token, len_rel);
-          last = last > kBlock - 1 ? kBlock - 1 : last;
-          limit[r] = row < rows_valid && last >= 0 ? static_cast<int>(last) : -1;
+          int last;
+          asm("add.sat.s32 %0, %1, %2;" : "=r"(last) : "r"(pos_rel), "r"(ss.token[stage][row]));
+          limit[r] = row < rows_valid ? max(min(last, len_rel), -1) : -1;
         }
       };
       int limit[kRowsPerThread];
