@@ -111,8 +111,7 @@ struct MainParams {
   const int32_t* q_lengths;
   const int32_t* kv_lengths;
   const int32_t* index;
-  TmaPartial<Traits> tma_o;  // stores into part_o [part_rows, D]
-  int part_rows;
+  TmaPartial<Traits> tma_o;  // stores into part_o (whole tiles)
   Element* part_o;   // [entries * G, D]
   float* part_lse;   // [entries * G]
   Geometry geo;      // the chunk's window
@@ -387,7 +386,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     // 16-byte stores.
     if (rows_valid == kRows) {
       if (tid == 0) {
-        // Two boxes of 64 columns; evict-first, since the combine reads the
+        // The two boxes of tma_o (64 columns each, SmemLayoutStage), by hand
+        // for the cache hint: evict-first, since the combine reads the
         // partials long after they leave L2, which should keep Q and K / V.
         const uint64_t desc = reinterpret_cast<uint64_t>(p.tma_o.get_tma_descriptor());
         CUTE_UNROLL
@@ -658,7 +658,6 @@ cudaError_t run_typed(const cuda::SparseAttentionArgs& a, const Plan& plan, int3
       a.kv_lengths,
       index,
       make_tma_partial<Traits>(part_o, plan.entries * G),
-      static_cast<int>(plan.entries * G),
       part_o,
       part_lse,
       Geometry(a, 0, 0),
