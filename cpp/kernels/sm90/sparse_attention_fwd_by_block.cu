@@ -531,7 +531,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 // Step 3: the combine. 16 lanes (a half-warp) per (b, token, head) row, 8
 // elements each. Memory-bound (2 x 260 bytes per row and slot): lane l first
 // fetches the entry and lse of slots l, l + 16, ..; then 16 partial rows at a
-// time are loaded before any is used, so that many loads are in flight.
+// time are loaded before any is used, so that many loads are in flight, while
+// the half-warp's next row is prefetched into L2.
 
 template <class Element>
 struct CombineParams {
@@ -547,6 +548,15 @@ struct CombineParams {
 
 constexpr int kSlotGroups = 4;  // topk <= 64 = 4 groups of 16 lanes
 
+// Asks L2 for the 128-byte lines that hold [ptr, ptr + bytes): a hint, which
+// no register waits on.
+__device__ __forceinline__ void prefetch_l2(const void* ptr, uint32_t bytes) {
+  const uintptr_t end = reinterpret_cast<uintptr_t>(ptr) + bytes;
+  for (uintptr_t a = reinterpret_cast<uintptr_t>(ptr) & ~uintptr_t{127}; a < end; a += 128) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(a));
+  }
+}
+
 template <class Element>
 __global__ void __launch_bounds__(256) combine_kernel(const CombineParams<Element> p) {
   if (p.gate.closed()) return;
@@ -556,8 +566,35 @@ __global__ void __launch_bounds__(256) combine_kernel(const CombineParams<Elemen
   const unsigned half = 0xFFFFu << (threadIdx.x & 16);
   const int64_t rows = p.B * p.tok_count * p.Hq;
   const int64_t step = int64_t{gridDim.x} * (blockDim.x / 16);
-  for (int64_t row = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / 16; row < rows;
-       row += step) {
+  // The entries of a row's slots lane16 + 16 s (-1: none; all -1 for a
+  // padded token), and the partial row of its head in each.
+  auto load_entries = [&](int64_t row, int32_t (&e)[kSlotGroups]) {
+    const int64_t h = row % p.Hq;
+    const int64_t i = (row / p.Hq) % p.tok_count;
+    const int64_t b = row / (p.Hq * p.tok_count);
+    const bool valid = p.tok_begin + i < clamp_len(p.q_lengths, b, p.Sq);
+    const int32_t* rv = p.rev + ((b * p.tok_count + i) * p.Hkv + h / p.G) * p.topk;
+    CUTE_UNROLL
+    for (int s = 0; s < kSlotGroups; ++s) {
+      const int k = lane16 + 16 * s;
+      e[s] = valid && k < p.topk ? rv[k] : -1;
+    }
+  };
+  int64_t row = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / 16;
+  int32_t entry[kSlotGroups];
+  if (row < rows) load_entries(row, entry);
+  for (; row < rows; row += step) {
+    // The half-warp's next row: its entries now, and once this row's lse are
+    // in, its partial rows and lse asked of L2, so that its loads find them
+    // there (~2% of the forward on an H200, benchmarks/RESULTS.md).
+    const int64_t next = row + step;
+    int32_t next_entry[kSlotGroups];
+    if (next < rows) {
+      load_entries(next, next_entry);
+    } else {
+      CUTE_UNROLL
+      for (int s = 0; s < kSlotGroups; ++s) next_entry[s] = -1;
+    }
     const int64_t h = row % p.Hq;
     const int64_t i = (row / p.Hq) % p.tok_count;
     const int64_t b = row / (p.Hq * p.tok_count);
@@ -567,23 +604,31 @@ __global__ void __launch_bounds__(256) combine_kernel(const CombineParams<Elemen
     CUTE_UNROLL
     for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
     float lse = -INFINITY;
-    if (token < clamp_len(p.q_lengths, b, p.Sq)) {  // uniform over the half-warp
-      const int64_t g = h / p.G;
-      const int64_t hh = h - g * p.G;
-      const int32_t* rv = p.rev + ((b * p.tok_count + i) * p.Hkv + g) * p.topk;
+    {
+      const int64_t hh = h % p.G;
       int64_t prow[kSlotGroups];  // partial row of slot lane16 + 16 s, -1: none
       float w[kSlotGroups];
       float m = -INFINITY;
       CUTE_UNROLL
       for (int s = 0; s < kSlotGroups; ++s) {
-        const int k = lane16 + 16 * s;
-        const int32_t e = k < p.topk ? rv[k] : -1;
-        prow[s] = e >= 0 ? e * p.G + hh : -1;
-        w[s] = e >= 0 ? p.part_lse[prow[s]] : -INFINITY;
+        prow[s] = entry[s] >= 0 ? entry[s] * p.G + hh : -1;
+        w[s] = entry[s] >= 0 ? p.part_lse[prow[s]] : -INFINITY;
         m = fmaxf(m, w[s]);
       }
       CUTE_UNROLL
       for (int o = 8; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(half, m, o, 16));
+      const int64_t next_hh = (next % p.Hq) % p.G;
+      CUTE_UNROLL
+      for (int s = 0; s < kSlotGroups; ++s) {
+        if (next_entry[s] >= 0) {
+          prefetch_l2(p.part_o + (next_entry[s] * p.G + next_hh) * kHeadDim,
+                      kHeadDim * sizeof(Element));
+          // An entry's G lse, by its first head's row.
+          if (next_hh == 0) {
+            prefetch_l2(p.part_lse + next_entry[s] * p.G, static_cast<uint32_t>(p.G * sizeof(float)));
+          }
+        }
+      }
       if (m > -INFINITY) {
         float sum = 0.0f;
         CUTE_UNROLL
@@ -622,6 +667,8 @@ __global__ void __launch_bounds__(256) combine_kernel(const CombineParams<Elemen
         lse = m + logf(sum);
       }
     }
+    CUTE_UNROLL
+    for (int s = 0; s < kSlotGroups; ++s) entry[s] = next_entry[s];
     uint4 o;
     o.x = pack2<Element>(acc[0], acc[1]);
     o.y = pack2<Element>(acc[2], acc[3]);
