@@ -277,8 +277,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   Element* stage = ss.o[w];
   // stmatrix: lane l gives the address of row l % 8 of matrix l / 8 of each
   // x4 group; matrix m holds rows 8 (m % 2) + {0..7} of the warp's 16 and
-  // the 8 columns of chunk 2u + m / 2 (u: the group). Chunk c of row R is at
-  // 16-byte unit (c / 8) 512 + 8 R + ((c % 8) ^ (R % 8)).
+  // the 8 columns of chunk 2u + m / 2 (u: the group), at 16-byte unit
+  // Traits::stage_unit(2u + l / 16, R): (u / 4) 512 + 8 R + ((2u % 8) ^ (l / 16)
+  // ^ (R % 8)), its per-lane part hoisted here.
   const int lane = tid % 32;
   char* const stsm_row =
       reinterpret_cast<char*>(stage) + (16 * (tid / 32) + 8 * ((lane / 8) % 2) + lane % 8) * 128;
@@ -410,7 +411,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         const int row = pass * 8 + tid / 16;
         const int ch = tid % 16;
         if (row < rows_valid) {
-          const uint4 v = stage4[(ch / 8) * 512 + row * 8 + ((ch % 8) ^ (row % 8))];
+          const uint4 v = stage4[Traits::stage_unit(ch, row)];
           __stcs(reinterpret_cast<uint4*>(p.part_o + (row0 + row) * kHeadDim) + ch, v);
         }
       }

@@ -71,6 +71,11 @@ struct SparseFwdByBlockTraits : kv_outer::TileShape<Element_, 4> {  // 4 Q tiles
   // 128-byte-swizzled boxes of 64 columns).
   using TileStage = Shape<Int<kRows>, Int<kD>>;
   using SmemLayoutStage = decltype(tile_to_shape(SmemAtom{}, TileStage{}));
+  // Its 16-byte unit that holds columns 8 c .. 8 c + 7 of row R: the box of
+  // c / 8, row R's 128 bytes there, the unit swizzled by R % 8.
+  __device__ static constexpr int stage_unit(int c, int row) {
+    return (c / 8) * (kRows * 8) + row * 8 + ((c % 8) ^ (row % 8));
+  }
 
   struct SharedStorage {
     alignas(1024) Element k[cosize_v<SmemLayoutKVSlots>];
