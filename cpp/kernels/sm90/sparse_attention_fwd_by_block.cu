@@ -567,14 +567,19 @@ __global__ void __launch_bounds__(256) combine_kernel(const CombineParams<Elemen
   const unsigned half = 0xFFFFu << (threadIdx.x & 16);
   const int64_t rows = p.B * p.tok_count * p.Hq;
   const int64_t step = int64_t{gridDim.x} * (blockDim.x / 16);
+  // A row's (b, token of the chunk, head): split once per row, carried
+  // from the iteration that prefetches it to the one that combines it.
+  struct RowPos {
+    int64_t b, i, h;
+  };
+  auto locate = [&](int64_t row) {
+    return RowPos{row / (p.Hq * p.tok_count), (row / p.Hq) % p.tok_count, row % p.Hq};
+  };
   // The entries of a row's slots lane16 + 16 s (-1: none; all -1 for a
   // padded token), and the partial row of its head in each.
-  auto load_entries = [&](int64_t row, int32_t (&e)[kSlotGroups]) {
-    const int64_t h = row % p.Hq;
-    const int64_t i = (row / p.Hq) % p.tok_count;
-    const int64_t b = row / (p.Hq * p.tok_count);
-    const bool valid = p.tok_begin + i < clamp_len(p.q_lengths, b, p.Sq);
-    const int32_t* rv = p.rev + ((b * p.tok_count + i) * p.Hkv + h / p.G) * p.topk;
+  auto load_entries = [&](const RowPos& at, int32_t (&e)[kSlotGroups]) {
+    const bool valid = p.tok_begin + at.i < clamp_len(p.q_lengths, at.b, p.Sq);
+    const int32_t* rv = p.rev + ((at.b * p.tok_count + at.i) * p.Hkv + at.h / p.G) * p.topk;
     CUTE_UNROLL
     for (int s = 0; s < kSlotGroups; ++s) {
       const int k = lane16 + 16 * s;
@@ -583,30 +588,28 @@ __global__ void __launch_bounds__(256) combine_kernel(const CombineParams<Elemen
   };
   int64_t row = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / 16;
   int32_t entry[kSlotGroups];
-  if (row < rows) load_entries(row, entry);
+  RowPos at = locate(row);
+  if (row < rows) load_entries(at, entry);
   for (; row < rows; row += step) {
     // The half-warp's next row: its entries now, and once this row's lse are
     // in, its partial rows and lse asked of L2, so that its loads find them
     // there (~2% of the forward on an H200, benchmarks/RESULTS.md).
     const int64_t next = row + step;
+    const RowPos next_at = locate(next);
     int32_t next_entry[kSlotGroups];
     if (next < rows) {
-      load_entries(next, next_entry);
+      load_entries(next_at, next_entry);
     } else {
       CUTE_UNROLL
       for (int s = 0; s < kSlotGroups; ++s) next_entry[s] = -1;
     }
-    const int64_t h = row % p.Hq;
-    const int64_t i = (row / p.Hq) % p.tok_count;
-    const int64_t b = row / (p.Hq * p.tok_count);
-    const int64_t token = p.tok_begin + i;
-    const int64_t out_row = (b * p.Sq + token) * p.Hq + h;
+    const int64_t out_row = (at.b * p.Sq + p.tok_begin + at.i) * p.Hq + at.h;
     float acc[8];
     CUTE_UNROLL
     for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
     float lse = -INFINITY;
     {
-      const int64_t hh = h % p.G;
+      const int64_t hh = at.h % p.G;
       int64_t prow[kSlotGroups];  // partial row of slot lane16 + 16 s, -1: none
       float w[kSlotGroups];
       float m = -INFINITY;
@@ -618,7 +621,7 @@ __global__ void __launch_bounds__(256) combine_kernel(const CombineParams<Elemen
       }
       CUTE_UNROLL
       for (int o = 8; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(half, m, o, 16));
-      const int64_t next_hh = (next % p.Hq) % p.G;
+      const int64_t next_hh = next_at.h % p.G;
       CUTE_UNROLL
       for (int s = 0; s < kSlotGroups; ++s) {
         if (next_entry[s] >= 0) {
@@ -670,6 +673,7 @@ __global__ void __launch_bounds__(256) combine_kernel(const CombineParams<Elemen
     }
     CUTE_UNROLL
     for (int s = 0; s < kSlotGroups; ++s) entry[s] = next_entry[s];
+    at = next_at;
     uint4 o;
     o.x = pack2<Element>(acc[0], acc[1]);
     o.y = pack2<Element>(acc[2], acc[3]);
