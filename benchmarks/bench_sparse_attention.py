@@ -67,6 +67,9 @@ Useful FLOPs: forward 4 * D * Hq/Hkv * sum over (query, group) of |S|, with
 counted exactly from the ids; backward 2.5x forward; fwd_bwd 3.5x forward.
 cuDNN dense: 4 * D * Hq * T (T + 1) / 2 forward, 2.5x for backward.
 cudnn_ratio = cuDNN ms / this op's ms for the matching pass (fwd, bwd, fwd_bwd).
+With --energy, each timed op also gets joules (per call) and watts (mean):
+NVML's energy counter over >= 3 s of back-to-back calls (timing.energy_per_call).
+A card held at its power limit runs as fast as its energy per call allows.
 
   python3 benchmarks/bench_sparse_attention.py --json sparse.json --tsv sparse.tsv
   python3 benchmarks/bench_sparse_attention.py --plot sparse.json sparse.png   # needs matplotlib only
@@ -90,7 +93,7 @@ BLOCK = 128
 PATTERNS = ("window", "indexer", "clustered")
 STAT_KEYS = ("keys_per_query", "union4", "tile_eff", "overlap", "union4_full", "overlap_full")
 TSV_COLUMNS = ("op", "pattern", "T", "Hq", "Hkv", "D", "topk", "ms", "tflop", "tflops", "cudnn_ratio",
-               *STAT_KEYS, "error")
+               "joules", "watts", *STAT_KEYS, "error")
 
 
 # --------------------------------------------------------------------------- selection patterns
@@ -254,6 +257,13 @@ class Bench:
 
         self.args = args
         self.rows: list[dict] = []
+        self.read_joules = None
+        if args.energy:
+            from timing import nvml_energy_reader
+
+            self.read_joules = nvml_energy_reader()
+            if self.read_joules is None:
+                print("# --energy: NVML's energy counter is not available here; no energy measured", flush=True)
         device = jax.devices()[0]
         platform = {"gpu": "cuda"}.get(device.platform, device.platform)
         try:
@@ -269,25 +279,30 @@ class Bench:
             dim=args.dim, implementation=args.implementation, sparse_kernels=kernels, corr_len=args.corr_len,
             clustered_noise=args.clustered_noise,
             samples=args.samples, warmup=args.warmup, min_sample_ms=args.min_sample_ms, rotate=args.rotate,
+            energy=args.energy,
             seed=args.seed, date=None)
 
     # -- timing with errors recorded, not raised
 
     def _time(self, fn, sets):
-        from timing import median_ms
+        """(median ms, error message, (joules per call, watts) with --energy else None)."""
+        from timing import energy_per_call, median_ms
 
         try:
-            return median_ms(fn, sets, self.args.samples, self.args.min_sample_ms, self.args.warmup), None
+            ms = median_ms(fn, sets, self.args.samples, self.args.min_sample_ms, self.args.warmup)
+            energy = energy_per_call(fn, sets, self.read_joules) if self.read_joules else None
+            return ms, None, energy
         except Exception as e:  # OOM, missing kernel, ...: record it and go on with the grid
             msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-            return None, msg
+            return None, msg, None
 
-    def _row(self, op, pattern, t, hq, hkv, ms, flop, dense_ms=None, stats=None, error=None):
+    def _row(self, op, pattern, t, hq, hkv, ms, flop, dense_ms=None, stats=None, error=None, energy=None):
         a = self.args
         row = dict(op=op, pattern=pattern, T=t, Hq=hq, Hkv=hkv, D=a.dim, topk=a.topk, ms=ms,
                    tflop=flop / 1e12 if flop is not None else None,
                    tflops=flop / ms / 1e9 if (flop is not None and ms) else None,
-                   cudnn_ratio=dense_ms / ms if (dense_ms and ms) else None, error=error)
+                   cudnn_ratio=dense_ms / ms if (dense_ms and ms) else None,
+                   joules=energy[0] if energy else None, watts=energy[1] if energy else None, error=error)
         for key in STAT_KEYS:
             row[key] = (stats or {}).get(key)
         self.rows.append(row)
@@ -330,17 +345,18 @@ class Bench:
             def cudnn(q, k, v):
                 return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
-            ms, err = self._time(jax.jit(cudnn), [s[:3] for s in sets])
+            ms, err, energy = self._time(jax.jit(cudnn), [s[:3] for s in sets])
             dense["fwd"] = ms
-            self._row("cudnn_fwd", "dense", t, hq, hkv, ms, dense_flop, ms, error=err)
+            self._row("cudnn_fwd", "dense", t, hq, hkv, ms, dense_flop, ms, error=err, energy=energy)
             if backward:
                 def cudnn_fwd_bwd(q, k, v, cot):
                     _, pull = jax.vjp(cudnn, q, k, v)
                     return pull(cot)
 
-                ms, err = self._time(jax.jit(cudnn_fwd_bwd), sets)
+                ms, err, energy = self._time(jax.jit(cudnn_fwd_bwd), sets)
                 dense["fwd_bwd"] = ms
-                self._row("cudnn_fwd_bwd", "dense", t, hq, hkv, ms, 3.5 * dense_flop, ms, error=err)
+                self._row("cudnn_fwd_bwd", "dense", t, hq, hkv, ms, 3.5 * dense_flop, ms, error=err,
+                          energy=energy)
                 bwd = ms - dense["fwd"] if (ms and dense["fwd"]) else None
                 dense["bwd"] = bwd
                 self._row("cudnn_bwd", "dense", t, hq, hkv, bwd, 2.5 * dense_flop, bwd,
@@ -375,27 +391,29 @@ class Bench:
                   + "  ".join(f"{k}={_fmt(stats[k], '.3f')}" for k in STAT_KEYS), flush=True)
 
             fwd_sets = [(q, k, v, ids) for (q, k, v, _), ids in zip(sets, ids_sets)]
-            fwd_ms, err = self._time(fwd_fn, fwd_sets)
-            self._row("sparse_fwd", pattern, t, hq, hkv, fwd_ms, flop, dense.get("fwd"), stats, err)
+            fwd_ms, err, energy = self._time(fwd_fn, fwd_sets)
+            self._row("sparse_fwd", pattern, t, hq, hkv, fwd_ms, flop, dense.get("fwd"), stats, err, energy)
             for schedule in a.schedules:  # the CUDA forward's two schedules, each alone
-                ms, err = self._time(jax.jit(lambda q, k, v, ids, s=schedule: sparse(q, k, v, ids, s)), fwd_sets)
-                self._row(f"sparse_fwd_{schedule}", pattern, t, hq, hkv, ms, flop, dense.get("fwd"), stats, err)
+                ms, err, energy = self._time(jax.jit(lambda q, k, v, ids, s=schedule: sparse(q, k, v, ids, s)),
+                                             fwd_sets)
+                self._row(f"sparse_fwd_{schedule}", pattern, t, hq, hkv, ms, flop, dense.get("fwd"), stats, err,
+                          energy)
             if backward:
                 fb_sets = [(q, k, v, ids, cot) for (q, k, v, cot), ids in zip(sets, ids_sets)]
                 variants = [("", fwd_bwd_fn)]
                 if a.deterministic_backward:
                     variants.append(("_det", jax.jit(lambda *x: sparse_fwd_bwd(*x, deterministic=True))))
                 for suffix, fn in variants:
-                    fb_ms, err = self._time(fn, fb_sets)
+                    fb_ms, err, energy = self._time(fn, fb_sets)
                     self._row(f"sparse_fwd_bwd{suffix}", pattern, t, hq, hkv, fb_ms, 3.5 * flop,
-                              dense.get("fwd_bwd"), stats, err)
+                              dense.get("fwd_bwd"), stats, err, energy)
                     bwd = fb_ms - fwd_ms if (fb_ms and fwd_ms) else None
                     self._row(f"sparse_bwd{suffix}", pattern, t, hq, hkv, bwd, 2.5 * flop, dense.get("bwd"), stats,
                               None if bwd is not None else "not derived (a timing failed)")
                 del fb_sets
             if t <= a.reference_max:
-                ms, err = self._time(ref_fn, fwd_sets)
-                self._row("reference_fwd", pattern, t, hq, hkv, ms, flop, dense.get("fwd"), stats, err)
+                ms, err, energy = self._time(ref_fn, fwd_sets)
+                self._row("reference_fwd", pattern, t, hq, hkv, ms, flop, dense.get("fwd"), stats, err, energy)
             del fwd_sets, ids_sets
         del sets
 
@@ -414,6 +432,8 @@ def format_row(row: dict) -> str:
     text = (f"{row['op']:>15} {row['pattern']:>9} T={row['T']:>6} H={row['Hq']}:{row['Hkv']:<2} "
             f"{_fmt(row['ms'], '10.3f')} ms {_fmt(row['tflops'], '7.1f' if (row['tflops'] or 0) >= 10 else '7.3f')} TFLOP/s "
             f"cudnn/this={_fmt(row['cudnn_ratio'], '.2f')}")
+    if row.get("joules") is not None:
+        text += f" {row['joules']:.3f} J/call {row['watts']:.0f} W"
     if row.get("error"):
         text += f"  ERROR {row['error']}"
     return text
@@ -536,6 +556,9 @@ def main(argv=None):
     parser.add_argument("--no-backward", action="store_true", help="time forward passes only")
     parser.add_argument("--deterministic-backward", action="store_true",
                         help="also time the backward with deterministic=True (sparse_fwd_bwd_det, sparse_bwd_det)")
+    parser.add_argument("--energy", action="store_true",
+                        help="also measure joules per call and mean watts of each timed op (NVML's energy "
+                             "counter over >= 3 s of back-to-back calls; columns joules, watts)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write meta and rows here")
     parser.add_argument("--tsv", help="write the rows here")

@@ -77,6 +77,60 @@ def interleaved_median_ms(cases: Sequence[tuple[Callable, Sequence[tuple]]], sam
     return [statistics.median(x) for x in per_call]
 
 
+def nvml_energy_reader() -> Callable[[], float] | None:
+    """A function that reads the GPU's energy counter in joules (NVML's total
+    energy since the driver loaded), or None where NVML or the counter is
+    missing (a CPU machine, a GPU before Volta). The GPU is NVML's device of
+    the first index in CUDA_VISIBLE_DEVICES (0 if unset): the device JAX
+    lists first when the two orders agree (CUDA_DEVICE_ORDER=PCI_BUS_ID)."""
+    import ctypes
+    import os
+
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return None
+    first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+    index = int(first) if first.isdigit() else 0
+    handle = ctypes.c_void_p()
+    if nvml.nvmlInit_v2() != 0 or nvml.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(handle)) != 0:
+        return None
+    millijoules = ctypes.c_ulonglong()
+
+    def read() -> float:
+        if nvml.nvmlDeviceGetTotalEnergyConsumption(handle, ctypes.byref(millijoules)) != 0:
+            raise RuntimeError("nvmlDeviceGetTotalEnergyConsumption failed")
+        return millijoules.value / 1e3
+
+    try:
+        read()
+    except RuntimeError:
+        return None
+    return read
+
+
+def energy_per_call(fn: Callable, input_sets: Sequence[tuple], read_joules: Callable[[], float],
+                    seconds: float = 3.0) -> tuple[float, float]:
+    """(joules per call, mean watts) of `fn` run back to back over the rotated
+    `input_sets` for at least `seconds`, from the energy counter
+    `read_joules` (nvml_energy_reader). NVML does not say how often the
+    counter steps, so the window is long (seconds, not one sample). What the
+    card draws while idle between dispatches counts too, as it would in a
+    training step."""
+    rotation = itertools.cycle(input_sets)
+    jax.block_until_ready(fn(*next(rotation)))  # compiled and warm
+    once_ms = _elapsed_ms(fn, [next(rotation) for _ in range(max(1, len(input_sets)))]) / max(1, len(input_sets))
+    calls = max(len(input_sets), int(seconds * 1e3 / max(once_ms, 1e-3)) + 1)
+    batch = [next(rotation) for _ in range(calls)]
+    joules0, start = read_joules(), time.perf_counter()
+    result = None
+    for inputs in batch:
+        result = fn(*inputs)
+    jax.block_until_ready(result)
+    elapsed, joules = time.perf_counter() - start, read_joules() - joules0
+    return joules / calls, joules / elapsed
+
+
 def copy_ms(gib: float, seed: int, samples: int, min_sample_ms: float, warmup: int) -> tuple[float, int]:
     """The device's copy rate, the yardstick of the memory-bound benchmarks:
     median ms (median_ms) of a jitted `x + 1` over `gib` GiB of random int32,
