@@ -290,7 +290,7 @@ class Bench:
 
         try:
             ms = median_ms(fn, sets, self.args.samples, self.args.min_sample_ms, self.args.warmup)
-            energy = energy_per_call(fn, sets, self.read_joules) if self.read_joules else None
+            energy = energy_per_call(fn, sets, self.read_joules, ms) if self.read_joules else None
             return ms, None, energy
         except Exception as e:  # OOM, missing kernel, ...: record it and go on with the grid
             msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]

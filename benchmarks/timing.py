@@ -110,25 +110,20 @@ def nvml_energy_reader() -> Callable[[], float] | None:
 
 
 def energy_per_call(fn: Callable, input_sets: Sequence[tuple], read_joules: Callable[[], float],
-                    seconds: float = 3.0) -> tuple[float, float]:
-    """(joules per call, mean watts) of `fn` run back to back over the rotated
-    `input_sets` for at least `seconds`, from the energy counter
-    `read_joules` (nvml_energy_reader). NVML does not say how often the
-    counter steps, so the window is long (seconds, not one sample). What the
-    card draws while idle between dispatches counts too, as it would in a
-    training step."""
+                    per_call_ms: float, seconds: float = 3.0) -> tuple[float, float]:
+    """(joules per call, mean watts) of the compiled `fn` run back to back over
+    the rotated `input_sets` for at least `seconds` (from `per_call_ms`, e.g.
+    median_ms's result), from the energy counter `read_joules`
+    (nvml_energy_reader). NVML does not say how often the counter steps, so
+    the window is long (seconds, not one sample). What the card draws while
+    idle between dispatches counts too, as it would in a training step."""
     rotation = itertools.cycle(input_sets)
-    jax.block_until_ready(fn(*next(rotation)))  # compiled and warm
-    once_ms = _elapsed_ms(fn, [next(rotation) for _ in range(max(1, len(input_sets)))]) / max(1, len(input_sets))
-    calls = max(len(input_sets), int(seconds * 1e3 / max(once_ms, 1e-3)) + 1)
+    calls = max(len(input_sets), int(seconds * 1e3 / max(per_call_ms, 1e-3)) + 1)
     batch = [next(rotation) for _ in range(calls)]
-    joules0, start = read_joules(), time.perf_counter()
-    result = None
-    for inputs in batch:
-        result = fn(*inputs)
-    jax.block_until_ready(result)
-    elapsed, joules = time.perf_counter() - start, read_joules() - joules0
-    return joules / calls, joules / elapsed
+    joules0 = read_joules()
+    elapsed_ms = _elapsed_ms(fn, batch)
+    joules = read_joules() - joules0
+    return joules / calls, joules / (elapsed_ms / 1e3)
 
 
 def copy_ms(gib: float, seed: int, samples: int, min_sample_ms: float, warmup: int) -> tuple[float, int]:
