@@ -278,7 +278,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   // stmatrix: lane l gives the address of row l % 8 of matrix l / 8 of each
   // x4 group; matrix m holds rows 8 (m % 2) + {0..7} of the warp's 16 and
   // the 8 columns of chunk 2u + m / 2 (u: the group), at 16-byte unit
-  // Traits::stage_unit(2u + l / 16, R): (u / 4) 512 + 8 R + ((2u % 8) ^ (l / 16)
+  // Traits::stage_unit(2u + l / 16, R): (u / 4) 8 kRows + 8 R + ((2u % 8) ^ (l / 16)
   // ^ (R % 8)), its per-lane part hoisted here.
   const int lane = tid % 32;
   char* const stsm_row =
@@ -373,7 +373,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     // Accumulator column j = c + 2 v (wgmma C layout: column 8 v + 2 (lane % 4) + c).
     CUTE_UNROLL
     for (int u = 0; u < size<1>(accO_rc) / 4; ++u) {
-      const int unit = (u / 4) * 512 + ((2 * u % 8) ^ stsm_xor);
+      const int unit = (u / 4) * (kRows * 8) + ((2 * u % 8) ^ stsm_xor);
       SM90_U32x4_STSM_N::copy(
           pack2<Element>(accO_rc(0, 4 * u) * inv[0], accO_rc(0, 4 * u + 1) * inv[0]),
           pack2<Element>(accO_rc(1, 4 * u) * inv[1], accO_rc(1, 4 * u + 1) * inv[1]),
